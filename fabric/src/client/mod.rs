@@ -1,0 +1,507 @@
+//! The pipelined page client: how a VMM (or a tool) talks to a memory node.
+//!
+//! One [`PageClient`] owns one connection and is shared by many threads (it is
+//! `Clone`, `Send` and `Sync`). Each request takes a *slot* whose index and generation
+//! form the request id; replies may come back in any order.
+//!
+//! There is no receiver thread. A caller waiting for its reply becomes the *reader*
+//! if nobody else is: it reads frames off the socket and hands each reply to its
+//! slot, until its own arrives; then it passes the reader role to a parked waiter.
+//! With one request outstanding this costs exactly one round trip and no thread
+//! hand-off (the caller reads its own reply); with many, the replies of several
+//! threads are read by one `read` system call and delivered by one reader
+//! ("leader/follower"). [`PageClient::submit_read`] lets one thread keep many
+//! requests in flight (prefetch), and [`PageClient::read_page`] is the blocking call
+//! a fault handler makes.
+
+mod slots;
+
+use crate::link_model::{LinkModel, Shaper, wait_until};
+use crate::proto::{
+    self, ErrorCode, HEADER_LEN, MAX_BATCH, Message, Opcode, PAGE_SIZE,
+    PROTOCOL_VERSION, Role, StatsReply,
+};
+use crate::transport::tcp::TcpLink;
+use crate::transport::{Link, TransportError};
+use slots::{Reply, SlotTable};
+use std::io::IoSlice;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Failures of client calls. Each names the node it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting failed.
+    #[error("cannot reach node {addr}")]
+    Connect {
+        /// The node.
+        addr: String,
+        /// Why.
+        #[source]
+        source: TransportError,
+    },
+    /// The node refused or botched the handshake.
+    #[error("handshake with node {addr} failed: {reason}")]
+    Handshake {
+        /// The node.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node answered the request with an error.
+    #[error("node {addr} refused the request: {code}: {message}")]
+    Remote {
+        /// The node.
+        addr: String,
+        /// The error code.
+        code: ErrorCode,
+        /// The node's message.
+        message: String,
+    },
+    /// The connection failed; this and every later request on it fail.
+    #[error("connection to node {addr} lost: {reason}")]
+    ConnectionLost {
+        /// The node.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The call's arguments break the protocol's limits.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+/// Connection options.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The address space (VM) the connection acts on.
+    pub vm_id: u64,
+    /// The role announced in the handshake.
+    pub role: Role,
+    /// Authentication proof sent in the handshake.
+    pub auth: Vec<u8>,
+    /// The emulated link (off by default).
+    pub link_model: LinkModel,
+    /// Most requests in flight at once; further submits wait for a free slot.
+    pub max_in_flight: usize,
+    /// How long connecting may take.
+    pub connect_timeout: Duration,
+    /// How long a request may wait for its reply before the connection is declared dead.
+    pub reply_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            vm_id: 0,
+            role: Role::Vmm,
+            auth: Vec::new(),
+            link_model: LinkModel::default(),
+            max_in_flight: 256,
+            connect_timeout: Duration::from_secs(5),
+            reply_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the node told about itself in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The address connected to.
+    pub addr: String,
+    /// The node's role.
+    pub role: Role,
+    /// The node's capacity in pages.
+    pub capacity_pages: u64,
+    /// Most pages per batch the node accepts.
+    pub max_batch: usize,
+}
+
+/// Which pages of a batch were present on the node: bit `i` set for the `i`-th page
+/// of the request. Absent pages were never written and read as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Presence(pub u64);
+
+impl Presence {
+    /// True if the `i`-th page had data.
+    pub fn is_present(&self, i: usize) -> bool {
+        self.0 & (1 << i) != 0
+    }
+}
+
+/// A connection to one node, shareable across threads.
+#[derive(Clone)]
+pub struct PageClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    link: Box<dyn Link>,
+    node: NodeInfo,
+    /// Serialises frames onto the link; holds the header scratch buffer.
+    send: Mutex<Vec<u8>>,
+    slots: SlotTable,
+    shaper: Option<Shaper>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.link.shutdown();
+    }
+}
+
+/// A submitted read; [`PendingRead::wait`] collects it. Dropping it without waiting
+/// waits and discards the reply, so its slot is always released.
+#[must_use = "a pending read holds a request slot until waited for"]
+pub struct PendingRead<'c> {
+    client: &'c PageClient,
+    ticket: Option<slots::Ticket>,
+    count: usize,
+}
+
+/// A submitted write; [`PendingWrite::wait`] collects it (dropping it waits too).
+#[must_use = "a pending write holds a request slot until waited for"]
+pub struct PendingWrite<'c> {
+    client: &'c PageClient,
+    ticket: Option<slots::Ticket>,
+}
+
+impl PageClient {
+    /// Connects over TCP to `addr` and performs the handshake.
+    pub fn connect(addr: &str, config: &ClientConfig) -> Result<Self, ClientError> {
+        let link = TcpLink::connect(addr, config.connect_timeout).map_err(|source| {
+            ClientError::Connect {
+                addr: addr.to_string(),
+                source,
+            }
+        })?;
+        Self::over_link(Box::new(link), config)
+    }
+
+    /// Performs the handshake on an established link and returns the client.
+    pub fn over_link(link: Box<dyn Link>, config: &ClientConfig) -> Result<Self, ClientError> {
+        let addr = link.peer().to_string();
+        let handshake_err = |reason: String| ClientError::Handshake {
+            addr: addr.clone(),
+            reason,
+        };
+        link.set_recv_timeout(Some(config.reply_timeout))
+            .map_err(|e| handshake_err(error_chain(&e)))?;
+        let mut buf = Vec::with_capacity(64);
+        Message::hello(config.role, config.vm_id, &config.auth).encode(0, &mut buf);
+        link.send_vectored(&mut [IoSlice::new(&buf)])
+            .map_err(|e| handshake_err(error_chain(&e)))?;
+        // Read exactly one frame, byte-accurately, before pipelining starts.
+        let mut frame = vec![0u8; HEADER_LEN + Opcode::Error.max_payload()];
+        let mut have = 0;
+        let node = loop {
+            match proto::decode_frame(&frame[..have]) {
+                Ok(Some((_, Message::HelloOk { role, version, page_size, max_batch, capacity_pages }, _))) => {
+                    if version != PROTOCOL_VERSION || page_size as usize != PAGE_SIZE {
+                        return Err(handshake_err(format!(
+                            "node speaks version {version} with {page_size}-byte pages; this build needs version {PROTOCOL_VERSION} with {PAGE_SIZE}-byte pages"
+                        )));
+                    }
+                    break NodeInfo {
+                        addr: addr.clone(),
+                        role,
+                        capacity_pages,
+                        max_batch: (max_batch as usize).clamp(1, MAX_BATCH),
+                    };
+                }
+                Ok(Some((_, Message::Error { code, message }, _))) => {
+                    return Err(handshake_err(format!("{code}: {message}")));
+                }
+                Ok(Some((h, _, _))) => {
+                    return Err(handshake_err(format!("unexpected {:?} reply", h.opcode)));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(handshake_err(format!("bad reply: {e}"))),
+            }
+            if have == frame.len() {
+                return Err(handshake_err("reply too long".into()));
+            }
+            match link.recv(&mut frame[have..]) {
+                Ok(0) => return Err(handshake_err("node closed the connection".into())),
+                Ok(n) => have += n,
+                Err(e) => return Err(handshake_err(error_chain(&e))),
+            }
+        };
+        Ok(PageClient {
+            inner: Arc::new(Inner {
+                node,
+                send: Mutex::new(Vec::with_capacity(HEADER_LEN + 8 + 8 * MAX_BATCH)),
+                slots: SlotTable::new(config.max_in_flight.max(1)),
+                shaper: Shaper::new(config.link_model),
+                link,
+            }),
+        })
+    }
+
+    /// What the node said about itself.
+    pub fn node(&self) -> &NodeInfo {
+        &self.inner.node
+    }
+
+    /// The node's address.
+    pub fn addr(&self) -> &str {
+        &self.inner.node.addr
+    }
+
+    /// Why the connection failed, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.slots.failure()
+    }
+
+    /// Reads one page into `buf` (4096 bytes): one round trip. Returns whether the
+    /// node had data; a page never written is returned as zeros.
+    pub fn read_page(&self, gpn: u64, buf: &mut [u8]) -> Result<bool, ClientError> {
+        let p = self.submit_read(&[gpn])?;
+        Ok(p.wait(buf)?.is_present(0))
+    }
+
+    /// Reads a batch of pages into `out` (`gpns.len()` × 4096 bytes), one round trip.
+    pub fn read_pages(&self, gpns: &[u64], out: &mut [u8]) -> Result<Presence, ClientError> {
+        self.submit_read(gpns)?.wait(out)
+    }
+
+    /// Sends a read request and returns without waiting for the reply.
+    pub fn submit_read(&self, gpns: &[u64]) -> Result<PendingRead<'_>, ClientError> {
+        check_batch(gpns.len(), self.inner.node.max_batch)?;
+        let ticket = self.submit(Opcode::ReadPagesOk, gpns.len(), |rid, buf| {
+            proto::encode_read_pages(rid, gpns, buf);
+            0
+        }, &[])?;
+        Ok(PendingRead {
+            client: self,
+            ticket: Some(ticket),
+            count: gpns.len(),
+        })
+    }
+
+    /// Writes pages (each a 4096-byte slice), one round trip; returns once the node
+    /// has stored them.
+    pub fn write_pages(&self, pages: &[(u64, &[u8])]) -> Result<(), ClientError> {
+        self.submit_write(pages)?.wait()
+    }
+
+    /// Sends a write request and returns without waiting for the acknowledgement.
+    pub fn submit_write(&self, pages: &[(u64, &[u8])]) -> Result<PendingWrite<'_>, ClientError> {
+        check_batch(pages.len(), self.inner.node.max_batch)?;
+        let mut gpns = [0u64; MAX_BATCH];
+        let mut data: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        for (i, (gpn, page)) in pages.iter().enumerate() {
+            if page.len() != PAGE_SIZE {
+                return Err(ClientError::InvalidRequest(format!(
+                    "page {gpn} is {} bytes, not {PAGE_SIZE}",
+                    page.len()
+                )));
+            }
+            gpns[i] = *gpn;
+            data[i] = page;
+        }
+        let n = pages.len();
+        let ticket = self.submit(Opcode::WritePagesOk, n, |rid, buf| {
+            proto::encode_write_pages_head(rid, &gpns[..n], buf);
+            n * PAGE_SIZE
+        }, &data[..n])?;
+        Ok(PendingWrite {
+            client: self,
+            ticket: Some(ticket),
+        })
+    }
+
+    /// Frees pages on the node (they read as zeros afterwards); returns how many were stored.
+    pub fn free_pages(&self, gpns: &[u64]) -> Result<u32, ClientError> {
+        check_batch(gpns.len(), self.inner.node.max_batch)?;
+        let raw: Vec<u8> = gpns.iter().flat_map(|g| g.to_le_bytes()).collect();
+        let msg = Message::FreePages {
+            gpns: Message::gpn_list(&raw),
+        };
+        match self.call(&msg, Opcode::FreePagesOk)? {
+            Reply::Count(n) => Ok(n as u32),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Asks the node for its statistics.
+    pub fn stats(&self) -> Result<StatsReply, ClientError> {
+        match self.call(&Message::Stats, Opcode::StatsOk)? {
+            Reply::Stats(s) => Ok(s),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Round-trips a ping; returns the time it took.
+    pub fn ping(&self) -> Result<Duration, ClientError> {
+        let t = Instant::now();
+        let nonce = t.elapsed().as_nanos() as u64 ^ 0x5a5a_5a5a;
+        match self.call(&Message::Ping { nonce }, Opcode::Pong)? {
+            Reply::Count(n) if n == nonce => Ok(t.elapsed()),
+            Reply::Count(n) => Err(ClientError::ConnectionLost {
+                addr: self.addr().to_string(),
+                reason: format!("pong carried nonce {n}, expected {nonce}"),
+            }),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    /// Closes the connection; pending and later requests fail.
+    pub fn close(&self) {
+        self.inner.slots.fail("closed by the client".into());
+        self.inner.link.shutdown();
+    }
+
+    fn unexpected(&self, r: Reply) -> ClientError {
+        ClientError::ConnectionLost {
+            addr: self.addr().to_string(),
+            reason: format!("unexpected reply {r:?}"),
+        }
+    }
+
+    /// Sends a small request encoded by `Message::encode` and waits for its reply.
+    fn call(&self, msg: &Message<'_>, expect: Opcode) -> Result<Reply, ClientError> {
+        let t = self.submit(expect, 0, |rid, buf| {
+            msg.encode(rid, buf);
+            0
+        }, &[])?;
+        self.finish(t, |done| done.reply.take())
+    }
+
+    /// Takes a slot, encodes the frame head with `encode` (which returns how many bulk
+    /// bytes follow in `bulk`), and sends head and bulk in one vectored write.
+    fn submit(
+        &self,
+        expect: Opcode,
+        count: usize,
+        encode: impl FnOnce(u64, &mut Vec<u8>) -> usize,
+        bulk: &[&[u8]],
+    ) -> Result<slots::Ticket, ClientError> {
+        let inner = &*self.inner;
+        let ticket = inner.slots.acquire(expect, count).map_err(|r| self.lost(r))?;
+        let mut head = inner.send.lock().unwrap();
+        head.clear();
+        let bulk_len = encode(ticket.request_id(), &mut head);
+        debug_assert_eq!(bulk_len, bulk.iter().map(|b| b.len()).sum::<usize>());
+        if let Some(s) = &inner.shaper {
+            inner.slots.set_send_delay(&ticket, s.on_send(head.len() + bulk_len));
+        }
+        let mut iov = [IoSlice::new(&[]); MAX_BATCH + 1];
+        iov[0] = IoSlice::new(&head);
+        for (i, b) in bulk.iter().enumerate() {
+            iov[i + 1] = IoSlice::new(b);
+        }
+        let sent = inner.link.send_vectored(&mut iov[..bulk.len() + 1]);
+        drop(head);
+        if let Err(e) = sent {
+            let reason = error_chain(&e);
+            log::warn!("node {}: send failed: {reason}", self.addr());
+            inner.slots.fail(reason.clone());
+            inner.slots.release(ticket);
+            return Err(self.lost(reason));
+        }
+        Ok(ticket)
+    }
+
+    /// Waits for `ticket`'s reply, hands it to `take`, and releases the slot.
+    fn finish<T>(
+        &self,
+        ticket: slots::Ticket,
+        take: impl FnOnce(&mut slots::Delivered<'_>) -> T,
+    ) -> Result<T, ClientError> {
+        let inner = &*self.inner;
+        let result = inner.slots.wait(&ticket, &*inner.link, inner.shaper.as_ref());
+        let out = match result {
+            Ok(mut done) => {
+                if let Some(at) = done.visible_at {
+                    wait_until(at);
+                }
+                match done.reply {
+                    Reply::Error(code, ref message) => Err(ClientError::Remote {
+                        addr: self.addr().to_string(),
+                        code,
+                        message: message.clone(),
+                    }),
+                    _ => Ok(take(&mut done)),
+                }
+            }
+            Err(reason) => Err(self.lost(reason)),
+        };
+        inner.slots.release(ticket);
+        out
+    }
+
+    fn lost(&self, reason: String) -> ClientError {
+        ClientError::ConnectionLost {
+            addr: self.addr().to_string(),
+            reason,
+        }
+    }
+}
+
+impl PendingRead<'_> {
+    /// Waits for the pages and copies them into `out` (`count` × 4096 bytes).
+    pub fn wait(mut self, out: &mut [u8]) -> Result<Presence, ClientError> {
+        let ticket = self.ticket.take().expect("pending read already waited");
+        if out.len() != self.count * PAGE_SIZE {
+            // Still collect the reply so the slot is released.
+            let _ = self.client.finish(ticket, |_| ());
+            return Err(ClientError::InvalidRequest(format!(
+                "read buffer is {} bytes, need {}",
+                out.len(),
+                self.count * PAGE_SIZE
+            )));
+        }
+        self.client.finish(ticket, |done| done.copy_pages(out))
+    }
+}
+
+impl Drop for PendingRead<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            let _ = self.client.finish(t, |_| ());
+        }
+    }
+}
+
+impl PendingWrite<'_> {
+    /// Waits until the node has stored the pages.
+    pub fn wait(mut self) -> Result<(), ClientError> {
+        let ticket = self.ticket.take().expect("pending write already waited");
+        let client = self.client;
+        match client.finish(ticket, |done| done.reply.take())? {
+            Reply::Count(_) => Ok(()),
+            other => Err(client.unexpected(other)),
+        }
+    }
+}
+
+impl Drop for PendingWrite<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            let _ = self.client.finish(t, |_| ());
+        }
+    }
+}
+
+fn check_batch(n: usize, max: usize) -> Result<(), ClientError> {
+    if n == 0 || n > max {
+        return Err(ClientError::InvalidRequest(format!(
+            "batch of {n} pages (must be 1 to {max})"
+        )));
+    }
+    Ok(())
+}
+
+/// Formats an error with its sources: `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+

@@ -1,0 +1,93 @@
+//! Transports: how fabric frames cross the network.
+//!
+//! A [`Link`] is one connection that carries whole frames in both directions. The
+//! pipelined client and the node servers are written against it, so a new transport
+//! only has to move bytes. TCP ([`tcp::TcpLink`]) is the default. An RDMA transport
+//! (a later issue, behind the `rdma` cargo feature) maps `send_vectored`/`recv` onto
+//! two-sided SEND/RECV and may additionally offer [`OneSidedRead`]: a memory node that
+//! registers its page store lets the client read a page with one RDMA READ, without
+//! the node's CPU; the client asks the link for that capability and falls back to a
+//! `ReadPages` request where it is absent.
+
+pub mod tcp;
+
+use std::io::IoSlice;
+use std::time::Duration;
+
+/// Transport failures, each naming the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The address did not resolve.
+    #[error("cannot resolve `{addr}`")]
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Sending or receiving failed.
+    #[error("i/o error on the link to {peer}")]
+    Io {
+        /// The peer.
+        peer: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Nothing arrived within the receive timeout.
+    #[error("{peer} did not answer within {after:?}")]
+    TimedOut {
+        /// The peer.
+        peer: String,
+        /// The timeout.
+        after: Duration,
+    },
+}
+
+/// One bidirectional connection carrying fabric frames.
+///
+/// Senders must not interleave frames: callers serialise `send_vectored` (the client
+/// holds a lock around it). Only one thread receives at a time.
+pub trait Link: Send + Sync {
+    /// Sends all bytes of `bufs`, in order, as one contiguous stream segment.
+    fn send_vectored(&self, bufs: &mut [IoSlice<'_>]) -> Result<(), TransportError>;
+    /// Receives some bytes into `buf`; `Ok(0)` means the peer closed the link.
+    fn recv(&self, buf: &mut [u8]) -> Result<usize, TransportError>;
+    /// Sets how long `recv` waits before failing with [`TransportError::TimedOut`].
+    fn set_recv_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError>;
+    /// Closes both directions; blocked `recv` calls return.
+    fn shutdown(&self);
+    /// The peer's address, for messages.
+    fn peer(&self) -> &str;
+    /// One-sided reads, where the transport and the peer support them.
+    fn one_sided(&self) -> Option<&dyn OneSidedRead> {
+        None
+    }
+}
+
+/// A remote memory region a peer has exposed for one-sided access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRegion {
+    /// The region's address in the peer's registration.
+    pub addr: u64,
+    /// The key that authorises access (an RDMA rkey).
+    pub key: u32,
+    /// The region's length in bytes.
+    pub len: u64,
+}
+
+/// Reading a peer's memory without involving its CPU (RDMA READ).
+pub trait OneSidedRead: Send + Sync {
+    /// Reads `dst.len()` bytes at `offset` of `region` into `dst`.
+    fn read(&self, region: RemoteRegion, offset: u64, dst: &mut [u8]) -> Result<(), TransportError>;
+}
