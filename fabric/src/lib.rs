@@ -17,6 +17,7 @@
 pub mod client;
 pub mod link_model;
 pub mod proto;
+pub mod ratelimit;
 pub mod transport;
 pub mod units;
 

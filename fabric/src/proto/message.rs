@@ -55,7 +55,7 @@ impl<'a> GpnList<'a> {
     }
 
     /// Iterates over the page numbers.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = u64> + 'a {
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = u64> + Clone + 'a {
         self.raw
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))

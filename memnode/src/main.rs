@@ -1,0 +1,81 @@
+//! `memnode`: the memory node daemon.
+
+use clap::Parser;
+use memnode::{Server, ServerConfig};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Serves 4 KiB pages for many VMs over the Splitvisor fabric.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    listen: String,
+    /// Most memory to store, e.g. 8G, 512M.
+    #[arg(long, default_value = "8G", value_parser = fabric::units::parse_size)]
+    capacity: u64,
+    /// Serve Prometheus metrics over HTTP on this address, at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Most connections at once.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a new connection may take to send its hello.
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout: u64,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("memnode: error: {}", fabric::client::error_chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let server = Server::bind(ServerConfig {
+        listen: args.listen,
+        capacity_bytes: args.capacity,
+        max_connections: args.max_connections.max(1),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+    })?;
+    if let Some(m) = &args.metrics {
+        let bound = memnode::metrics::serve(m, server.store().clone(), server.state().clone())?;
+        log::info!("metrics on http://{bound}/metrics");
+    }
+    let handle = server.shutdown_handle();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            log::info!("signal {sig}: shutting down");
+            handle.shutdown();
+        }
+    })?;
+    log::info!(
+        "capacity {} pages ({} MiB)",
+        server.store().capacity_pages(),
+        server.store().capacity_pages() * 4096 >> 20
+    );
+    println!("memnode listening on {}", server.local_addr());
+    std::io::stdout().flush()?;
+    server.run();
+    let s = server.stats(None);
+    log::info!(
+        "stopped: {} pages stored for {} VMs, {} connections served, {} errors",
+        s.node_pages,
+        s.node_vms,
+        server.state().accepted.load(std::sync::atomic::Ordering::Relaxed),
+        s.node_errors
+    );
+    Ok(())
+}

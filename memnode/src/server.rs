@@ -1,0 +1,474 @@
+//! The memory node's network service: one thread per connection, each running the
+//! fabric protocol against the shared [`PageStore`].
+//!
+//! A connection reads as many bytes as the socket has (up to two maximal frames),
+//! handles every complete request in them, and sends all replies with one write, so
+//! a client with many requests in flight is served with few system calls. A
+//! protocol violation gets an `Error` reply naming it, then the connection is
+//! closed; other connections are unaffected.
+
+use crate::store::{PageStore, StoreError, VmStats};
+use fabric::proto::{
+    self, DecodeError, ErrorCode, FrameHeader, MAX_BATCH, MAX_FRAME, Message, PAGE_SIZE,
+    PROTOCOL_VERSION, ReadReplyBuilder, Role, StatsReply,
+};
+use fabric::ratelimit::RateLimiter;
+use fabric::transport::tcp::TcpLink;
+use fabric::transport::{Link, TransportError};
+use fabric::warn_limited;
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+static PEER_ERRORS: RateLimiter = RateLimiter::new(10);
+
+/// Replies are sent once this many bytes are pending, even mid-batch.
+const FLUSH_AT: usize = 1 << 20;
+
+/// Server failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The capacity is too small to hold a page.
+    #[error("capacity of {0} bytes holds no 4 KiB page")]
+    TooSmall(u64),
+}
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Capacity in bytes (rounded down to whole pages).
+    pub capacity_bytes: u64,
+    /// Most connections at once; more are refused with an error reply.
+    pub max_connections: usize,
+    /// How long a new connection may take to send its `Hello`.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7000".into(),
+            capacity_bytes: 8 << 30,
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Node-wide counters and the registry of open connections.
+#[derive(Default)]
+pub struct NodeState {
+    shutting_down: AtomicBool,
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    next_conn: AtomicU64,
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+}
+
+impl NodeState {
+    /// Open connections.
+    pub fn connections(&self) -> u64 {
+        self.conns.lock().unwrap().len() as u64
+    }
+}
+
+/// A bound memory node server.
+pub struct Server {
+    listener: TcpListener,
+    store: Arc<PageStore>,
+    state: Arc<NodeState>,
+    config: ServerConfig,
+}
+
+/// Stops a running server from another thread (a signal handler thread, a test).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    state: Arc<NodeState>,
+    listener_fd: i32,
+}
+
+impl ShutdownHandle {
+    /// Stops accepting, closes every connection; `Server::run` then returns.
+    pub fn shutdown(&self) {
+        if self.state.shutting_down.swap(true, Relaxed) {
+            return;
+        }
+        // SAFETY: shutdown(2) on the listener's fd, which `Server` keeps open until
+        // `run` returns; on Linux it makes the blocked accept(2) return.
+        unsafe {
+            libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
+        }
+        for s in self.state.conns.lock().unwrap().values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Server {
+    /// Binds the listen address and creates an empty store.
+    pub fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        let capacity_pages = config.capacity_bytes / PAGE_SIZE as u64;
+        if capacity_pages == 0 {
+            return Err(ServerError::TooSmall(config.capacity_bytes));
+        }
+        let listener = TcpListener::bind(&config.listen).map_err(|source| ServerError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+        Ok(Server {
+            listener,
+            store: Arc::new(PageStore::new(capacity_pages)),
+            state: Arc::new(NodeState::default()),
+            config,
+        })
+    }
+
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// The page store.
+    pub fn store(&self) -> &Arc<PageStore> {
+        &self.store
+    }
+
+    /// The node-wide counters.
+    pub fn state(&self) -> &Arc<NodeState> {
+        &self.state
+    }
+
+    /// A handle that stops the server.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            state: self.state.clone(),
+            listener_fd: self.listener.as_raw_fd(),
+        }
+    }
+
+    /// Accepts and serves connections until shut down; returns once every
+    /// connection thread has finished.
+    pub fn run(&self) {
+        let mut threads = Vec::new();
+        loop {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(x) => x,
+                Err(e) => {
+                    if self.state.shutting_down.load(Relaxed) {
+                        break;
+                    }
+                    log::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            if self.state.shutting_down.load(Relaxed) {
+                break;
+            }
+            threads.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
+            self.state.accepted.fetch_add(1, Relaxed);
+            let id = self.state.next_conn.fetch_add(1, Relaxed);
+            {
+                let mut conns = self.state.conns.lock().unwrap();
+                if conns.len() >= self.config.max_connections {
+                    drop(conns);
+                    self.state.errors.fetch_add(1, Relaxed);
+                    warn_limited!(PEER_ERRORS, "{peer}: refused, {} connections open", self.config.max_connections);
+                    refuse(stream, ErrorCode::BadRequest, "too many connections");
+                    continue;
+                }
+                match stream.try_clone() {
+                    Ok(s) => {
+                        conns.insert(id, s);
+                    }
+                    Err(e) => {
+                        log::warn!("{peer}: cannot register connection: {e}");
+                        continue;
+                    }
+                }
+            }
+            let conn = Connection {
+                store: self.store.clone(),
+                state: self.state.clone(),
+                handshake_timeout: self.config.handshake_timeout,
+                session: None,
+            };
+            let state = self.state.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("conn-{peer}"))
+                .spawn(move || {
+                    conn.serve(stream, peer);
+                    state.conns.lock().unwrap().remove(&id);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    log::error!("{peer}: cannot start a connection thread: {e}");
+                    self.state.conns.lock().unwrap().remove(&id);
+                }
+            }
+        }
+        // Connections registered after the handle's sweep are closed here.
+        for s in self.state.conns.lock().unwrap().values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// The node's statistics, with the VM part for `vm`.
+    pub fn stats(&self, vm: Option<u64>) -> StatsReply {
+        stats_reply(&self.store, &self.state, vm.map(|v| self.store.vm(v)).as_deref())
+    }
+}
+
+fn refuse(stream: TcpStream, code: ErrorCode, message: &str) {
+    let mut out = Vec::new();
+    Message::Error { code, message }.encode(0, &mut out);
+    if let Ok(link) = TcpLink::from_stream(stream, String::new()) {
+        let _ = link.send_vectored(&mut [IoSlice::new(&out)]);
+        link.shutdown();
+    }
+}
+
+fn stats_reply(store: &PageStore, state: &NodeState, vm: Option<&VmStats>) -> StatsReply {
+    let mut r = StatsReply {
+        node_pages: store.used_pages(),
+        node_capacity_pages: store.capacity_pages(),
+        node_vms: store.vms_with_pages(),
+        node_connections: state.connections(),
+        node_errors: state.errors.load(Relaxed),
+        node_overhead_bytes: store.overhead_bytes(),
+        ..StatsReply::default()
+    };
+    if let Some(v) = vm {
+        r.vm_pages = v.pages.load(Relaxed);
+        r.vm_reads = v.reads.load(Relaxed);
+        r.vm_zero_reads = v.zero_reads.load(Relaxed);
+        r.vm_writes = v.writes.load(Relaxed);
+        r.vm_frees = v.frees.load(Relaxed);
+    }
+    r
+}
+
+/// The handshake's outcome.
+struct Session {
+    vm_id: u64,
+    role: Role,
+    stats: Arc<VmStats>,
+}
+
+/// Why a connection ends after its current reply.
+enum Close {
+    /// The peer broke the protocol: reply with this error, then close.
+    Violation(ErrorCode, String),
+}
+
+struct Connection {
+    store: Arc<PageStore>,
+    state: Arc<NodeState>,
+    handshake_timeout: Duration,
+    session: Option<Session>,
+}
+
+impl Connection {
+    fn serve(mut self, stream: TcpStream, peer: SocketAddr) {
+        let link = match TcpLink::from_stream(stream, peer.to_string()) {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("{peer}: {}", fabric::client::error_chain(&e));
+                return;
+            }
+        };
+        let _ = link.set_recv_timeout(Some(self.handshake_timeout));
+        log::debug!("{peer}: connected");
+        let mut inbuf = vec![0u8; 2 * MAX_FRAME].into_boxed_slice();
+        let (mut start, mut end) = (0usize, 0usize);
+        let mut out: Vec<u8> = Vec::with_capacity(FLUSH_AT + MAX_FRAME);
+        loop {
+            if start > 0 && inbuf.len() - end < MAX_FRAME {
+                inbuf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+            }
+            let n = match link.recv(&mut inbuf[end..]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(TransportError::TimedOut { .. }) => {
+                    self.fail(&link, &mut out, 0, ErrorCode::HandshakeRequired, "no hello within the handshake timeout".into());
+                    return;
+                }
+                Err(e) => {
+                    if !self.state.shutting_down.load(Relaxed) {
+                        log::debug!("{peer}: {}", fabric::client::error_chain(&e));
+                    }
+                    break;
+                }
+            };
+            end += n;
+            loop {
+                let (rid, result) = match proto::decode_frame(&inbuf[start..end]) {
+                    Ok(None) => break,
+                    Ok(Some((h, msg, used))) => {
+                        start += used;
+                        (h.request_id, self.handle(&h, msg, &mut out, &link))
+                    }
+                    Err(e) => (request_id_of(&inbuf[start..end]), Err(Close::Violation(ErrorCode::Malformed, e.to_string()))),
+                };
+                if let Err(Close::Violation(code, message)) = result {
+                    self.fail(&link, &mut out, rid, code, message);
+                    return;
+                }
+                if out.len() >= FLUSH_AT && !self.flush(&link, &mut out) {
+                    return;
+                }
+            }
+            if start == end {
+                start = 0;
+                end = 0;
+            }
+            if !out.is_empty() && !self.flush(&link, &mut out) {
+                return;
+            }
+        }
+        log::debug!("{peer}: closed");
+    }
+
+    fn flush(&self, link: &TcpLink, out: &mut Vec<u8>) -> bool {
+        let ok = link.send_vectored(&mut [IoSlice::new(out)]).is_ok();
+        out.clear();
+        ok
+    }
+
+    /// Sends what is pending plus an error reply, then closes.
+    fn fail(&self, link: &TcpLink, out: &mut Vec<u8>, rid: u64, code: ErrorCode, message: String) {
+        self.state.errors.fetch_add(1, Relaxed);
+        warn_limited!(PEER_ERRORS, "{}: {code}: {message}; closing the connection", link.peer());
+        Message::Error {
+            code,
+            message: &message,
+        }
+        .encode(rid, out);
+        self.flush(link, out);
+        link.shutdown();
+    }
+
+    fn refuse(&self, rid: u64, out: &mut Vec<u8>, code: ErrorCode, message: &str) {
+        self.state.errors.fetch_add(1, Relaxed);
+        Message::Error { code, message }.encode(rid, out);
+    }
+
+    fn handle(&mut self, h: &FrameHeader, msg: Message<'_>, out: &mut Vec<u8>, link: &TcpLink) -> Result<(), Close> {
+        let rid = h.request_id;
+        let Some(session) = &self.session else {
+            return self.handshake(rid, msg, out, link);
+        };
+        let (vm, stats) = (session.vm_id, session.stats.clone());
+        let moves_pages = matches!(msg, Message::ReadPages { .. } | Message::WritePages { .. } | Message::FreePages { .. });
+        if moves_pages && session.role != Role::Vmm {
+            self.refuse(rid, out, ErrorCode::BadRequest, "this connection's role may not move pages");
+            return Ok(());
+        }
+        match msg {
+            Message::ReadPages { gpns } => {
+                let mut reply = ReadReplyBuilder::begin(out, rid, gpns.len());
+                for gpn in gpns.iter() {
+                    let present = self.store.read(&stats, vm, gpn, |page| reply.present(out).copy_from_slice(page));
+                    if !present {
+                        reply.zero();
+                    }
+                }
+                reply.finish(out);
+            }
+            Message::WritePages { gpns, data } => match self.store.write(&stats, vm, gpns.iter(), data) {
+                Ok(()) => Message::WritePagesOk { count: gpns.len() as u32 }.encode(rid, out),
+                Err(e @ StoreError::OutOfCapacity { .. }) => {
+                    warn_limited!(PEER_ERRORS, "{}: vm {vm}: {e}", link.peer());
+                    self.refuse(rid, out, ErrorCode::OutOfCapacity, &e.to_string());
+                }
+                Err(e) => self.refuse(rid, out, ErrorCode::BadRequest, &e.to_string()),
+            },
+            Message::FreePages { gpns } => {
+                let count = self.store.free(&stats, vm, gpns.iter());
+                Message::FreePagesOk { count }.encode(rid, out);
+            }
+            Message::Stats => Message::StatsOk(stats_reply(&self.store, &self.state, Some(&stats))).encode(rid, out),
+            Message::Ping { nonce } => Message::Pong { nonce }.encode(rid, out),
+            Message::Hello { .. } => {
+                return Err(Close::Violation(ErrorCode::HandshakeRequired, "second hello on one connection".into()));
+            }
+            other => {
+                return Err(Close::Violation(
+                    ErrorCode::BadRequest,
+                    format!("{:?} is a reply, not a request", other.opcode()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn handshake(&mut self, rid: u64, msg: Message<'_>, out: &mut Vec<u8>, link: &TcpLink) -> Result<(), Close> {
+        let Message::Hello { role, version, vm_id, auth } = msg else {
+            return Err(Close::Violation(
+                ErrorCode::HandshakeRequired,
+                format!("expected hello, got {:?}", msg.opcode()),
+            ));
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(Close::Violation(
+                ErrorCode::UnsupportedVersion,
+                format!("version {version} requested, this node speaks {PROTOCOL_VERSION}"),
+            ));
+        }
+        if !matches!(role, Role::Vmm | Role::Admin) {
+            return Err(Close::Violation(ErrorCode::BadRequest, format!("role {role:?} cannot use a memory node")));
+        }
+        if !auth.is_empty() {
+            log::debug!("{}: authentication is not configured; ignoring the proof", link.peer());
+        }
+        let _ = link.set_recv_timeout(None);
+        log::info!("{}: hello from a {role:?} for vm {vm_id}", link.peer());
+        self.session = Some(Session {
+            vm_id,
+            role,
+            stats: self.store.vm(vm_id),
+        });
+        Message::HelloOk {
+            role: Role::MemNode,
+            version: PROTOCOL_VERSION,
+            page_size: PAGE_SIZE as u32,
+            max_batch: MAX_BATCH as u32,
+            capacity_pages: self.store.capacity_pages(),
+        }
+        .encode(rid, out);
+        Ok(())
+    }
+}
+
+/// The request id of a frame whose header is at least partly readable, else 0.
+fn request_id_of(buf: &[u8]) -> u64 {
+    match FrameHeader::decode(buf) {
+        Ok(h) => h.request_id,
+        Err(DecodeError::Truncated { .. } | DecodeError::BadMagic { .. }) => 0,
+        Err(_) if buf.len() >= 16 => u64::from_le_bytes(buf[8..16].try_into().unwrap()),
+        Err(_) => 0,
+    }
+}
