@@ -55,7 +55,9 @@ impl LinkModel {
     /// Time to put `bytes` on the wire at the capped bandwidth.
     pub fn serialisation(&self, bytes: usize) -> Duration {
         match self.bandwidth_bps {
-            Some(bps) => Duration::from_nanos((bytes as u128 * 8 * 1_000_000_000 / bps as u128) as u64),
+            Some(bps) => {
+                Duration::from_nanos((bytes as u128 * 8 * 1_000_000_000 / bps as u128) as u64)
+            }
             None => Duration::ZERO,
         }
     }
@@ -175,9 +177,18 @@ mod tests {
         let m: LinkModel = "bw=1Gbit".parse().unwrap();
         assert_eq!(m.latency, Duration::ZERO);
         assert_eq!(m.serialisation(4096 + 24), Duration::from_nanos(32_960));
-        assert!(matches!("latency".parse::<LinkModel>(), Err(LinkModelError::NotKeyValue(_))));
-        assert!(matches!("jitter=1us".parse::<LinkModel>(), Err(LinkModelError::UnknownKey(_))));
-        assert!(matches!("latency=fast".parse::<LinkModel>(), Err(LinkModelError::BadValue { .. })));
+        assert!(matches!(
+            "latency".parse::<LinkModel>(),
+            Err(LinkModelError::NotKeyValue(_))
+        ));
+        assert!(matches!(
+            "jitter=1us".parse::<LinkModel>(),
+            Err(LinkModelError::UnknownKey(_))
+        ));
+        assert!(matches!(
+            "latency=fast".parse::<LinkModel>(),
+            Err(LinkModelError::BadValue { .. })
+        ));
         assert_eq!(m.to_string().parse::<LinkModel>().unwrap(), m);
     }
 

@@ -143,16 +143,25 @@ mod tests {
         assert_eq!(parse_size("8G").unwrap(), 8 << 30);
         assert_eq!(parse_size("1.5K").unwrap(), 1536);
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert!(matches!(parse_size("8X"), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!(
+            parse_size("8X"),
+            Err(UnitError::UnknownUnit { .. })
+        ));
         assert!(matches!(parse_size(""), Err(UnitError::Empty)));
         assert!(matches!(parse_size("G"), Err(UnitError::NotANumber(_))));
-        assert!(matches!(parse_size("99999999999T"), Err(UnitError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(UnitError::Overflow(_))
+        ));
     }
 
     #[test]
     fn durations() {
         assert_eq!(parse_duration("2us").unwrap(), Duration::from_micros(2));
-        assert_eq!(parse_duration("1.5ms").unwrap(), Duration::from_micros(1500));
+        assert_eq!(
+            parse_duration("1.5ms").unwrap(),
+            Duration::from_micros(1500)
+        );
         assert_eq!(parse_duration("0ns").unwrap(), Duration::ZERO);
         assert!(parse_duration("2").is_err());
         assert!(parse_duration("2h").is_err());

@@ -55,16 +55,18 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let handle = server.shutdown_handle();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            log::info!("signal {sig}: shutting down");
-            handle.shutdown();
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: shutting down");
+                handle.shutdown();
+            }
+        })?;
     log::info!(
         "capacity {} pages ({} MiB)",
         server.store().capacity_pages(),
-        server.store().capacity_pages() * 4096 >> 20
+        (server.store().capacity_pages() * 4096) >> 20
     );
     println!("memnode listening on {}", server.local_addr());
     std::io::stdout().flush()?;
@@ -74,7 +76,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "stopped: {} pages stored for {} VMs, {} connections served, {} errors",
         s.node_pages,
         s.node_vms,
-        server.state().accepted.load(std::sync::atomic::Ordering::Relaxed),
+        server
+            .state()
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
         s.node_errors
     );
     Ok(())

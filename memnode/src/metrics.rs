@@ -26,38 +26,112 @@ pub enum MetricsError {
 /// Renders every counter of the node in the Prometheus text format.
 pub fn render(store: &PageStore, state: &NodeState) -> String {
     let mut s = String::with_capacity(4096);
-    let mut metric = |name: &str, kind: &str, help: &str, values: &mut dyn Iterator<Item = (String, u64)>| {
-        let _ = writeln!(s, "# HELP memnode_{name} {help}\n# TYPE memnode_{name} {kind}");
-        for (labels, v) in values {
-            let _ = writeln!(s, "memnode_{name}{labels} {v}");
-        }
-    };
+    let mut metric =
+        |name: &str, kind: &str, help: &str, values: &mut dyn Iterator<Item = (String, u64)>| {
+            let _ = writeln!(
+                s,
+                "# HELP memnode_{name} {help}\n# TYPE memnode_{name} {kind}"
+            );
+            for (labels, v) in values {
+                let _ = writeln!(s, "memnode_{name}{labels} {v}");
+            }
+        };
     let one = |v: u64| std::iter::once((String::new(), v));
-    metric("capacity_pages", "gauge", "Capacity in 4 KiB pages.", &mut one(store.capacity_pages()));
-    metric("pages_stored_total", "gauge", "Pages stored, all VMs.", &mut one(store.used_pages()));
-    metric("overhead_bytes", "gauge", "Bookkeeping bytes beyond the page data.", &mut one(store.overhead_bytes()));
-    metric("connections", "gauge", "Open connections.", &mut one(state.connections()));
-    metric("connections_accepted_total", "counter", "Connections accepted.", &mut one(state.accepted.load(Relaxed)));
-    metric("errors_total", "counter", "Requests answered with an error.", &mut one(state.errors.load(Relaxed)));
+    metric(
+        "capacity_pages",
+        "gauge",
+        "Capacity in 4 KiB pages.",
+        &mut one(store.capacity_pages()),
+    );
+    metric(
+        "pages_stored_total",
+        "gauge",
+        "Pages stored, all VMs.",
+        &mut one(store.used_pages()),
+    );
+    metric(
+        "overhead_bytes",
+        "gauge",
+        "Bookkeeping bytes beyond the page data.",
+        &mut one(store.overhead_bytes()),
+    );
+    metric(
+        "connections",
+        "gauge",
+        "Open connections.",
+        &mut one(state.connections()),
+    );
+    metric(
+        "connections_accepted_total",
+        "counter",
+        "Connections accepted.",
+        &mut one(state.accepted.load(Relaxed)),
+    );
+    metric(
+        "errors_total",
+        "counter",
+        "Requests answered with an error.",
+        &mut one(state.errors.load(Relaxed)),
+    );
     let vms = store.vms();
     type Field = fn(&crate::store::VmStats) -> &std::sync::atomic::AtomicU64;
     let per_vm: [(&str, &str, &str, Field); 7] = [
-        ("pages_stored", "gauge", "Pages stored, per VM.", |v| &v.pages),
-        ("page_reads_total", "counter", "Page reads served, per VM.", |v| &v.reads),
-        ("zero_page_reads_total", "counter", "Reads of never-written pages, per VM.", |v| &v.zero_reads),
-        ("page_writes_total", "counter", "Page writes stored, per VM.", |v| &v.writes),
-        ("page_frees_total", "counter", "Pages freed, per VM.", |v| &v.frees),
-        ("bytes_received_total", "counter", "Page bytes received, per VM.", |v| &v.bytes_in),
-        ("bytes_sent_total", "counter", "Page bytes sent, per VM.", |v| &v.bytes_out),
+        ("pages_stored", "gauge", "Pages stored, per VM.", |v| {
+            &v.pages
+        }),
+        (
+            "page_reads_total",
+            "counter",
+            "Page reads served, per VM.",
+            |v| &v.reads,
+        ),
+        (
+            "zero_page_reads_total",
+            "counter",
+            "Reads of never-written pages, per VM.",
+            |v| &v.zero_reads,
+        ),
+        (
+            "page_writes_total",
+            "counter",
+            "Page writes stored, per VM.",
+            |v| &v.writes,
+        ),
+        ("page_frees_total", "counter", "Pages freed, per VM.", |v| {
+            &v.frees
+        }),
+        (
+            "bytes_received_total",
+            "counter",
+            "Page bytes received, per VM.",
+            |v| &v.bytes_in,
+        ),
+        (
+            "bytes_sent_total",
+            "counter",
+            "Page bytes sent, per VM.",
+            |v| &v.bytes_out,
+        ),
     ];
     for (name, kind, help, field) in per_vm {
-        metric(name, kind, help, &mut vms.iter().map(|(id, v)| (format!("{{vm=\"{id}\"}}"), field(v).load(Relaxed))));
+        metric(
+            name,
+            kind,
+            help,
+            &mut vms
+                .iter()
+                .map(|(id, v)| (format!("{{vm=\"{id}\"}}"), field(v).load(Relaxed))),
+        );
     }
     s
 }
 
 /// Serves `/metrics` on `addr` from a background thread until the process exits.
-pub fn serve(addr: &str, store: Arc<PageStore>, state: Arc<NodeState>) -> Result<std::net::SocketAddr, MetricsError> {
+pub fn serve(
+    addr: &str,
+    store: Arc<PageStore>,
+    state: Arc<NodeState>,
+) -> Result<std::net::SocketAddr, MetricsError> {
     let server = tiny_http::Server::http(addr).map_err(|e| MetricsError::Bind {
         addr: addr.to_string(),
         reason: e.to_string(),
@@ -74,11 +148,15 @@ pub fn serve(addr: &str, store: Arc<PageStore>, state: Arc<NodeState>) -> Result
         .spawn(move || {
             for req in server.incoming_requests() {
                 let resp = if req.url() == "/metrics" && *req.method() == tiny_http::Method::Get {
-                    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"text/plain; version=0.0.4"[..])
-                        .expect("static header is valid");
+                    let header = tiny_http::Header::from_bytes(
+                        &b"Content-Type"[..],
+                        &b"text/plain; version=0.0.4"[..],
+                    )
+                    .expect("static header is valid");
                     tiny_http::Response::from_string(render(&store, &state)).with_header(header)
                 } else {
-                    tiny_http::Response::from_string("not found; try /metrics\n").with_status_code(404)
+                    tiny_http::Response::from_string("not found; try /metrics\n")
+                        .with_status_code(404)
                 };
                 let _ = req.respond(resp);
             }

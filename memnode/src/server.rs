@@ -142,7 +142,9 @@ impl Server {
 
     /// The bound address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// The page store.
@@ -190,7 +192,11 @@ impl Server {
                 if conns.len() >= self.config.max_connections {
                     drop(conns);
                     self.state.errors.fetch_add(1, Relaxed);
-                    warn_limited!(PEER_ERRORS, "{peer}: refused, {} connections open", self.config.max_connections);
+                    warn_limited!(
+                        PEER_ERRORS,
+                        "{peer}: refused, {} connections open",
+                        self.config.max_connections
+                    );
                     refuse(stream, ErrorCode::BadRequest, "too many connections");
                     continue;
                 }
@@ -236,7 +242,11 @@ impl Server {
 
     /// The node's statistics, with the VM part for `vm`.
     pub fn stats(&self, vm: Option<u64>) -> StatsReply {
-        stats_reply(&self.store, &self.state, vm.map(|v| self.store.vm(v)).as_deref())
+        stats_reply(
+            &self.store,
+            &self.state,
+            vm.map(|v| self.store.vm(v)).as_deref(),
+        )
     }
 }
 
@@ -313,7 +323,13 @@ impl Connection {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(TransportError::TimedOut { .. }) => {
-                    self.fail(&link, &mut out, 0, ErrorCode::HandshakeRequired, "no hello within the handshake timeout".into());
+                    self.fail(
+                        &link,
+                        &mut out,
+                        0,
+                        ErrorCode::HandshakeRequired,
+                        "no hello within the handshake timeout".into(),
+                    );
                     return;
                 }
                 Err(e) => {
@@ -331,7 +347,10 @@ impl Connection {
                         start += used;
                         (h.request_id, self.handle(&h, msg, &mut out, &link))
                     }
-                    Err(e) => (request_id_of(&inbuf[start..end]), Err(Close::Violation(ErrorCode::Malformed, e.to_string()))),
+                    Err(e) => (
+                        request_id_of(&inbuf[start..end]),
+                        Err(Close::Violation(ErrorCode::Malformed, e.to_string())),
+                    ),
                 };
                 if let Err(Close::Violation(code, message)) = result {
                     self.fail(&link, &mut out, rid, code, message);
@@ -361,7 +380,11 @@ impl Connection {
     /// Sends what is pending plus an error reply, then closes.
     fn fail(&self, link: &TcpLink, out: &mut Vec<u8>, rid: u64, code: ErrorCode, message: String) {
         self.state.errors.fetch_add(1, Relaxed);
-        warn_limited!(PEER_ERRORS, "{}: {code}: {message}; closing the connection", link.peer());
+        warn_limited!(
+            PEER_ERRORS,
+            "{}: {code}: {message}; closing the connection",
+            link.peer()
+        );
         Message::Error {
             code,
             message: &message,
@@ -376,44 +399,69 @@ impl Connection {
         Message::Error { code, message }.encode(rid, out);
     }
 
-    fn handle(&mut self, h: &FrameHeader, msg: Message<'_>, out: &mut Vec<u8>, link: &TcpLink) -> Result<(), Close> {
+    fn handle(
+        &mut self,
+        h: &FrameHeader,
+        msg: Message<'_>,
+        out: &mut Vec<u8>,
+        link: &TcpLink,
+    ) -> Result<(), Close> {
         let rid = h.request_id;
         let Some(session) = &self.session else {
             return self.handshake(rid, msg, out, link);
         };
         let (vm, stats) = (session.vm_id, session.stats.clone());
-        let moves_pages = matches!(msg, Message::ReadPages { .. } | Message::WritePages { .. } | Message::FreePages { .. });
+        let moves_pages = matches!(
+            msg,
+            Message::ReadPages { .. } | Message::WritePages { .. } | Message::FreePages { .. }
+        );
         if moves_pages && session.role != Role::Vmm {
-            self.refuse(rid, out, ErrorCode::BadRequest, "this connection's role may not move pages");
+            self.refuse(
+                rid,
+                out,
+                ErrorCode::BadRequest,
+                "this connection's role may not move pages",
+            );
             return Ok(());
         }
         match msg {
             Message::ReadPages { gpns } => {
                 let mut reply = ReadReplyBuilder::begin(out, rid, gpns.len());
                 for gpn in gpns.iter() {
-                    let present = self.store.read(&stats, vm, gpn, |page| reply.present(out).copy_from_slice(page));
+                    let present = self
+                        .store
+                        .read(&stats, vm, gpn, |page| reply.present(out, page));
                     if !present {
                         reply.zero();
                     }
                 }
                 reply.finish(out);
             }
-            Message::WritePages { gpns, data } => match self.store.write(&stats, vm, gpns.iter(), data) {
-                Ok(()) => Message::WritePagesOk { count: gpns.len() as u32 }.encode(rid, out),
-                Err(e @ StoreError::OutOfCapacity { .. }) => {
-                    warn_limited!(PEER_ERRORS, "{}: vm {vm}: {e}", link.peer());
-                    self.refuse(rid, out, ErrorCode::OutOfCapacity, &e.to_string());
+            Message::WritePages { gpns, data } => {
+                match self.store.write(&stats, vm, gpns.iter(), data) {
+                    Ok(()) => Message::WritePagesOk {
+                        count: gpns.len() as u32,
+                    }
+                    .encode(rid, out),
+                    Err(e @ StoreError::OutOfCapacity { .. }) => {
+                        warn_limited!(PEER_ERRORS, "{}: vm {vm}: {e}", link.peer());
+                        self.refuse(rid, out, ErrorCode::OutOfCapacity, &e.to_string());
+                    }
+                    Err(e) => self.refuse(rid, out, ErrorCode::BadRequest, &e.to_string()),
                 }
-                Err(e) => self.refuse(rid, out, ErrorCode::BadRequest, &e.to_string()),
-            },
+            }
             Message::FreePages { gpns } => {
                 let count = self.store.free(&stats, vm, gpns.iter());
                 Message::FreePagesOk { count }.encode(rid, out);
             }
-            Message::Stats => Message::StatsOk(stats_reply(&self.store, &self.state, Some(&stats))).encode(rid, out),
+            Message::Stats => Message::StatsOk(stats_reply(&self.store, &self.state, Some(&stats)))
+                .encode(rid, out),
             Message::Ping { nonce } => Message::Pong { nonce }.encode(rid, out),
             Message::Hello { .. } => {
-                return Err(Close::Violation(ErrorCode::HandshakeRequired, "second hello on one connection".into()));
+                return Err(Close::Violation(
+                    ErrorCode::HandshakeRequired,
+                    "second hello on one connection".into(),
+                ));
             }
             other => {
                 return Err(Close::Violation(
@@ -425,8 +473,20 @@ impl Connection {
         Ok(())
     }
 
-    fn handshake(&mut self, rid: u64, msg: Message<'_>, out: &mut Vec<u8>, link: &TcpLink) -> Result<(), Close> {
-        let Message::Hello { role, version, vm_id, auth } = msg else {
+    fn handshake(
+        &mut self,
+        rid: u64,
+        msg: Message<'_>,
+        out: &mut Vec<u8>,
+        link: &TcpLink,
+    ) -> Result<(), Close> {
+        let Message::Hello {
+            role,
+            version,
+            vm_id,
+            auth,
+        } = msg
+        else {
             return Err(Close::Violation(
                 ErrorCode::HandshakeRequired,
                 format!("expected hello, got {:?}", msg.opcode()),
@@ -439,10 +499,16 @@ impl Connection {
             ));
         }
         if !matches!(role, Role::Vmm | Role::Admin) {
-            return Err(Close::Violation(ErrorCode::BadRequest, format!("role {role:?} cannot use a memory node")));
+            return Err(Close::Violation(
+                ErrorCode::BadRequest,
+                format!("role {role:?} cannot use a memory node"),
+            ));
         }
         if !auth.is_empty() {
-            log::debug!("{}: authentication is not configured; ignoring the proof", link.peer());
+            log::debug!(
+                "{}: authentication is not configured; ignoring the proof",
+                link.peer()
+            );
         }
         let _ = link.set_recv_timeout(None);
         log::info!("{}: hello from a {role:?} for vm {vm_id}", link.peer());

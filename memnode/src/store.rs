@@ -74,7 +74,8 @@ impl Slab {
             return i;
         }
         if self.handed_out as usize == self.chunks.len() * CHUNK_PAGES {
-            self.chunks.push(vec![0u8; CHUNK_PAGES * PAGE_SIZE].into_boxed_slice());
+            self.chunks
+                .push(vec![0u8; CHUNK_PAGES * PAGE_SIZE].into_boxed_slice());
         }
         self.handed_out += 1;
         self.handed_out - 1
@@ -161,14 +162,25 @@ impl PageStore {
 
     /// A snapshot of every VM's counters.
     pub fn vms(&self) -> Vec<(u64, Arc<VmStats>)> {
-        let mut v: Vec<_> = self.vms.read().unwrap().iter().map(|(k, s)| (*k, s.clone())).collect();
+        let mut v: Vec<_> = self
+            .vms
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(k, s)| (*k, s.clone()))
+            .collect();
         v.sort_by_key(|(k, _)| *k);
         v
     }
 
     /// VMs that have pages stored.
     pub fn vms_with_pages(&self) -> u64 {
-        self.vms.read().unwrap().values().filter(|s| s.pages.load(Relaxed) > 0).count() as u64
+        self.vms
+            .read()
+            .unwrap()
+            .values()
+            .filter(|s| s.pages.load(Relaxed) > 0)
+            .count() as u64
     }
 
     /// Calls `f` with the page's data if it is stored; returns whether it was.
@@ -190,7 +202,13 @@ impl PageStore {
 
     /// Stores a batch of pages (`data` holds them back to back). All-zero pages are
     /// not stored (a stored copy is freed). Fails whole if the new pages do not fit.
-    pub fn write(&self, stats: &VmStats, vm: u64, gpns: impl ExactSizeIterator<Item = u64> + Clone, data: &[u8]) -> Result<(), StoreError> {
+    pub fn write(
+        &self,
+        stats: &VmStats,
+        vm: u64,
+        gpns: impl ExactSizeIterator<Item = u64> + Clone,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
         let n = gpns.len();
         if data.len() != n * PAGE_SIZE {
             return Err(StoreError::BadWrite {
@@ -201,7 +219,14 @@ impl PageStore {
         let pages = || gpns.clone().zip(data.chunks_exact(PAGE_SIZE));
         // Reserve room for the pages that would be new.
         let needed = pages()
-            .filter(|(g, p)| !is_zero(p) && !self.shards[shard_of(vm, *g)].lock().unwrap().map.contains_key(&(vm, *g)))
+            .filter(|(g, p)| {
+                !is_zero(p)
+                    && !self.shards[shard_of(vm, *g)]
+                        .lock()
+                        .unwrap()
+                        .map
+                        .contains_key(&(vm, *g))
+            })
             .count() as u64;
         self.reserve(needed)?;
         let mut reserved = needed;
@@ -245,7 +270,9 @@ impl PageStore {
             return Ok(());
         }
         self.used
-            .fetch_update(Relaxed, Relaxed, |u| (u + n <= self.capacity_pages).then_some(u + n))
+            .fetch_update(Relaxed, Relaxed, |u| {
+                (u + n <= self.capacity_pages).then_some(u + n)
+            })
             .map(|_| ())
             .map_err(|used| StoreError::OutOfCapacity {
                 needed: n,
@@ -299,7 +326,8 @@ mod tests {
         let s = PageStore::new(100);
         let st = s.vm(1);
         assert!(!s.read(&st, 1, 5, |_| panic!("never written")));
-        s.write(&st, 1, [5u64, 6].into_iter(), &[page(1), page(2)].concat()).unwrap();
+        s.write(&st, 1, [5u64, 6].into_iter(), &[page(1), page(2)].concat())
+            .unwrap();
         let mut got = Vec::new();
         assert!(s.read(&st, 1, 6, |p| got.extend_from_slice(p)));
         assert_eq!(got, page(2));
@@ -331,9 +359,12 @@ mod tests {
     fn capacity_is_enforced_whole_batch() {
         let s = PageStore::new(3);
         let st = s.vm(1);
-        s.write(&st, 1, [0u64, 1].into_iter(), &[page(1), page(1)].concat()).unwrap();
+        s.write(&st, 1, [0u64, 1].into_iter(), &[page(1), page(1)].concat())
+            .unwrap();
         // Two new pages do not fit in the one free page: nothing is stored.
-        let e = s.write(&st, 1, [2u64, 3].into_iter(), &[page(2), page(2)].concat()).unwrap_err();
+        let e = s
+            .write(&st, 1, [2u64, 3].into_iter(), &[page(2), page(2)].concat())
+            .unwrap_err();
         assert_eq!(
             e,
             StoreError::OutOfCapacity {
@@ -345,7 +376,13 @@ mod tests {
         assert!(!s.read(&st, 1, 2, |_| {}));
         // Overwrites need no new room even when full.
         s.write(&st, 1, [2u64].into_iter(), &page(3)).unwrap();
-        s.write(&st, 1, [0u64, 1, 2].into_iter(), &[page(4), page(4), page(4)].concat()).unwrap();
+        s.write(
+            &st,
+            1,
+            [0u64, 1, 2].into_iter(),
+            &[page(4), page(4), page(4)].concat(),
+        )
+        .unwrap();
         assert_eq!(s.used_pages(), 3);
         assert!(s.write(&st, 1, [9u64].into_iter(), &page(1)).is_err());
         // Freeing makes room again, and slots are reused.
@@ -369,7 +406,8 @@ mod tests {
         let s = PageStore::new(n);
         let st = s.vm(1);
         for g in 0..n {
-            s.write(&st, 1, [g].into_iter(), &page(1 + (g % 200) as u8)).unwrap();
+            s.write(&st, 1, [g].into_iter(), &page(1 + (g % 200) as u8))
+                .unwrap();
         }
         let per_page = s.overhead_bytes() / n;
         assert!(per_page < 200, "{per_page} bytes of overhead per page");

@@ -19,7 +19,8 @@ fn pages_of_many_vms_round_trip() {
         // Batched writes of 50, then a few single writes over them (version 1).
         for base in (0..pages_per_vm).step_by(50) {
             let data: Vec<Vec<u8>> = (base..base + 50).map(|g| pattern(vm, g, 0)).collect();
-            let batch: Vec<(u64, &[u8])> = (base..base + 50).zip(data.iter().map(|d| &d[..])).collect();
+            let batch: Vec<(u64, &[u8])> =
+                (base..base + 50).zip(data.iter().map(|d| &d[..])).collect();
             c.write_pages(&batch).unwrap();
         }
         for g in (0..pages_per_vm).step_by(97) {
@@ -30,7 +31,10 @@ fn pages_of_many_vms_round_trip() {
         let c = node.client(vm);
         let mut buf = vec![0u8; PAGE_SIZE];
         for g in 0..pages_per_vm {
-            assert!(c.read_page(g, &mut buf).unwrap(), "vm {vm} page {g} missing");
+            assert!(
+                c.read_page(g, &mut buf).unwrap(),
+                "vm {vm} page {g} missing"
+            );
             let version = if g % 97 == 0 { 1 } else { 0 };
             assert!(buf == pattern(vm, g, version), "vm {vm} page {g} differs");
         }
@@ -66,7 +70,11 @@ fn capacity_is_enforced_with_a_clear_error() {
     }
     let err = c.write_pages(&[(64, &pattern(1, 64, 0))]).unwrap_err();
     match &err {
-        ClientError::Remote { code: ErrorCode::OutOfCapacity, message, .. } => {
+        ClientError::Remote {
+            code: ErrorCode::OutOfCapacity,
+            message,
+            ..
+        } => {
             assert!(message.contains("out of capacity"), "{message}");
         }
         other => panic!("expected out of capacity, got {other:?}"),
@@ -91,7 +99,8 @@ fn capacity_is_enforced_with_a_clear_error() {
 fn errors_until_closed(s: &mut TcpStream) -> Vec<(ErrorCode, String)> {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).expect("the node closes the connection");
+    s.read_to_end(&mut buf)
+        .expect("the node closes the connection");
     let mut errors = Vec::new();
     let mut at = 0;
     while let Ok(Some((_, msg, used))) = proto::decode_frame(&buf[at..]) {
@@ -116,45 +125,77 @@ fn garbage_gets_an_error_and_a_disconnect_and_others_go_on() {
     good.write_pages(&[(1, &pattern(7, 1, 0))]).unwrap();
 
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
-        ("http request", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), ErrorCode::Malformed),
-        ("random bytes", (0..200u32).map(|i| (i * 7919 % 251) as u8).collect(), ErrorCode::Malformed),
-        ("oversized length", {
-            let mut h = raw_hello(1);
-            let mut f = Vec::new();
-            f.extend_from_slice(&MAGIC.to_le_bytes());
-            f.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-            f.extend_from_slice(&[5, 0]);
-            f.extend_from_slice(&2u64.to_le_bytes());
-            f.extend_from_slice(&u32::MAX.to_le_bytes());
-            f.extend_from_slice(&[0; 4]);
-            h.extend_from_slice(&f);
-            h
-        }, ErrorCode::Malformed),
-        ("unknown version", {
-            let mut h = raw_hello(1);
-            h[4] = 77;
-            h
-        }, ErrorCode::Malformed),
-        ("request before hello", {
-            let mut b = Vec::new();
-            Message::Stats.encode(1, &mut b);
-            b
-        }, ErrorCode::HandshakeRequired),
-        ("second hello", {
-            let mut b = raw_hello(1);
-            b.extend_from_slice(&raw_hello(1));
-            b
-        }, ErrorCode::HandshakeRequired),
-        ("reply sent as request", {
-            let mut b = raw_hello(1);
-            Message::Pong { nonce: 1 }.encode(2, &mut b);
-            b
-        }, ErrorCode::BadRequest),
-        ("memnode role", {
-            let mut b = Vec::new();
-            Message::hello(Role::MemNode, 1, b"").encode(1, &mut b);
-            b
-        }, ErrorCode::BadRequest),
+        (
+            "http request",
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            ErrorCode::Malformed,
+        ),
+        (
+            "random bytes",
+            (0..200u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            ErrorCode::Malformed,
+        ),
+        (
+            "oversized length",
+            {
+                let mut h = raw_hello(1);
+                let mut f = Vec::new();
+                f.extend_from_slice(&MAGIC.to_le_bytes());
+                f.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+                f.extend_from_slice(&[5, 0]);
+                f.extend_from_slice(&2u64.to_le_bytes());
+                f.extend_from_slice(&u32::MAX.to_le_bytes());
+                f.extend_from_slice(&[0; 4]);
+                h.extend_from_slice(&f);
+                h
+            },
+            ErrorCode::Malformed,
+        ),
+        (
+            "unknown version",
+            {
+                let mut h = raw_hello(1);
+                h[4] = 77;
+                h
+            },
+            ErrorCode::Malformed,
+        ),
+        (
+            "request before hello",
+            {
+                let mut b = Vec::new();
+                Message::Stats.encode(1, &mut b);
+                b
+            },
+            ErrorCode::HandshakeRequired,
+        ),
+        (
+            "second hello",
+            {
+                let mut b = raw_hello(1);
+                b.extend_from_slice(&raw_hello(1));
+                b
+            },
+            ErrorCode::HandshakeRequired,
+        ),
+        (
+            "reply sent as request",
+            {
+                let mut b = raw_hello(1);
+                Message::Pong { nonce: 1 }.encode(2, &mut b);
+                b
+            },
+            ErrorCode::BadRequest,
+        ),
+        (
+            "memnode role",
+            {
+                let mut b = Vec::new();
+                Message::hello(Role::MemNode, 1, b"").encode(1, &mut b);
+                b
+            },
+            ErrorCode::BadRequest,
+        ),
     ];
     for (name, bytes, want) in cases {
         let mut s = TcpStream::connect(&node.addr).unwrap();
@@ -180,15 +221,27 @@ fn garbage_gets_an_error_and_a_disconnect_and_others_go_on() {
 
 #[test]
 fn silent_connections_time_out_and_connection_limit_holds() {
-    let node = Node::start(&["--capacity", "1M", "--handshake-timeout", "1", "--max-connections", "2"]);
+    let node = Node::start(&[
+        "--capacity",
+        "1M",
+        "--handshake-timeout",
+        "1",
+        "--max-connections",
+        "2",
+    ]);
     let mut silent = TcpStream::connect(&node.addr).unwrap();
     let t = Instant::now();
     let errors = errors_until_closed(&mut silent);
     assert!(t.elapsed() >= Duration::from_millis(900));
-    assert_eq!(errors.first().map(|e| e.0), Some(ErrorCode::HandshakeRequired));
+    assert_eq!(
+        errors.first().map(|e| e.0),
+        Some(ErrorCode::HandshakeRequired)
+    );
     let a = node.client(1);
     let _b = node.client(2);
-    let err = PageClient::connect(&node.addr, &ClientConfig::default()).err().expect("third connection refused");
+    let err = PageClient::connect(&node.addr, &ClientConfig::default())
+        .err()
+        .expect("third connection refused");
     assert!(err.to_string().contains("too many connections"), "{err}");
     a.ping().unwrap();
 }
@@ -200,7 +253,14 @@ fn concurrent_clients_and_threads_sharing_one_connection() {
         .map(|vm| {
             let addr = node.addr.clone();
             std::thread::spawn(move || {
-                let c = PageClient::connect(&addr, &ClientConfig { vm_id: vm, ..Default::default() }).unwrap();
+                let c = PageClient::connect(
+                    &addr,
+                    &ClientConfig {
+                        vm_id: vm,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
                 for g in 0..300 {
                     c.write_pages(&[(g, &pattern(vm, g, 0))]).unwrap();
                 }
@@ -222,7 +282,9 @@ fn concurrent_clients_and_threads_sharing_one_connection() {
                     let g = t * 1000 + i;
                     c.write_pages(&[(g, &pattern(100, g, 0))]).unwrap();
                     // Keep several reads in flight from this thread.
-                    let pend: Vec<_> = (0..4).map(|k| c.submit_read(&[t * 1000 + i.saturating_sub(k)]).unwrap()).collect();
+                    let pend: Vec<_> = (0..4)
+                        .map(|k| c.submit_read(&[t * 1000 + i.saturating_sub(k)]).unwrap())
+                        .collect();
                     for (k, p) in pend.into_iter().enumerate() {
                         let mut buf = vec![0u8; PAGE_SIZE];
                         assert!(p.wait(&mut buf).unwrap().is_present(0));
@@ -252,7 +314,9 @@ fn dead_and_unreachable_nodes_give_errors_naming_them() {
     assert!(err.to_string().contains(&addr), "{err}");
     // Later calls fail fast with the same cause.
     assert!(c.ping().is_err());
-    let err = PageClient::connect(&addr, &ClientConfig::default()).err().expect("nobody listens");
+    let err = PageClient::connect(&addr, &ClientConfig::default())
+        .err()
+        .expect("nobody listens");
     assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
     assert!(err.to_string().contains(&addr), "{err}");
 }
@@ -269,7 +333,10 @@ fn link_model_adds_latency_both_ways() {
     )
     .unwrap();
     let rtt = slow.ping().unwrap();
-    assert!(rtt >= Duration::from_millis(4), "ping took {rtt:?} on a 2 ms link");
+    assert!(
+        rtt >= Duration::from_millis(4),
+        "ping took {rtt:?} on a 2 ms link"
+    );
     // A page read also pays serialisation: 4 KiB at 1 Gbit is ~33 us.
     let t = Instant::now();
     let mut buf = vec![0u8; PAGE_SIZE];
@@ -281,7 +348,11 @@ fn link_model_adds_latency_both_ways() {
     for p in pend {
         p.wait(&mut buf).unwrap();
     }
-    assert!(t.elapsed() < Duration::from_millis(4 * 8), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(4 * 8),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -291,7 +362,10 @@ fn sigterm_and_sigint_stop_cleanly() {
         let c = node.client(1);
         c.write_pages(&[(0, &pattern(1, 0, 0))]).unwrap();
         let status = node.stop(sig);
-        assert!(status.success(), "memnode exited with {status} on signal {sig}");
+        assert!(
+            status.success(),
+            "memnode exited with {status} on signal {sig}"
+        );
         assert!(c.ping().is_err(), "connections are closed on shutdown");
     }
 }
@@ -303,7 +377,8 @@ fn metrics_endpoint_serves_prometheus_text() {
     drop(probe);
     let node = Node::start(&["--capacity", "1M", "--metrics", &maddr]);
     let c = node.client(42);
-    c.write_pages(&[(3, &pattern(42, 3, 0)), (4, &pattern(42, 4, 0))]).unwrap();
+    c.write_pages(&[(3, &pattern(42, 3, 0)), (4, &pattern(42, 4, 0))])
+        .unwrap();
     let mut buf = vec![0u8; PAGE_SIZE];
     c.read_page(3, &mut buf).unwrap();
     c.read_page(99, &mut buf).unwrap();
@@ -311,7 +386,10 @@ fn metrics_endpoint_serves_prometheus_text() {
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.1 200") || body.starts_with("HTTP/1.0 200"), "{body}");
+    assert!(
+        body.starts_with("HTTP/1.1 200") || body.starts_with("HTTP/1.0 200"),
+        "{body}"
+    );
     for line in [
         "memnode_pages_stored{vm=\"42\"} 2",
         "memnode_page_reads_total{vm=\"42\"} 2",
@@ -320,7 +398,10 @@ fn metrics_endpoint_serves_prometheus_text() {
         "memnode_capacity_pages 256",
         "# TYPE memnode_errors_total counter",
     ] {
-        assert!(body.lines().any(|l| l == line), "missing `{line}` in:\n{body}");
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing `{line}` in:\n{body}"
+        );
     }
 }
 
@@ -329,9 +410,15 @@ fn bad_command_lines_fail_with_one_clear_line() {
     for (args, want) in [
         (vec!["--capacity", "lots"], "lots"),
         (vec!["--capacity", "1K"], "holds no 4 KiB page"),
-        (vec!["--listen", "256.0.0.1:1"], "cannot listen on 256.0.0.1:1"),
+        (
+            vec!["--listen", "256.0.0.1:1"],
+            "cannot listen on 256.0.0.1:1",
+        ),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_memnode")).args(&args).output().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_memnode"))
+            .args(&args)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: stderr was {err}");

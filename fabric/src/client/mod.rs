@@ -18,8 +18,8 @@ mod slots;
 
 use crate::link_model::{LinkModel, Shaper, wait_until};
 use crate::proto::{
-    self, ErrorCode, HEADER_LEN, MAX_BATCH, Message, Opcode, PAGE_SIZE,
-    PROTOCOL_VERSION, Role, StatsReply,
+    self, ErrorCode, HEADER_LEN, MAX_BATCH, Message, Opcode, PAGE_SIZE, PROTOCOL_VERSION, Role,
+    StatsReply,
 };
 use crate::transport::tcp::TcpLink;
 use crate::transport::{Link, TransportError};
@@ -196,7 +196,17 @@ impl PageClient {
         let mut have = 0;
         let node = loop {
             match proto::decode_frame(&frame[..have]) {
-                Ok(Some((_, Message::HelloOk { role, version, page_size, max_batch, capacity_pages }, _))) => {
+                Ok(Some((
+                    _,
+                    Message::HelloOk {
+                        role,
+                        version,
+                        page_size,
+                        max_batch,
+                        capacity_pages,
+                    },
+                    _,
+                ))) => {
                     if version != PROTOCOL_VERSION || page_size as usize != PAGE_SIZE {
                         return Err(handshake_err(format!(
                             "node speaks version {version} with {page_size}-byte pages; this build needs version {PROTOCOL_VERSION} with {PAGE_SIZE}-byte pages"
@@ -268,10 +278,15 @@ impl PageClient {
     /// Sends a read request and returns without waiting for the reply.
     pub fn submit_read(&self, gpns: &[u64]) -> Result<PendingRead<'_>, ClientError> {
         check_batch(gpns.len(), self.inner.node.max_batch)?;
-        let ticket = self.submit(Opcode::ReadPagesOk, gpns.len(), |rid, buf| {
-            proto::encode_read_pages(rid, gpns, buf);
-            0
-        }, &[])?;
+        let ticket = self.submit(
+            Opcode::ReadPagesOk,
+            gpns.len(),
+            |rid, buf| {
+                proto::encode_read_pages(rid, gpns, buf);
+                0
+            },
+            &[],
+        )?;
         Ok(PendingRead {
             client: self,
             ticket: Some(ticket),
@@ -301,10 +316,15 @@ impl PageClient {
             data[i] = page;
         }
         let n = pages.len();
-        let ticket = self.submit(Opcode::WritePagesOk, n, |rid, buf| {
-            proto::encode_write_pages_head(rid, &gpns[..n], buf);
-            n * PAGE_SIZE
-        }, &data[..n])?;
+        let ticket = self.submit(
+            Opcode::WritePagesOk,
+            n,
+            |rid, buf| {
+                proto::encode_write_pages_head(rid, &gpns[..n], buf);
+                n * PAGE_SIZE
+            },
+            &data[..n],
+        )?;
         Ok(PendingWrite {
             client: self,
             ticket: Some(ticket),
@@ -361,10 +381,15 @@ impl PageClient {
 
     /// Sends a small request encoded by `Message::encode` and waits for its reply.
     fn call(&self, msg: &Message<'_>, expect: Opcode) -> Result<Reply, ClientError> {
-        let t = self.submit(expect, 0, |rid, buf| {
-            msg.encode(rid, buf);
-            0
-        }, &[])?;
+        let t = self.submit(
+            expect,
+            0,
+            |rid, buf| {
+                msg.encode(rid, buf);
+                0
+            },
+            &[],
+        )?;
         self.finish(t, |done| done.reply.take())
     }
 
@@ -378,13 +403,18 @@ impl PageClient {
         bulk: &[&[u8]],
     ) -> Result<slots::Ticket, ClientError> {
         let inner = &*self.inner;
-        let ticket = inner.slots.acquire(expect, count).map_err(|r| self.lost(r))?;
+        let ticket = inner
+            .slots
+            .acquire(expect, count)
+            .map_err(|r| self.lost(r))?;
         let mut head = inner.send.lock().unwrap();
         head.clear();
         let bulk_len = encode(ticket.request_id(), &mut head);
         debug_assert_eq!(bulk_len, bulk.iter().map(|b| b.len()).sum::<usize>());
         if let Some(s) = &inner.shaper {
-            inner.slots.set_send_delay(&ticket, s.on_send(head.len() + bulk_len));
+            inner
+                .slots
+                .set_send_delay(&ticket, s.on_send(head.len() + bulk_len));
         }
         let mut iov = [IoSlice::new(&[]); MAX_BATCH + 1];
         iov[0] = IoSlice::new(&head);
@@ -410,7 +440,9 @@ impl PageClient {
         take: impl FnOnce(&mut slots::Delivered<'_>) -> T,
     ) -> Result<T, ClientError> {
         let inner = &*self.inner;
-        let result = inner.slots.wait(&ticket, &*inner.link, inner.shaper.as_ref());
+        let result = inner
+            .slots
+            .wait(&ticket, &*inner.link, inner.shaper.as_ref());
         let out = match result {
             Ok(mut done) => {
                 if let Some(at) = done.visible_at {
@@ -504,4 +536,3 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-

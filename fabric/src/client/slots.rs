@@ -13,7 +13,9 @@
 //! reader leaves between a waiter's failed attempt and its sleep.
 
 use crate::link_model::Shaper;
-use crate::proto::{self, ErrorCode, FrameHeader, MAX_FRAME, Message, Opcode, PAGE_SIZE, StatsReply};
+use crate::proto::{
+    self, ErrorCode, FrameHeader, MAX_FRAME, Message, Opcode, PAGE_SIZE, StatsReply,
+};
 use crate::transport::{Link, TransportError};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -96,6 +98,9 @@ struct SlotState {
     phase: Phase,
     expect: Opcode,
     kicked: bool,
+    /// A thread sleeps on the slot's condvar. Notifying costs a system call even
+    /// when nobody waits, so deliveries notify only when this is set.
+    sleeping: bool,
     completed: Completed,
 }
 
@@ -128,7 +133,8 @@ impl std::ops::DerefMut for Delivered<'_> {
 
 pub(crate) struct SlotTable {
     slots: Box<[Slot]>,
-    free: Mutex<Vec<u32>>,
+    /// Free slot indices, and how many threads wait for one.
+    free: Mutex<(Vec<u32>, usize)>,
     free_cv: Condvar,
     failed_flag: AtomicBool,
     failed: Mutex<Option<String>>,
@@ -145,6 +151,7 @@ impl SlotTable {
                     phase: Phase::Free,
                     expect: Opcode::Pong,
                     kicked: false,
+                    sleeping: false,
                     completed: Completed::default(),
                 }),
                 cv: Condvar::new(),
@@ -152,7 +159,7 @@ impl SlotTable {
             .collect();
         SlotTable {
             slots,
-            free: Mutex::new((0..n as u32).rev().collect()),
+            free: Mutex::new(((0..n as u32).rev().collect(), 0)),
             free_cv: Condvar::new(),
             failed_flag: AtomicBool::new(false),
             failed: Mutex::new(None),
@@ -197,10 +204,12 @@ impl SlotTable {
                 if let Some(r) = self.failure() {
                     return Err(r);
                 }
-                if let Some(i) = free.pop() {
+                if let Some(i) = free.0.pop() {
                     break i;
                 }
+                free.1 += 1;
                 free = self.free_cv.wait(free).unwrap();
+                free.1 -= 1;
             }
         };
         let mut st = self.slots[index as usize].st.lock().unwrap();
@@ -220,7 +229,12 @@ impl SlotTable {
     }
 
     pub(crate) fn set_send_delay(&self, t: &Ticket, d: Duration) {
-        self.slots[t.index as usize].st.lock().unwrap().completed.send_delay = d;
+        self.slots[t.index as usize]
+            .st
+            .lock()
+            .unwrap()
+            .completed
+            .send_delay = d;
     }
 
     /// Returns a slot to the free list; its generation moves on.
@@ -231,8 +245,11 @@ impl SlotTable {
             st.phase = Phase::Free;
             st.generation = st.generation.wrapping_add(1);
         }
-        self.free.lock().unwrap().push(t.index);
-        self.free_cv.notify_one();
+        let mut free = self.free.lock().unwrap();
+        free.0.push(t.index);
+        if free.1 > 0 {
+            self.free_cv.notify_one();
+        }
     }
 
     /// Waits until `t`'s reply is delivered, reading the link while nobody else does.
@@ -280,7 +297,9 @@ impl SlotTable {
                         && !st.kicked
                         && !self.failed_flag.load(Ordering::Acquire)
                     {
+                        st.sleeping = true;
                         st = slot.cv.wait(st).unwrap();
+                        st.sleeping = false;
                     }
                     drop(st);
                     self.unpark(t.index);
@@ -310,14 +329,21 @@ impl SlotTable {
             let mut st = slot.st.lock().unwrap();
             if st.phase == Phase::Waiting {
                 st.kicked = true;
-                slot.cv.notify_all();
+                if st.sleeping {
+                    slot.cv.notify_all();
+                }
                 return;
             }
         }
     }
 
     /// One `recv` from the link, then delivery of every complete frame it completed.
-    fn read_some(&self, rb: &mut RecvBuf, link: &dyn Link, shaper: Option<&Shaper>) -> Result<(), String> {
+    fn read_some(
+        &self,
+        rb: &mut RecvBuf,
+        link: &dyn Link,
+        shaper: Option<&Shaper>,
+    ) -> Result<(), String> {
         if rb.start > 0 && rb.buf.len() - rb.end < MAX_FRAME {
             rb.buf.copy_within(rb.start..rb.end, 0);
             rb.end -= rb.start;
@@ -359,7 +385,12 @@ impl SlotTable {
     ) -> Result<(), String> {
         let index = (h.request_id & 0xffff_ffff) as usize;
         let generation = (h.request_id >> 32) as u32;
-        let unknown = || format!("reply {:?} for unknown request id {:#x}", h.opcode, h.request_id);
+        let unknown = || {
+            format!(
+                "reply {:?} for unknown request id {:#x}",
+                h.opcode, h.request_id
+            )
+        };
         let slot = self.slots.get(index).ok_or_else(unknown)?;
         let mut st = slot.st.lock().unwrap();
         if st.phase != Phase::Waiting || st.generation != generation {
@@ -370,11 +401,18 @@ impl SlotTable {
         c.reply = match msg {
             Message::Error { code, message } => Reply::Error(code, message.to_string()),
             m if m.opcode() != expect => {
-                return Err(format!("got {:?} in reply to a request expecting {expect:?}", m.opcode()));
+                return Err(format!(
+                    "got {:?} in reply to a request expecting {expect:?}",
+                    m.opcode()
+                ));
             }
             Message::ReadPagesOk { present, data } => {
                 if present.len() != c.count {
-                    return Err(format!("read reply has {} pages, asked for {}", present.len(), c.count));
+                    return Err(format!(
+                        "read reply has {} pages, asked for {}",
+                        present.len(),
+                        c.count
+                    ));
                 }
                 c.present = present
                     .iter()
@@ -397,7 +435,9 @@ impl SlotTable {
         };
         c.visible_at = shaper.map(|s| s.on_recv(frame_len, c.send_delay));
         st.phase = Phase::Done;
-        slot.cv.notify_all();
+        if st.sleeping {
+            slot.cv.notify_all();
+        }
         Ok(())
     }
 }

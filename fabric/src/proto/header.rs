@@ -1,6 +1,9 @@
 //! The fixed frame header and the opcodes.
 
-use super::{DecodeError, HEADER_LEN, MAGIC, MAX_AUTH_LEN, MAX_BATCH, MAX_ERROR_MESSAGE, PAGE_SIZE, PROTOCOL_VERSION};
+use super::{
+    DecodeError, HEADER_LEN, MAGIC, MAX_AUTH_LEN, MAX_BATCH, MAX_ERROR_MESSAGE, PAGE_SIZE,
+    PROTOCOL_VERSION,
+};
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,7 +116,10 @@ impl FrameHeader {
         let opcode = Opcode::from_wire(buf[6])?;
         let flags = buf[7];
         if flags != 0 {
-            return Err(DecodeError::invalid("flags", format!("{flags:#x} set, none defined")));
+            return Err(DecodeError::invalid(
+                "flags",
+                format!("{flags:#x} set, none defined"),
+            ));
         }
         let request_id = u64::from_le_bytes(buf[8..16].try_into().unwrap());
         let payload_len = u32::from_le_bytes(buf[16..20].try_into().unwrap()) as usize;
@@ -125,7 +131,10 @@ impl FrameHeader {
             });
         }
         if buf[20..24] != [0; 4] {
-            return Err(DecodeError::invalid("header", "reserved bytes are not zero"));
+            return Err(DecodeError::invalid(
+                "header",
+                "reserved bytes are not zero",
+            ));
         }
         Ok(FrameHeader {
             opcode,

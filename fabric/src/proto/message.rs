@@ -372,11 +372,15 @@ impl<'a> Message<'a> {
             }
             Opcode::WritePagesOk => {
                 exact("write reply", p, 8)?;
-                Message::WritePagesOk { count: u32_at(p, 0) }
+                Message::WritePagesOk {
+                    count: u32_at(p, 0),
+                }
             }
             Opcode::FreePagesOk => {
                 exact("free reply", p, 8)?;
-                Message::FreePagesOk { count: u32_at(p, 0) }
+                Message::FreePagesOk {
+                    count: u32_at(p, 0),
+                }
             }
             Opcode::Stats => {
                 exact("stats request", p, 0)?;
@@ -397,11 +401,15 @@ impl<'a> Message<'a> {
             }
             Opcode::Ping => {
                 exact("ping", p, 8)?;
-                Message::Ping { nonce: u64_at(p, 0) }
+                Message::Ping {
+                    nonce: u64_at(p, 0),
+                }
             }
             Opcode::Pong => {
                 exact("pong", p, 8)?;
-                Message::Pong { nonce: u64_at(p, 0) }
+                Message::Pong {
+                    nonce: u64_at(p, 0),
+                }
             }
             Opcode::Error => {
                 need("error reply", p, 8)?;
@@ -612,14 +620,13 @@ impl ReadReplyBuilder {
         }
     }
 
-    /// Marks the next page present and returns the 4096 bytes to fill with its data.
-    pub fn present<'o>(&mut self, out: &'o mut Vec<u8>) -> &'o mut [u8] {
+    /// Marks the next page present and appends its data (4096 bytes).
+    pub fn present(&mut self, out: &mut Vec<u8>, page: &[u8]) {
         assert!(self.next < self.count);
+        assert_eq!(page.len(), PAGE_SIZE, "page data length");
         out[self.frame_start + HEADER_LEN + 8 + self.next] = 1;
         self.next += 1;
-        let at = out.len();
-        out.resize(at + PAGE_SIZE, 0);
-        &mut out[at..]
+        out.extend_from_slice(page);
     }
 
     /// Marks the next page as never written (reads as zeros).

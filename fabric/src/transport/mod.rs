@@ -89,5 +89,6 @@ pub struct RemoteRegion {
 /// Reading a peer's memory without involving its CPU (RDMA READ).
 pub trait OneSidedRead: Send + Sync {
     /// Reads `dst.len()` bytes at `offset` of `region` into `dst`.
-    fn read(&self, region: RemoteRegion, offset: u64, dst: &mut [u8]) -> Result<(), TransportError>;
+    fn read(&self, region: RemoteRegion, offset: u64, dst: &mut [u8])
+    -> Result<(), TransportError>;
 }

@@ -38,10 +38,12 @@ impl TcpLink {
 
     /// Wraps an accepted or connected stream.
     pub fn from_stream(stream: TcpStream, peer: String) -> Result<Self, TransportError> {
-        stream.set_nodelay(true).map_err(|source| TransportError::Io {
-            peer: peer.clone(),
-            source,
-        })?;
+        stream
+            .set_nodelay(true)
+            .map_err(|source| TransportError::Io {
+                peer: peer.clone(),
+                source,
+            })?;
         Ok(TcpLink { stream, peer })
     }
 
@@ -89,7 +91,12 @@ impl Link for TcpLink {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    let after = self.stream.read_timeout().ok().flatten().unwrap_or_default();
+                    let after = self
+                        .stream
+                        .read_timeout()
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
                     return Err(TransportError::TimedOut {
                         peer: self.peer.clone(),
                         after,
@@ -101,7 +108,9 @@ impl Link for TcpLink {
     }
 
     fn set_recv_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
-        self.stream.set_read_timeout(timeout).map_err(|e| self.io(e))
+        self.stream
+            .set_read_timeout(timeout)
+            .map_err(|e| self.io(e))
     }
 
     fn shutdown(&self) {

@@ -20,7 +20,10 @@ impl Node {
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .spawn()
             .expect("spawn memnode");
         let mut line = String::new();
@@ -67,7 +70,9 @@ impl Drop for Node {
 /// A page whose every byte depends on (vm, gpn, version), so misplaced or stale
 /// pages are detected.
 pub fn pattern(vm: u64, gpn: u64, version: u64) -> Vec<u8> {
-    let mut x = vm.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ gpn.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ version.wrapping_add(1);
+    let mut x = vm.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ gpn.wrapping_mul(0xbf58_476d_1ce4_e5b9)
+        ^ version.wrapping_add(1);
     (0..4096 / 8)
         .flat_map(|_| {
             x ^= x << 13;

@@ -96,7 +96,7 @@ fn full_batches_fit_the_limits() {
     let mut b = ReadReplyBuilder::begin(&mut out, 9, MAX_BATCH);
     for i in 0..MAX_BATCH {
         if i % 2 == 0 {
-            b.present(&mut out).fill(i as u8);
+            b.present(&mut out, &[i as u8; PAGE_SIZE]);
         } else {
             b.zero();
         }
@@ -142,9 +142,15 @@ fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 fn bad_magic() {
     let mut b = frame(11, &[0; 8]);
     b[0] = b'X';
-    assert!(matches!(decode_frame(&b), Err(DecodeError::BadMagic { .. })));
+    assert!(matches!(
+        decode_frame(&b),
+        Err(DecodeError::BadMagic { .. })
+    ));
     let garbage = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-    assert!(matches!(decode_frame(garbage), Err(DecodeError::BadMagic { .. })));
+    assert!(matches!(
+        decode_frame(garbage),
+        Err(DecodeError::BadMagic { .. })
+    ));
 }
 
 #[test]
@@ -162,8 +168,14 @@ fn unknown_version() {
 
 #[test]
 fn unknown_opcode() {
-    assert_eq!(decode_frame(&frame(0, &[])), Err(DecodeError::UnknownOpcode(0)));
-    assert_eq!(decode_frame(&frame(200, &[])), Err(DecodeError::UnknownOpcode(200)));
+    assert_eq!(
+        decode_frame(&frame(0, &[])),
+        Err(DecodeError::UnknownOpcode(0))
+    );
+    assert_eq!(
+        decode_frame(&frame(200, &[])),
+        Err(DecodeError::UnknownOpcode(200))
+    );
 }
 
 #[test]
@@ -171,20 +183,34 @@ fn oversized_length_is_rejected_from_the_header_alone() {
     // Only the header is present: the decoder must refuse before waiting for 4 GiB.
     let mut b = frame(11, &[]);
     b[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert!(matches!(decode_frame(&b), Err(DecodeError::Oversized { len, .. }) if len == u32::MAX as usize));
+    assert!(
+        matches!(decode_frame(&b), Err(DecodeError::Oversized { len, .. }) if len == u32::MAX as usize)
+    );
     let mut b = frame(9, &[]);
     b[16..20].copy_from_slice(&1u32.to_le_bytes());
-    assert!(matches!(decode_frame(&b), Err(DecodeError::Oversized { .. })));
+    assert!(matches!(
+        decode_frame(&b),
+        Err(DecodeError::Oversized { .. })
+    ));
 }
 
 #[test]
 fn reserved_bits_are_rejected() {
     let mut b = frame(11, &[0; 8]);
     b[7] = 1;
-    assert!(matches!(decode_frame(&b), Err(DecodeError::Invalid { field: "flags", .. })));
+    assert!(matches!(
+        decode_frame(&b),
+        Err(DecodeError::Invalid { field: "flags", .. })
+    ));
     let mut b = frame(11, &[0; 8]);
     b[22] = 1;
-    assert!(matches!(decode_frame(&b), Err(DecodeError::Invalid { field: "header", .. })));
+    assert!(matches!(
+        decode_frame(&b),
+        Err(DecodeError::Invalid {
+            field: "header",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -197,16 +223,25 @@ fn truncated_payloads() {
     // A read request declaring 4 pages but carrying 2.
     let mut p = vec![4, 0, 0, 0, 0, 0, 0, 0];
     p.extend_from_slice(&gpn_bytes(&[1, 2]));
-    assert!(matches!(decode_frame(&frame(3, &p)), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(
+        decode_frame(&frame(3, &p)),
+        Err(DecodeError::Truncated { .. })
+    ));
     // A write request missing its last page.
     let mut p = vec![1, 0, 0, 0, 0, 0, 0, 0];
     p.extend_from_slice(&gpn_bytes(&[1]));
     p.extend_from_slice(&[0; PAGE_SIZE - 1]);
-    assert!(matches!(decode_frame(&frame(5, &p)), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(
+        decode_frame(&frame(5, &p)),
+        Err(DecodeError::Truncated { .. })
+    ));
     // A hello whose auth length exceeds the payload.
     let mut p = vec![1, 0, 1, 0, 100, 0, 0, 0];
     p.extend_from_slice(&[0; 8]);
-    assert!(matches!(decode_frame(&frame(1, &p)), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(
+        decode_frame(&frame(1, &p)),
+        Err(DecodeError::Truncated { .. })
+    ));
 }
 
 #[test]
@@ -217,36 +252,57 @@ fn invalid_fields() {
         p.extend_from_slice(&[0; 4]);
         p.extend_from_slice(&[0; 8]);
         assert!(
-            matches!(decode_frame(&frame(3, &p)), Err(DecodeError::Invalid { field: "page count", .. })),
+            matches!(
+                decode_frame(&frame(3, &p)),
+                Err(DecodeError::Invalid {
+                    field: "page count",
+                    ..
+                })
+            ),
             "count {count}"
         );
     }
     // Trailing bytes after a read request.
     let mut p = vec![1, 0, 0, 0, 0, 0, 0, 0];
     p.extend_from_slice(&[0; 9]);
-    assert!(matches!(decode_frame(&frame(3, &p)), Err(DecodeError::Invalid { .. })));
+    assert!(matches!(
+        decode_frame(&frame(3, &p)),
+        Err(DecodeError::Invalid { .. })
+    ));
     // Unknown role.
     let mut p = vec![9, 0, 1, 0, 0, 0, 0, 0];
     p.extend_from_slice(&[0; 8]);
-    assert!(matches!(decode_frame(&frame(1, &p)), Err(DecodeError::Invalid { field: "role", .. })));
+    assert!(matches!(
+        decode_frame(&frame(1, &p)),
+        Err(DecodeError::Invalid { field: "role", .. })
+    ));
     // Presence byte other than 0/1.
     let p = vec![1, 0, 0, 0, 0, 0, 0, 0, 7];
     assert!(matches!(
         decode_frame(&frame(4, &p)),
-        Err(DecodeError::Invalid { field: "presence byte", .. })
+        Err(DecodeError::Invalid {
+            field: "presence byte",
+            ..
+        })
     ));
     // Error message that is not UTF-8.
     let p = vec![1, 0, 0, 0, 2, 0, 0, 0, 0xff, 0xfe];
     assert!(matches!(
         decode_frame(&frame(13, &p)),
-        Err(DecodeError::Invalid { field: "error message", .. })
+        Err(DecodeError::Invalid {
+            field: "error message",
+            ..
+        })
     ));
     // Oversized auth length.
     let mut p = vec![1, 0, 1, 0, 0xff, 0xff, 0, 0];
     p.extend_from_slice(&[0; 8]);
     assert!(matches!(
         decode_frame(&frame(1, &p)),
-        Err(DecodeError::Invalid { field: "auth length", .. })
+        Err(DecodeError::Invalid {
+            field: "auth length",
+            ..
+        })
     ));
 }
 
