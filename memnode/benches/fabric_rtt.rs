@@ -48,6 +48,9 @@ fn main() {
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("fabric_rtt.json").to_string_lossy().into_owned()
     });
+    if let Some(dir) = std::path::Path::new(&path).parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
     println!("wrote {path}");
