@@ -1,8 +1,20 @@
 //! # guest-shim: a minimal freestanding guest
 //!
-//! Not built yet (issue "vmm: KVM guests whose RAM is a small local cache"). This
-//! crate will become a `no_std`, `panic=abort` x86-64 ELF that the VMM loads: it
-//! enters long mode, drops to CPL3 (which runs natively on the software nested KVM
-//! of our machines) and runs memory workloads whose results it reports to the VMM
-//! through a small port-I/O ABI. Nothing here works yet, and nothing pretends to.
+//! A `no_std` x86-64 program that the VMM loads as an ELF and starts directly in
+//! 64-bit user mode, where it runs at native speed even on the software nested KVM
+//! of our machines (whose guest kernel mode is emulated). It runs one memory
+//! workload over the guest RAM arena (sequential, random, pointer chase, hash
+//! table), verifies every word it reads against what it wrote, and reports a result
+//! and a checksum to the VMM through [`abi`].
+//!
+//! This crate is two things: the [`abi`] shared with the VMM, and the shim program
+//! itself (`shim/main.rs`), which `build.rs` compiles with the installed toolchain
+//! (`x86_64-unknown-linux-gnu`, `panic=abort`, a linker script, no libc) into an ELF
+//! embedded here as [`SHIM_ELF`] and also written next to the other binaries as
+//! `target/<profile>/guest-shim`.
 #![no_std]
+
+pub mod abi;
+
+/// The shim program, an ELF64 executable linked at [`abi::SHIM_LOAD_ADDR`].
+pub static SHIM_ELF: &[u8] = include_bytes!(env!("GUEST_SHIM_ELF"));

@@ -1,8 +1,24 @@
 //! # vmm: the processor monitor
 //!
-//! Not built yet (issue "vmm: KVM guests whose RAM is a small local cache"). This
-//! crate will hold the KVM-based virtual machine monitor: vCPU threads, guest RAM
-//! registered as KVM memslots of which only a small budget is resident (LegoOS's
-//! ExCache), userfaultfd-driven fetches of non-resident pages from memory nodes
-//! through `fabric::PageClient`, eviction with dirty write-back, and the devices a
-//! stock Linux guest needs. Nothing here works yet, and nothing pretends to.
+//! A KVM virtual machine monitor whose guest RAM is a small local cache (LegoOS's
+//! ExCache) over remote memory nodes. The path of a guest memory access that
+//! misses, in a few hops:
+//!
+//! 1. [`vcpu::run`]: a vCPU thread is in `KVM_RUN`; the guest touches a page that is
+//!    not resident; KVM's access to the backing memory raises a userfaultfd fault;
+//! 2. [`excache::fault`]: a handler thread reads the event and fetches the page from
+//!    its memory node ([`excache::placement`], a `fabric::PageClient` round trip), or
+//!    installs a zero page for a page never written back;
+//! 3. [`excache::evict`]: the evictor keeps the resident set within `--local-cache`,
+//!    writing dirty pages back to their node without ever losing a guest write.
+//!
+//! [`vm::run`] assembles a VM ([`memory`], [`arch`], the guest-shim image) and runs
+//! a [`workload`] on every vCPU.
+
+pub mod abi_io;
+pub mod arch;
+pub mod excache;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+pub mod workload;

@@ -1,0 +1,248 @@
+//! The evictor: keeps free frames available by discarding resident pages, writing
+//! dirty ones back to their memory node first.
+//!
+//! ## The protocol that loses no write
+//!
+//! For a batch of victims (each moved `RESIDENT -> EVICTING`, so no handler
+//! re-installs them meanwhile):
+//! 1. `mprotect(PROT_READ)` the victims. KVM's MMU notifier drops its writable
+//!    mappings at once; from here a guest write to a victim makes `KVM_RUN` fail with
+//!    `EFAULT` (or `KVM_EXIT_MEMORY_FAULT`) in the vCPU thread, which waits for the
+//!    batch to finish and re-enters the guest. Reads go on.
+//! 2. `KVM_GET_DIRTY_LOG`: every write that happened before step 1 is in it.
+//! 3. Dirty victims are copied to their memory node (`WritePages`, batched and
+//!    pipelined) and the node's acknowledgement awaited; they are then marked as
+//!    having remote data. Clean victims need nothing: their node (or the zero page)
+//!    already holds their content.
+//! 4. `MADV_DONTNEED` discards the victims; the next access faults to userfaultfd.
+//! 5. `mprotect(PROT_READ | PROT_WRITE)`, then the victims become `ABSENT` and the
+//!    batch ends, waking waiting vCPUs and handlers. A vCPU write that was refused
+//!    in step 1 now faults the page back in, with the data written back in step 3.
+//!
+//! No write can fall between the dirty-log read and the discard, because writes are
+//! impossible from step 1 to step 5. A fault handler that finds a page `EVICTING`
+//! waits for the batch too.
+
+use super::uffd::PAGE;
+use super::{ABSENT, DIRTY_SLOT, EVICTING, EvictPolicy, RESIDENT, Shared};
+
+use std::sync::atomic::Ordering::*;
+
+/// Smallest usable budget, in pages.
+pub const MIN_BUDGET: usize = 16;
+/// Most pages evicted per batch.
+const BATCH: usize = 64;
+
+/// Evict when fewer frames than this are free.
+pub(crate) fn low_watermark(budget: usize) -> usize {
+    (budget / 16).clamp(2, BATCH)
+}
+
+pub(crate) fn evictor_loop(s: &Shared) {
+    let words = s.pages.div_ceil(64);
+    let mut dirty = vec![0u64; words];
+    loop {
+        {
+            let mut r = s.resident.lock().unwrap();
+            while !s.stopped() && s.budget - *r >= low_watermark(s.budget) {
+                r = s.evict_wake.wait(r).unwrap();
+            }
+        }
+        if s.stopped() {
+            return;
+        }
+        if let Err(e) = evict_batch(s, &mut dirty) {
+            s.fail(e);
+            return;
+        }
+    }
+}
+
+fn merge_dirty_log(s: &Shared, dirty: &mut [u64]) -> Result<(), String> {
+    let log =
+        s.vm.get_dirty_log(DIRTY_SLOT, s.pages * PAGE)
+            .map_err(|e| format!("KVM_GET_DIRTY_LOG failed: {e}"))?;
+    for (w, (d, l)) in dirty.iter_mut().zip(log).enumerate() {
+        *d |= l;
+        // A write since the last read of the log is a reference, for CLOCK.
+        let mut bits = l;
+        while bits != 0 {
+            let p = w * 64 + bits.trailing_zeros() as usize;
+            s.referenced[p].store(true, Relaxed);
+            bits &= bits - 1;
+        }
+    }
+    Ok(())
+}
+
+fn is_dirty(dirty: &[u64], p: usize) -> bool {
+    dirty[p / 64] & (1 << (p % 64)) != 0
+}
+
+fn clear_dirty(dirty: &mut [u64], p: usize) {
+    dirty[p / 64] &= !(1 << (p % 64));
+}
+
+/// Picks up to BATCH victims and moves them to EVICTING.
+fn select(s: &Shared) -> Vec<usize> {
+    let want = (s.budget / 8).clamp(1, BATCH);
+    let mut victims = Vec::with_capacity(want);
+    let mut q = s.queue.lock().unwrap();
+    let mut budget_scan = 2 * q.len() + 1;
+    while victims.len() < want && budget_scan > 0 {
+        budget_scan -= 1;
+        let Some(p) = q.pop_front() else { break };
+        let p = p as usize;
+        if s.state[p].load(Acquire) != RESIDENT {
+            continue; // stale entry
+        }
+        if s.cfg.policy == EvictPolicy::Clock && s.referenced[p].swap(false, Relaxed) {
+            q.push_back(p as u32); // second chance
+            continue;
+        }
+        if s.state[p]
+            .compare_exchange(RESIDENT, EVICTING, AcqRel, Acquire)
+            .is_ok()
+        {
+            victims.push(p);
+        }
+    }
+    victims.sort_unstable();
+    victims
+}
+
+/// Calls `f(start_page, count)` for each run of consecutive pages.
+fn runs(
+    pages: &[usize],
+    mut f: impl FnMut(usize, usize) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut i = 0;
+    while i < pages.len() {
+        let mut j = i + 1;
+        while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+            j += 1;
+        }
+        f(pages[i], j - i)?;
+        i = j;
+    }
+    Ok(())
+}
+
+fn protect(s: &Shared, victims: &[usize], prot: i32) -> Result<(), String> {
+    runs(victims, |p, n| {
+        // SAFETY: the range lies inside the arena mapping, which lives as long as
+        // the cache; changing its protection affects only guest memory.
+        let r = unsafe { libc::mprotect(s.addr(p) as *mut _, n * PAGE, prot) };
+        if r != 0 {
+            return Err(format!(
+                "mprotect of guest pages failed: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    })
+}
+
+fn evict_batch(s: &Shared, dirty: &mut [u64]) -> Result<(), String> {
+    if s.cfg.policy == EvictPolicy::Clock {
+        merge_dirty_log(s, dirty)?;
+    }
+    let victims = select(s);
+    if victims.is_empty() {
+        // Every resident page is being installed; let the handlers finish.
+        std::thread::yield_now();
+        return Ok(());
+    }
+    *s.evicting.lock().unwrap() += 1;
+    let result = evict_victims(s, dirty, &victims);
+    *s.evicting.lock().unwrap() -= 1;
+    s.evicting_cv.notify_all();
+    result
+}
+
+fn evict_victims(s: &Shared, dirty: &mut [u64], victims: &[usize]) -> Result<(), String> {
+    // 1. No more writes.
+    protect(s, victims, libc::PROT_READ)?;
+    // 2. Every earlier write is in the dirty log.
+    merge_dirty_log(s, dirty)?;
+    // 3. Write back the dirty ones, per node, pipelined.
+    let to_write: Vec<usize> = victims
+        .iter()
+        .copied()
+        .filter(|&p| is_dirty(dirty, p))
+        .collect();
+    write_back(s, &to_write)?;
+    for &p in &to_write {
+        clear_dirty(dirty, p);
+        if !s.remote[p].swap(true, Release) {
+            s.stats.node_pages[s.nodes.node_of(p as u64)].fetch_add(1, Relaxed);
+        }
+    }
+    // 4. Discard.
+    runs(victims, |p, n| {
+        // SAFETY: discarding pages of the arena mapping; their content is safe on the
+        // memory node (dirty) or reproducible (clean).
+        let r = unsafe { libc::madvise(s.addr(p) as *mut _, n * PAGE, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(format!(
+                "madvise(MADV_DONTNEED) failed: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    })?;
+    // 5. Writable again, then absent.
+    protect(s, victims, libc::PROT_READ | libc::PROT_WRITE)?;
+    for &p in victims {
+        s.state[p].store(ABSENT, Release);
+    }
+    s.stats
+        .evict_dirty
+        .fetch_add(to_write.len() as u64, Relaxed);
+    s.stats
+        .evict_clean
+        .fetch_add((victims.len() - to_write.len()) as u64, Relaxed);
+    s.stats
+        .writeback_bytes
+        .fetch_add((to_write.len() * PAGE) as u64, Relaxed);
+    s.release_frames(victims.len());
+    Ok(())
+}
+
+fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
+    let n_nodes = s.nodes.nodes().len();
+    let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); n_nodes];
+    for &p in pages {
+        per_node[s.nodes.node_of(p as u64)].push(p);
+    }
+    for (i, list) in per_node.iter().enumerate() {
+        if list.is_empty() {
+            continue;
+        }
+        let node = s.nodes.node(i);
+        let fail = |e: fabric::ClientError| {
+            format!(
+                "memory node {} failed: {}",
+                node.addr(),
+                fabric::client::error_chain(&e)
+            )
+        };
+        let mut pending = Vec::new();
+        for chunk in list.chunks(node.node().max_batch) {
+            let batch: Vec<(u64, &[u8])> = chunk
+                .iter()
+                .map(|&p| {
+                    // SAFETY: p is a resident victim: mapped, readable, and not
+                    // written while PROT_READ; the slice lives until the ack below.
+                    let data = unsafe { std::slice::from_raw_parts(s.addr(p) as *const u8, PAGE) };
+                    (p as u64, data)
+                })
+                .collect();
+            pending.push(node.submit_write(&batch).map_err(fail)?);
+        }
+        for w in pending {
+            w.wait().map_err(fail)?;
+        }
+    }
+    Ok(())
+}

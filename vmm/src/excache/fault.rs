@@ -1,0 +1,221 @@
+//! Fault handler threads: each polls the userfaultfd, takes one event at a time and
+//! resolves it; several threads give several fetches in flight on the shared
+//! (pipelined) memory node connections.
+
+use super::uffd::{self, Installed, PAGE};
+use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::*;
+use std::time::Instant;
+use userfaultfd::Event;
+
+/// Recent stream heads for sequential detection (several vCPUs, several streams).
+const STREAMS: usize = 8;
+
+pub(crate) fn handler_loop(s: &Shared) {
+    let mut buf = vec![0u8; PAGE * fabric::proto::MAX_BATCH];
+    let mut streams = [u64::MAX; STREAMS];
+    let mut next_slot = 0;
+    let mut fds = [
+        libc::pollfd {
+            fd: s.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: s.stop_fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    while !s.stopped() {
+        // SAFETY: polling two fds we own, with a correctly sized array.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        if n <= 0 || fds[1].revents != 0 {
+            continue;
+        }
+        let event = match s.uffd.read_event() {
+            Ok(Some(e)) => e,
+            Ok(None) => continue, // another handler took it
+            Err(e) => {
+                s.fail(format!("reading userfaultfd events failed: {e}"));
+                return;
+            }
+        };
+        match event {
+            Event::Pagefault { addr, .. } => {
+                let p = (addr as usize - s.host_base) / PAGE;
+                if let Err(e) = handle(s, p, &mut buf) {
+                    s.fail(e);
+                    return;
+                }
+                // Sequential stream: the fault continues one we saw (or prefetched).
+                let pu = p as u64;
+                if let Some(i) = streams
+                    .iter()
+                    .position(|&h| h != u64::MAX && pu > h && pu <= h + 1 + s.cfg.prefetch as u64)
+                {
+                    let last = prefetch(s, p, &mut buf).unwrap_or_else(|e| {
+                        s.fail(e);
+                        p
+                    });
+                    streams[i] = last as u64;
+                } else {
+                    streams[next_slot] = pu;
+                    next_slot = (next_slot + 1) % STREAMS;
+                }
+            }
+            Event::Remove { .. } => {
+                s.stats.remove_events.fetch_add(1, Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Resolves a fault on page `p`.
+fn handle(s: &Shared, p: usize, buf: &mut [u8]) -> Result<(), String> {
+    if p >= s.pages {
+        return Err(format!("fault outside guest memory (page {p})"));
+    }
+    loop {
+        match s.state[p].load(Acquire) {
+            RESIDENT => {
+                // Already installed (a race between handlers, or a prefetch): the
+                // faulting thread may still sleep, so wake it.
+                s.stats.faults_spurious.fetch_add(1, Relaxed);
+                let _ = s.uffd.wake(s.addr(p) as *mut _, PAGE);
+                return Ok(());
+            }
+            // Another handler installs it and its UFFDIO_COPY wakes every waiter.
+            FETCHING => {
+                s.stats.faults_spurious.fetch_add(1, Relaxed);
+                return Ok(());
+            }
+            EVICTING => s.wait_for_evictions(),
+            _ => {
+                if s.state[p]
+                    .compare_exchange(ABSENT, FETCHING, AcqRel, Acquire)
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+        }
+        if s.stopped() {
+            return Ok(());
+        }
+    }
+    if !s.reserve_frame() {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let remote = s.remote[p].load(Acquire);
+    install(s, p, remote, &mut buf[..PAGE])?;
+    if remote {
+        s.stats.faults_remote.fetch_add(1, Relaxed);
+        let _ = s
+            .stats
+            .fetch_ns
+            .lock()
+            .unwrap()
+            .record(t0.elapsed().as_nanos() as u64);
+    } else {
+        s.stats.faults_zero.fetch_add(1, Relaxed);
+    }
+    Ok(())
+}
+
+/// Fetches (or zero-fills) page `p`, installs it and marks it resident.
+fn install(s: &Shared, p: usize, remote: bool, page: &mut [u8]) -> Result<(), String> {
+    let addr = s.addr(p);
+    let installed = if remote {
+        let node = s.nodes.node(s.nodes.node_of(p as u64));
+        match node.read_page(p as u64, page) {
+            Ok(_) => uffd::copy_page(&s.uffd, addr, page, &s.retries),
+            Err(e) => {
+                return Err(format!(
+                    "memory node {} failed: {}",
+                    node.addr(),
+                    fabric::client::error_chain(&e)
+                ));
+            }
+        }
+    } else {
+        uffd::zero_page(&s.uffd, addr, &s.retries)
+    };
+    match installed.map_err(|e| fabric::client::error_chain(&e))? {
+        Installed::New => {}
+        Installed::AlreadyPresent => log::debug!("page {p} was already present"),
+    }
+    s.referenced[p].store(true, Relaxed);
+    s.state[p].store(RESIDENT, Release);
+    s.queue.lock().unwrap().push_back(p as u32);
+    Ok(())
+}
+
+/// Installs up to `prefetch` pages after `p` that are absent, while frames are free.
+/// Remote pages of one node are fetched with one pipelined batch. Returns the last
+/// page covered.
+fn prefetch(s: &Shared, p: usize, buf: &mut [u8]) -> Result<usize, String> {
+    let end = (p + 1 + s.cfg.prefetch).min(s.pages);
+    let mut taken: Vec<usize> = Vec::with_capacity(s.cfg.prefetch);
+    for q in p + 1..end {
+        if s.state[q].load(Acquire) != ABSENT {
+            continue;
+        }
+        if !s.try_reserve_frame() {
+            break;
+        }
+        if s.state[q]
+            .compare_exchange(ABSENT, FETCHING, AcqRel, Acquire)
+            .is_err()
+        {
+            s.release_frames(1);
+            continue;
+        }
+        taken.push(q);
+    }
+    // Zero pages first (no network), then remote pages in per-node batches.
+    let mut remote: Vec<usize> = Vec::new();
+    for &q in &taken {
+        if s.remote[q].load(Acquire) {
+            remote.push(q);
+        } else {
+            install(s, q, false, &mut buf[..PAGE])?;
+            s.stats.prefetch_zero.fetch_add(1, Relaxed);
+        }
+    }
+    let mut i = 0;
+    while i < remote.len() {
+        let node_i = s.nodes.node_of(remote[i] as u64);
+        let node = s.nodes.node(node_i);
+        let mut j = i;
+        while j < remote.len()
+            && j - i < node.node().max_batch
+            && s.nodes.node_of(remote[j] as u64) == node_i
+        {
+            j += 1;
+        }
+        let gpns: Vec<u64> = remote[i..j].iter().map(|&q| q as u64).collect();
+        let out = &mut buf[..gpns.len() * PAGE];
+        node.read_pages(&gpns, out).map_err(|e| {
+            format!(
+                "memory node {} failed: {}",
+                node.addr(),
+                fabric::client::error_chain(&e)
+            )
+        })?;
+        for (k, &q) in remote[i..j].iter().enumerate() {
+            let addr = s.addr(q);
+            uffd::copy_page(&s.uffd, addr, &out[k * PAGE..(k + 1) * PAGE], &s.retries)
+                .map_err(|e| fabric::client::error_chain(&e))?;
+            s.referenced[q].store(true, Relaxed);
+            s.state[q].store(RESIDENT, Release);
+            s.queue.lock().unwrap().push_back(q as u32);
+        }
+        s.stats.prefetch_remote.fetch_add((j - i) as u64, Relaxed);
+        i = j;
+    }
+    Ok(taken.last().copied().unwrap_or(p))
+}

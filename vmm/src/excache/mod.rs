@@ -1,0 +1,359 @@
+//! # The ExCache: guest RAM as a small local cache over memory nodes
+//!
+//! LegoOS gives each processor a small local memory (ExCache) in front of remote
+//! memory components. Here the arena of guest RAM is registered with userfaultfd
+//! (MISSING mode); at most `budget` of its pages are resident at once.
+//!
+//! The page-fault path, vCPU to memory node:
+//! 1. the guest touches a non-resident page; KVM's access to the backing memory
+//!    raises a userfaultfd event ([`fault`]);
+//! 2. a handler thread takes the page (`ABSENT -> FETCHING`), waits for a free frame
+//!    if the budget is used up, and either fetches the page from its memory node
+//!    ([`placement`], one `fabric` round trip) and installs it with `UFFDIO_COPY`,
+//!    or, if the page was never written back, installs a zero page without any
+//!    network traffic ([`uffd`]); the vCPU resumes;
+//! 3. on a detected sequential stream it prefetches the next pages, pipelined.
+//!
+//! The evictor ([`evict`]) keeps free frames available; its protocol (write-protect,
+//! read the dirty log, write back, discard) guarantees that no guest write is lost.
+
+pub mod evict;
+pub mod fault;
+pub mod placement;
+pub mod stats;
+pub mod uffd;
+
+use crate::memory::ARENA_SLOT;
+use kvm_ioctls::VmFd;
+use placement::Placement;
+use stats::{CacheStats, StatsSnapshot, load};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use uffd::{PAGE, RetryCounters, UffdError};
+use userfaultfd::Uffd;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Page states.
+pub(crate) const ABSENT: u8 = 0;
+pub(crate) const FETCHING: u8 = 1;
+pub(crate) const RESIDENT: u8 = 2;
+pub(crate) const EVICTING: u8 = 3;
+
+/// How victims are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum EvictPolicy {
+    /// Second chance: a page referenced since the hand last passed is spared once.
+    /// References are pages faulted in and pages the KVM dirty log shows written.
+    Clock,
+    /// First in, first out.
+    Fifo,
+}
+
+/// Cache options.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Most resident pages.
+    pub budget_pages: usize,
+    /// Victim selection.
+    pub policy: EvictPolicy,
+    /// Pages to prefetch on a sequential stream (0: off).
+    pub prefetch: usize,
+    /// Fault handler threads.
+    pub handlers: usize,
+    /// Ask for `UFFD_EVENT_REMOVE` on our own discards (diagnostics; costs a
+    /// context switch per discard).
+    pub remove_events: bool,
+}
+
+/// Cache failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// userfaultfd setup.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// A thread could not be started.
+    #[error("cannot start a cache thread")]
+    Thread(#[source] std::io::Error),
+    /// An eventfd could not be made.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// Shared between handler threads, the evictor and vCPU threads.
+pub(crate) struct Shared {
+    pub(crate) host_base: usize,
+    pub(crate) pages: usize,
+    pub(crate) state: Box<[AtomicU8]>,
+    /// The page has data on its memory node (it was written back at least once).
+    pub(crate) remote: Box<[AtomicBool]>,
+    /// CLOCK reference bits.
+    pub(crate) referenced: Box<[AtomicBool]>,
+    pub(crate) budget: usize,
+    pub(crate) cfg: CacheConfig,
+    /// Resident pages (including frames reserved for pages being installed).
+    pub(crate) resident: Mutex<usize>,
+    pub(crate) frames_cv: Condvar,
+    /// Resident pages in fault order: the FIFO queue and the CLOCK ring.
+    pub(crate) queue: Mutex<VecDeque<u32>>,
+    pub(crate) evict_wake: Condvar,
+    /// Eviction batches in progress (vCPUs and handlers wait for them).
+    pub(crate) evicting: Mutex<u64>,
+    pub(crate) evicting_cv: Condvar,
+    pub(crate) uffd: Uffd,
+    pub(crate) retries: RetryCounters,
+    pub(crate) stop: AtomicBool,
+    pub(crate) stop_fd: EventFd,
+    pub(crate) nodes: Placement,
+    pub(crate) vm: Arc<VmFd>,
+    pub(crate) stats: CacheStats,
+    /// The first fatal error (a memory node failed); the VM stops on it.
+    pub(crate) fatal: Mutex<Option<String>>,
+    pub(crate) fatal_cv: Condvar,
+}
+
+impl Shared {
+    pub(crate) fn addr(&self, p: usize) -> usize {
+        self.host_base + p * PAGE
+    }
+
+    /// Records a fatal error and wakes everyone who waits on the cache.
+    pub(crate) fn fail(&self, why: String) {
+        let mut f = self.fatal.lock().unwrap();
+        if f.is_none() {
+            log::error!("{why}");
+            *f = Some(why);
+        }
+        self.fatal_cv.notify_all();
+        drop(f);
+        self.stop.store(true, SeqCst);
+        let _ = self.stop_fd.write(1);
+        self.frames_cv.notify_all();
+        self.evict_wake.notify_all();
+        self.evicting_cv.notify_all();
+    }
+
+    pub(crate) fn stopped(&self) -> bool {
+        self.stop.load(SeqCst)
+    }
+
+    /// Takes a frame, waiting for the evictor if the budget is used up.
+    /// Returns false if the cache is stopping.
+    pub(crate) fn reserve_frame(&self) -> bool {
+        let mut r = self.resident.lock().unwrap();
+        loop {
+            if self.stopped() {
+                return false;
+            }
+            if *r < self.budget {
+                *r += 1;
+                if self.budget - *r < evict::low_watermark(self.budget) {
+                    self.evict_wake.notify_one();
+                }
+                return true;
+            }
+            self.evict_wake.notify_one();
+            r = self.frames_cv.wait(r).unwrap();
+        }
+    }
+
+    /// Takes a frame only if one is free now.
+    pub(crate) fn try_reserve_frame(&self) -> bool {
+        let mut r = self.resident.lock().unwrap();
+        if *r
+            < self
+                .budget
+                .saturating_sub(evict::low_watermark(self.budget))
+        {
+            *r += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn release_frames(&self, n: usize) {
+        let mut r = self.resident.lock().unwrap();
+        *r -= n;
+        self.frames_cv.notify_all();
+    }
+
+    /// Waits (briefly) until no eviction batch is in progress.
+    pub(crate) fn wait_for_evictions(&self) {
+        let mut e = self.evicting.lock().unwrap();
+        while *e > 0 && !self.stopped() {
+            e = self
+                .evicting_cv
+                .wait_timeout(e, Duration::from_millis(10))
+                .unwrap()
+                .0;
+        }
+    }
+}
+
+/// The running cache: its threads and shared state.
+pub struct ExCache {
+    pub(crate) shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ExCache {
+    /// Registers `[host_base, host_base + pages × 4 KiB)` with userfaultfd and starts
+    /// the fault handlers and the evictor.
+    pub fn start(
+        host_base: usize,
+        pages: usize,
+        cfg: CacheConfig,
+        nodes: Placement,
+        vm: Arc<VmFd>,
+    ) -> Result<Self, CacheError> {
+        let uffd = uffd::create(cfg.remove_events)?;
+        uffd.register(host_base as *mut _, pages * PAGE)
+            .map_err(|e| CacheError::Uffd(UffdError::Register(e)))?;
+        let n_nodes = nodes.nodes().len();
+        let shared = Arc::new(Shared {
+            host_base,
+            pages,
+            state: (0..pages).map(|_| AtomicU8::new(ABSENT)).collect(),
+            remote: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            referenced: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            budget: cfg.budget_pages.max(evict::MIN_BUDGET),
+            cfg: cfg.clone(),
+            resident: Mutex::new(0),
+            frames_cv: Condvar::new(),
+            queue: Mutex::new(VecDeque::with_capacity(cfg.budget_pages + 1)),
+            evict_wake: Condvar::new(),
+            evicting: Mutex::new(0),
+            evicting_cv: Condvar::new(),
+            uffd,
+            retries: RetryCounters::default(),
+            stop: AtomicBool::new(false),
+            stop_fd: EventFd::new(libc::EFD_NONBLOCK).map_err(CacheError::EventFd)?,
+            nodes,
+            vm,
+            stats: CacheStats::new(n_nodes),
+            fatal: Mutex::new(None),
+            fatal_cv: Condvar::new(),
+        });
+        let mut threads = Vec::new();
+        for i in 0..cfg.handlers.max(1) {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("fault-{i}"))
+                    .spawn(move || fault::handler_loop(&s))
+                    .map_err(CacheError::Thread)?,
+            );
+        }
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("evictor".into())
+                .spawn(move || evict::evictor_loop(&s))
+                .map_err(CacheError::Thread)?,
+        );
+        Ok(ExCache { shared, threads })
+    }
+
+    /// The first fatal error, if any.
+    pub fn fatal(&self) -> Option<String> {
+        self.shared.fatal.lock().unwrap().clone()
+    }
+
+    /// Called by a vCPU whose write hit a page under eviction: waits for the batch.
+    pub fn vcpu_write_blocked(&self) {
+        self.shared.stats.vcpu_eviction_waits.fetch_add(1, Relaxed);
+        self.shared.wait_for_evictions();
+    }
+
+    /// Waits until a fatal error occurs or `done` returns true (polled every 20 ms).
+    pub fn wait_fatal_or(&self, done: impl Fn() -> bool) -> Option<String> {
+        let mut f = self.shared.fatal.lock().unwrap();
+        loop {
+            if let Some(e) = f.as_ref() {
+                return Some(e.clone());
+            }
+            if done() {
+                return None;
+            }
+            f = self
+                .shared
+                .fatal_cv
+                .wait_timeout(f, Duration::from_millis(20))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// The statistics now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let s = &self.shared;
+        let st = &s.stats;
+        let h = st.fetch_ns.lock().unwrap();
+        StatsSnapshot {
+            resident_pages: *s.resident.lock().unwrap() as u64,
+            budget_pages: s.budget as u64,
+            faults_zero: load(&st.faults_zero),
+            faults_remote: load(&st.faults_remote),
+            faults_spurious: load(&st.faults_spurious),
+            prefetch_remote: load(&st.prefetch_remote),
+            prefetch_zero: load(&st.prefetch_zero),
+            evict_clean: load(&st.evict_clean),
+            evict_dirty: load(&st.evict_dirty),
+            writeback_bytes: load(&st.writeback_bytes),
+            vcpu_eviction_waits: load(&st.vcpu_eviction_waits),
+            uffd_eagain: load(&s.retries.eagain),
+            uffd_eexist: load(&s.retries.eexist),
+            remove_events: load(&st.remove_events),
+            fetch_count: h.len(),
+            fetch_p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
+            fetch_p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
+            node_pages: s
+                .nodes
+                .nodes()
+                .iter()
+                .zip(&st.node_pages)
+                .map(|(n, c)| (n.addr().to_string(), load(c)))
+                .collect(),
+        }
+    }
+
+    /// Stops the threads and frees this VM's pages on its memory nodes.
+    pub fn shutdown(mut self) {
+        let s = self.shared.clone();
+        s.stop.store(true, SeqCst);
+        let _ = s.stop_fd.write(1);
+        s.frames_cv.notify_all();
+        s.evict_wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if s.fatal.lock().unwrap().is_some() {
+            return;
+        }
+        let mut per_node: Vec<Vec<u64>> = vec![Vec::new(); s.nodes.nodes().len()];
+        for (p, r) in s.remote.iter().enumerate() {
+            if r.load(Relaxed) {
+                per_node[s.nodes.node_of(p as u64)].push(p as u64);
+            }
+        }
+        for (i, gpns) in per_node.iter().enumerate() {
+            let node = s.nodes.node(i);
+            for chunk in gpns.chunks(node.node().max_batch) {
+                if let Err(e) = node.free_pages(chunk) {
+                    log::warn!(
+                        "freeing pages on {}: {}",
+                        node.addr(),
+                        fabric::client::error_chain(&e)
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The dirty log slot this cache reads.
+pub(crate) const DIRTY_SLOT: u32 = ARENA_SLOT;

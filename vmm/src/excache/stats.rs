@@ -1,0 +1,133 @@
+//! The cache's counters and the fetch latency histogram.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Live counters, updated by fault handlers and the evictor.
+#[derive(Debug)]
+pub struct CacheStats {
+    /// Faults served with a zero page (never written back).
+    pub faults_zero: AtomicU64,
+    /// Faults served by fetching from a memory node.
+    pub faults_remote: AtomicU64,
+    /// Fault events for pages already present or being installed.
+    pub faults_spurious: AtomicU64,
+    /// Pages fetched ahead of a sequential stream.
+    pub prefetch_remote: AtomicU64,
+    /// Zero pages installed ahead of a sequential stream.
+    pub prefetch_zero: AtomicU64,
+    /// Clean pages dropped.
+    pub evict_clean: AtomicU64,
+    /// Dirty pages written back, then dropped.
+    pub evict_dirty: AtomicU64,
+    /// Bytes written back.
+    pub writeback_bytes: AtomicU64,
+    /// Times a vCPU wrote to a page under eviction and waited.
+    pub vcpu_eviction_waits: AtomicU64,
+    /// `UFFD_EVENT_REMOVE` events seen.
+    pub remove_events: AtomicU64,
+    /// Remote fetch service time, from the fault event to the installed page, in ns.
+    pub fetch_ns: Mutex<Histogram<u64>>,
+    /// Pages held by each memory node for this VM.
+    pub node_pages: Vec<AtomicU64>,
+}
+
+impl CacheStats {
+    pub(crate) fn new(nodes: usize) -> Self {
+        CacheStats {
+            faults_zero: AtomicU64::new(0),
+            faults_remote: AtomicU64::new(0),
+            faults_spurious: AtomicU64::new(0),
+            prefetch_remote: AtomicU64::new(0),
+            prefetch_zero: AtomicU64::new(0),
+            evict_clean: AtomicU64::new(0),
+            evict_dirty: AtomicU64::new(0),
+            writeback_bytes: AtomicU64::new(0),
+            vcpu_eviction_waits: AtomicU64::new(0),
+            remove_events: AtomicU64::new(0),
+            fetch_ns: Mutex::new(
+                Histogram::new_with_bounds(100, 60_000_000_000, 3).expect("valid histogram bounds"),
+            ),
+            node_pages: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+/// A point-in-time copy of the statistics, as printed and written by `--stats-json`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StatsSnapshot {
+    /// Pages resident now.
+    pub resident_pages: u64,
+    /// The budget in pages.
+    pub budget_pages: u64,
+    /// Zero-fill faults.
+    pub faults_zero: u64,
+    /// Remote-fetch faults.
+    pub faults_remote: u64,
+    /// Spurious fault events.
+    pub faults_spurious: u64,
+    /// Prefetched pages (remote).
+    pub prefetch_remote: u64,
+    /// Prefetched zero pages.
+    pub prefetch_zero: u64,
+    /// Clean evictions.
+    pub evict_clean: u64,
+    /// Dirty evictions.
+    pub evict_dirty: u64,
+    /// Bytes written back.
+    pub writeback_bytes: u64,
+    /// vCPU waits on pages under eviction.
+    pub vcpu_eviction_waits: u64,
+    /// `UFFDIO_COPY`/`ZEROPAGE` retries after `EAGAIN`.
+    pub uffd_eagain: u64,
+    /// Installs that found the page present (`EEXIST`).
+    pub uffd_eexist: u64,
+    /// Remove events.
+    pub remove_events: u64,
+    /// Remote fetches measured.
+    pub fetch_count: u64,
+    /// Fetch service time p50, µs.
+    pub fetch_p50_us: f64,
+    /// Fetch service time p99, µs.
+    pub fetch_p99_us: f64,
+    /// Pages held per memory node: (address, pages).
+    pub node_pages: Vec<(String, u64)>,
+}
+
+impl StatsSnapshot {
+    /// One human-readable paragraph.
+    pub fn summary(&self) -> String {
+        format!(
+            "resident {}/{} pages; faults: {} zero-fill, {} remote ({} spurious); prefetched {} remote + {} zero; \
+evictions: {} clean, {} dirty ({} MiB written back); remote fetch p50 {:.1} us, p99 {:.1} us over {} fetches; \
+vCPU waits on evicting pages {}; uffd EAGAIN {}, EEXIST {}; pages per node: {}",
+            self.resident_pages,
+            self.budget_pages,
+            self.faults_zero,
+            self.faults_remote,
+            self.faults_spurious,
+            self.prefetch_remote,
+            self.prefetch_zero,
+            self.evict_clean,
+            self.evict_dirty,
+            self.writeback_bytes >> 20,
+            self.fetch_p50_us,
+            self.fetch_p99_us,
+            self.fetch_count,
+            self.vcpu_eviction_waits,
+            self.uffd_eagain,
+            self.uffd_eexist,
+            self.node_pages
+                .iter()
+                .map(|(a, n)| format!("{a}={n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+pub(crate) fn load(a: &AtomicU64) -> u64 {
+    a.load(Relaxed)
+}

@@ -1,0 +1,183 @@
+//! `vmm`: the Splitvisor processor monitor.
+
+use clap::{Args, Parser, Subcommand};
+use fabric::LinkModel;
+use fabric::units::parse_size;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vmm::excache::{CacheConfig, EvictPolicy};
+use vmm::vm::{self, VmConfig};
+use vmm::workload::Workload;
+
+/// A KVM VMM whose guest RAM is a small local cache over remote memory nodes.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a VM until its guest finishes.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Guest-shim ELF to run (default: the one built into this binary).
+    #[arg(long)]
+    shim: Option<PathBuf>,
+    /// Workload for the shim: NAME[:k=v,...], NAME one of seq, rand, chase, hash.
+    #[arg(long, default_value = "seq")]
+    workload: Workload,
+    /// Guest RAM, e.g. 2G.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// Most guest RAM resident locally at once, e.g. 32M.
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    local_cache: u64,
+    /// A memory node (repeat for several; pages are striped over them).
+    #[arg(long = "memnode", value_name = "ADDR", required = true)]
+    memnodes: Vec<String>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+    /// Eviction policy.
+    #[arg(long, value_enum, default_value_t = EvictPolicy::Clock)]
+    evict: EvictPolicy,
+    /// Pages to prefetch on a sequential fault stream (0: off).
+    #[arg(long, default_value_t = 16)]
+    prefetch: usize,
+    /// Fault handler threads.
+    #[arg(long, default_value_t = 4)]
+    fault_threads: usize,
+    /// Emulated link to the memory nodes, e.g. latency=2us,bw=100Gbit.
+    #[arg(long, default_value = "off")]
+    link: LinkModel,
+    /// Address-space id on the memory nodes (default: derived from the process id).
+    #[arg(long)]
+    vm_id: Option<u64>,
+    /// Write the run's statistics as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(a) => match run(a) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(a: RunArgs) -> Result<ExitCode, String> {
+    let shim = match &a.shim {
+        Some(p) => {
+            std::fs::read(p).map_err(|e| format!("cannot read guest shim {}: {e}", p.display()))?
+        }
+        None => guest_shim::SHIM_ELF.to_vec(),
+    };
+    let vm_id = a.vm_id.unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (u64::from(std::process::id()) << 32) ^ t
+    });
+    let cfg = VmConfig {
+        mem: a.mem,
+        vcpus: a.vcpus,
+        cache: CacheConfig {
+            budget_pages: (a.local_cache / 4096) as usize,
+            policy: a.evict,
+            prefetch: a.prefetch.min(fabric::proto::MAX_BATCH),
+            handlers: a.fault_threads.clamp(1, 64),
+            remove_events: false,
+        },
+        memnodes: a.memnodes.clone(),
+        shim,
+        workload: a.workload.clone(),
+        vm_id,
+        link: a.link,
+    };
+    log::info!(
+        "vm {vm_id:#x}: {} MiB guest RAM, {} MiB local cache ({:?}), {} vCPU(s), workload {}, memory nodes {}",
+        a.mem >> 20,
+        a.local_cache >> 20,
+        a.evict,
+        a.vcpus,
+        a.workload.name,
+        a.memnodes.join(", ")
+    );
+    let report = vm::run(&cfg).map_err(|e| fabric::client::error_chain(&e))?;
+    let mut ok = report.vcpus.len() == a.vcpus;
+    let mut vcpus_json = Vec::new();
+    for (i, o) in report.vcpus.iter().enumerate() {
+        match &o.result {
+            Some(r) => {
+                let good = r.failed == 0 && o.exit_code == 0;
+                ok &= good;
+                println!(
+                    "vCPU {i}: {} {}: {} ops over {} MiB, checksum {:#018x}, {} mismatches, exit code {}",
+                    a.workload.name,
+                    if good { "verified" } else { "FAILED" },
+                    r.ops,
+                    r.bytes >> 20,
+                    r.checksum,
+                    r.mismatches,
+                    o.exit_code
+                );
+                vcpus_json.push(serde_json::json!({
+                    "vcpu": i, "ok": good, "ops": r.ops, "bytes": r.bytes, "checksum": r.checksum,
+                    "mismatches": r.mismatches, "cycles": r.cycles, "exit_code": o.exit_code,
+                }));
+            }
+            None => {
+                ok = false;
+                println!(
+                    "vCPU {i}: exited with code {} without reporting a result",
+                    o.exit_code
+                );
+                vcpus_json
+                    .push(serde_json::json!({"vcpu": i, "ok": false, "exit_code": o.exit_code}));
+            }
+        }
+    }
+    println!(
+        "elapsed {:.3} s; {}",
+        report.elapsed.as_secs_f64(),
+        report.stats.summary()
+    );
+    if let Some(path) = &a.stats_json {
+        let j = serde_json::json!({
+            "ok": ok,
+            "workload": a.workload,
+            "mem_bytes": a.mem,
+            "local_cache_bytes": a.local_cache,
+            "vcpus": a.vcpus,
+            "evict": a.evict,
+            "prefetch": a.prefetch,
+            "memnodes": a.memnodes,
+            "elapsed_s": report.elapsed.as_secs_f64(),
+            "results": vcpus_json,
+            "stats": report.stats,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&j).unwrap_or_default())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if ok {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("vmm: error: the workload failed verification");
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -1,0 +1,318 @@
+//! Assembling and running a guest-shim VM: memory, the ExCache over the memory
+//! nodes, the shim image, vCPUs; then waiting for the vCPUs or a fatal error.
+
+use crate::arch;
+use crate::excache::placement::Placement;
+use crate::excache::stats::StatsSnapshot;
+use crate::excache::{CacheConfig, CacheError, ExCache};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::{self, VcpuError, VcpuOutcome};
+use crate::workload::Workload;
+use fabric::{ClientConfig, ClientError, LinkModel};
+use guest_shim::abi::{
+    ARENA_BASE, CONFIG_MAGIC, MAILBOX_BASE, MAILBOX_SIZE, MAX_MAPPED, MAX_VCPUS, STACK_SIZE,
+    STACKS_BASE, VcpuConfig,
+};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use linux_loader::loader::{KernelLoader, elf::Elf};
+use std::io::Cursor;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+use vm_memory::GuestAddress;
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest RAM (the arena) in bytes.
+    pub mem: u64,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// The local cache.
+    pub cache: CacheConfig,
+    /// Memory node addresses.
+    pub memnodes: Vec<String>,
+    /// The shim ELF.
+    pub shim: Vec<u8>,
+    /// The workload.
+    pub workload: Workload,
+    /// Address-space id on the memory nodes.
+    pub vm_id: u64,
+    /// Emulated link to the memory nodes.
+    pub link: LinkModel,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// Each vCPU's outcome.
+    pub vcpus: Vec<VcpuOutcome>,
+    /// Cache statistics at the end.
+    pub stats: StatsSnapshot,
+    /// Wall time from the first vCPU start to the last exit.
+    pub elapsed: Duration,
+}
+
+/// Run failures.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is inconsistent.
+    #[error("{0}")]
+    Config(String),
+    /// /dev/kvm could not be used.
+    #[error("cannot use /dev/kvm (does this machine have KVM, and may this user open it?)")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("KVM {what} failed")]
+    KvmCall {
+        /// Which call.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A memory node is unreachable.
+    #[error("memory node unreachable")]
+    Memnode(#[source] ClientError),
+    /// The cache could not start.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The shim image is not a loadable ELF.
+    #[error("the guest shim is not a loadable x86-64 ELF")]
+    Shim(#[source] linux_loader::loader::Error),
+    /// Writing guest setup data failed.
+    #[error("cannot write guest setup data")]
+    Setup(#[source] vm_memory::GuestMemoryError),
+    /// A vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The run stopped on a fatal error (a memory node failed).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+fn validate(cfg: &VmConfig) -> Result<u64, VmError> {
+    let c = |m: String| Err(VmError::Config(m));
+    if cfg.mem == 0 || cfg.mem % 4096 != 0 {
+        return c(format!(
+            "--mem must be a positive multiple of 4 KiB (got {})",
+            cfg.mem
+        ));
+    }
+    if ARENA_BASE + cfg.mem > MAX_MAPPED {
+        return c(format!(
+            "--mem of {} bytes exceeds the {} GiB the guest shim maps",
+            cfg.mem,
+            MAX_MAPPED >> 30
+        ));
+    }
+    let pages = cfg.mem / 4096;
+    if cfg.cache.budget_pages == 0 {
+        return c("--local-cache must be at least 64K (16 pages), got 0".into());
+    }
+    if cfg.cache.budget_pages < crate::excache::evict::MIN_BUDGET {
+        return c(format!(
+            "--local-cache must be at least 64K (16 pages), got {} pages",
+            cfg.cache.budget_pages
+        ));
+    }
+    if cfg.cache.budget_pages as u64 > pages {
+        return c(format!(
+            "--local-cache ({} pages) is larger than --mem ({pages} pages)",
+            cfg.cache.budget_pages
+        ));
+    }
+    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS as usize {
+        return c(format!(
+            "--vcpus must be 1 to {MAX_VCPUS}, got {}",
+            cfg.vcpus
+        ));
+    }
+    if cfg.memnodes.is_empty() {
+        return c("at least one --memnode is needed".into());
+    }
+    let share = (cfg.mem / cfg.vcpus as u64) & !4095;
+    if cfg.workload.size > share {
+        return c(format!(
+            "workload size {} exceeds each vCPU's share of guest RAM ({share} bytes of --mem {} over {} vCPUs)",
+            cfg.workload.size, cfg.mem, cfg.vcpus
+        ));
+    }
+    if cfg.workload.size % 4096 != 0 {
+        return c(format!(
+            "workload size must be a multiple of 4 KiB, got {}",
+            cfg.workload.size
+        ));
+    }
+    Ok(share)
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Builds the VM, runs the workload on every vCPU and returns the report.
+pub fn run(cfg: &VmConfig) -> Result<RunReport, VmError> {
+    let share = validate(cfg)?;
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm = Arc::new(kvm.create_vm().map_err(|source| VmError::KvmCall {
+        what: "create VM",
+        source,
+    })?);
+    let ram = GuestRam::new(cfg.mem)?;
+    ram.register(&vm)?;
+
+    let loaded =
+        Elf::load(&ram.boot, None, &mut Cursor::new(&cfg.shim), None).map_err(VmError::Shim)?;
+    if loaded.kernel_end > STACKS_BASE {
+        return Err(VmError::Config(format!(
+            "the guest shim image ends at {:#x}, past its {STACKS_BASE:#x} limit",
+            loaded.kernel_end
+        )));
+    }
+    let entry = loaded.kernel_load.0;
+    arch::write_tables(&ram.boot, ARENA_BASE + cfg.mem).map_err(VmError::Setup)?;
+
+    let client_cfg = ClientConfig {
+        vm_id: cfg.vm_id,
+        link_model: cfg.link,
+        ..ClientConfig::default()
+    };
+    let nodes = Placement::connect(&cfg.memnodes, &client_cfg).map_err(VmError::Memnode)?;
+    let cache = ExCache::start(
+        ram.arena_host,
+        (cfg.mem / 4096) as usize,
+        cfg.cache.clone(),
+        nodes,
+        vm.clone(),
+    )?;
+
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmError::KvmCall {
+            what: "get supported CPUID",
+            source,
+        })?;
+    let mut vcpus = Vec::new();
+    for i in 0..cfg.vcpus {
+        let w = &cfg.workload;
+        let vc = VcpuConfig {
+            magic: CONFIG_MAGIC,
+            vcpu: i as u32,
+            vcpus: cfg.vcpus as u32,
+            workload: w.id,
+            zipf: u32::from(w.zipf),
+            base: ARENA_BASE + i as u64 * share,
+            size: if w.size == 0 { share } else { w.size },
+            ops: w.ops,
+            seed: w.seed.wrapping_add(i as u64 * 0x1000_0001),
+            zipf_theta_milli: w.theta_milli,
+            ..Default::default()
+        };
+        let mbox = MAILBOX_BASE + i as u64 * MAILBOX_SIZE;
+        crate::abi_io::write_config(&ram.boot, GuestAddress(mbox), vc).map_err(VmError::Setup)?;
+        let vcpu = vm
+            .create_vcpu(i as u64)
+            .map_err(|source| VmError::KvmCall {
+                what: "create vCPU",
+                source,
+            })?;
+        vcpu.set_cpuid2(&cpuid).map_err(|source| VmError::KvmCall {
+            what: "set CPUID",
+            source,
+        })?;
+        let sregs = vcpu.get_sregs().map_err(|source| VmError::KvmCall {
+            what: "get sregs",
+            source,
+        })?;
+        vcpu.set_sregs(&arch::user_mode_sregs(sregs))
+            .map_err(|source| VmError::KvmCall {
+                what: "set sregs",
+                source,
+            })?;
+        let stack_top = STACKS_BASE + (i as u64 + 1) * STACK_SIZE;
+        vcpu.set_regs(&arch::user_mode_regs(entry, stack_top, i as u64, mbox))
+            .map_err(|source| VmError::KvmCall {
+                what: "set registers",
+                source,
+            })?;
+        vcpus.push(vcpu);
+    }
+
+    // A no-op signal handler lets us interrupt KVM_RUN to stop a vCPU.
+    vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
+        .map_err(|e| VmError::Config(format!("cannot install the vCPU kick signal handler: {e}")))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = Arc::new(AtomicUsize::new(cfg.vcpus));
+    let cache = Arc::new(cache);
+    let mem = Arc::new(ram.mem.clone());
+    let t0 = Instant::now();
+    let mut threads = Vec::new();
+    for (i, mut vcpu) in vcpus.into_iter().enumerate() {
+        let (cache, stop, running, mem) =
+            (cache.clone(), stop.clone(), running.clone(), mem.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu-{i}"))
+            .spawn(move || {
+                let r = vcpu::run(i, &mut vcpu, &mem, &cache, &stop);
+                if r.is_err() {
+                    stop.store(true, SeqCst);
+                }
+                running.fetch_sub(1, SeqCst);
+                r
+            })
+            .map_err(|e| VmError::Config(format!("cannot start a vCPU thread: {e}")))?;
+        threads.push(t);
+    }
+    let fatal = cache.wait_fatal_or(|| running.load(SeqCst) == 0 || stop.load(SeqCst));
+    if let Some(why) = fatal {
+        // vCPUs may be stuck in a fault that can never be served: do not join them.
+        stop.store(true, SeqCst);
+        for t in &threads {
+            // SAFETY: pthread_kill with a signal whose handler is a no-op; the
+            // thread is alive (its handle is not joined).
+            unsafe { libc::pthread_kill(t.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN()) };
+        }
+        return Err(VmError::Fatal(why));
+    }
+    // One vCPU failing stops the others.
+    while running.load(SeqCst) > 0 {
+        if stop.load(SeqCst) {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                // SAFETY: as above.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN()) };
+            }
+        }
+        if let Some(why) = cache.wait_fatal_or(|| running.load(SeqCst) == 0) {
+            return Err(VmError::Fatal(why));
+        }
+    }
+    let elapsed = t0.elapsed();
+    let mut outcomes = Vec::new();
+    let mut first_err = None;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(o)) => outcomes.push(o),
+            Ok(Err(VcpuError::Stopped(_))) => {}
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => return Err(VmError::Config("a vCPU thread panicked".into())),
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e.into());
+    }
+    let stats = cache.snapshot();
+    if let Ok(c) = Arc::try_unwrap(cache) {
+        c.shutdown();
+    }
+    Ok(RunReport {
+        vcpus: outcomes,
+        stats,
+        elapsed,
+    })
+}
