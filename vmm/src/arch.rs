@@ -144,6 +144,6 @@ mod tests {
         let e: u64 = mem
             .read_obj(GuestAddress(PD_ADDR + 0x2000 + 5 * 8))
             .unwrap();
-        assert_eq!(e, (2 << 30) + (5 << 21) | 0x87);
+        assert_eq!(e, ((2 << 30) + (5 << 21)) | 0x87);
     }
 }

@@ -3,7 +3,7 @@
 //! (pipelined) memory node connections.
 
 use super::uffd::{self, Installed, PAGE};
-use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared};
+use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared, fingerprint};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
@@ -132,7 +132,10 @@ fn install(s: &Shared, p: usize, remote: bool, page: &mut [u8]) -> Result<(), St
     let installed = if remote {
         let node = s.nodes.node(s.nodes.node_of(p as u64));
         match node.read_page(p as u64, page) {
-            Ok(_) => uffd::copy_page(&s.uffd, addr, page, &s.retries),
+            Ok(_) => {
+                s.set_installed_hash(p, fingerprint::page(page));
+                uffd::copy_page(&s.uffd, addr, page, &s.retries)
+            }
             Err(e) => {
                 return Err(format!(
                     "memory node {} failed: {}",
@@ -142,6 +145,7 @@ fn install(s: &Shared, p: usize, remote: bool, page: &mut [u8]) -> Result<(), St
             }
         }
     } else {
+        s.set_installed_hash(p, fingerprint::zero_page());
         uffd::zero_page(&s.uffd, addr, &s.retries)
     };
     match installed.map_err(|e| fabric::client::error_chain(&e))? {
@@ -208,7 +212,9 @@ fn prefetch(s: &Shared, p: usize, buf: &mut [u8]) -> Result<usize, String> {
         })?;
         for (k, &q) in remote[i..j].iter().enumerate() {
             let addr = s.addr(q);
-            uffd::copy_page(&s.uffd, addr, &out[k * PAGE..(k + 1) * PAGE], &s.retries)
+            let data = &out[k * PAGE..(k + 1) * PAGE];
+            s.set_installed_hash(q, fingerprint::page(data));
+            uffd::copy_page(&s.uffd, addr, data, &s.retries)
                 .map_err(|e| fabric::client::error_chain(&e))?;
             s.referenced[q].store(true, Relaxed);
             s.state[q].store(RESIDENT, Release);

@@ -19,6 +19,7 @@
 
 pub mod evict;
 pub mod fault;
+pub mod fingerprint;
 pub mod placement;
 pub mod stats;
 pub mod uffd;
@@ -28,7 +29,7 @@ use kvm_ioctls::VmFd;
 use placement::Placement;
 use stats::{CacheStats, StatsSnapshot, load};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -91,6 +92,9 @@ pub(crate) struct Shared {
     pub(crate) remote: Box<[AtomicBool]>,
     /// CLOCK reference bits.
     pub(crate) referenced: Box<[AtomicBool]>,
+    /// Content fingerprint of each page as installed (two 64-bit lanes), see
+    /// [`evict`] ("Clean pages").
+    pub(crate) installed_hash: Box<[[AtomicU64; 2]]>,
     pub(crate) budget: usize,
     pub(crate) cfg: CacheConfig,
     /// Resident pages (including frames reserved for pages being installed).
@@ -133,6 +137,12 @@ impl Shared {
         self.frames_cv.notify_all();
         self.evict_wake.notify_all();
         self.evicting_cv.notify_all();
+    }
+
+    /// Records the fingerprint of page `p`'s content as installed.
+    pub(crate) fn set_installed_hash(&self, p: usize, h: [u64; 2]) {
+        self.installed_hash[p][0].store(h[0], Relaxed);
+        self.installed_hash[p][1].store(h[1], Relaxed);
     }
 
     pub(crate) fn stopped(&self) -> bool {
@@ -219,6 +229,9 @@ impl ExCache {
             state: (0..pages).map(|_| AtomicU8::new(ABSENT)).collect(),
             remote: (0..pages).map(|_| AtomicBool::new(false)).collect(),
             referenced: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            installed_hash: (0..pages)
+                .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                .collect(),
             budget: cfg.budget_pages.max(evict::MIN_BUDGET),
             cfg: cfg.clone(),
             resident: Mutex::new(0),
