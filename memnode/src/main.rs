@@ -48,6 +48,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         capacity_bytes: args.capacity,
         max_connections: args.max_connections.max(1),
         handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+        send_timeout: Duration::from_secs(30),
     })?;
     if let Some(m) = &args.metrics {
         let bound = memnode::metrics::serve(m, server.store().clone(), server.state().clone())?;

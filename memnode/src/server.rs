@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long a new connection may take to send its `Hello`.
     pub handshake_timeout: Duration,
+    /// How long sending a reply may block (a client that stopped reading) before
+    /// the connection is closed.
+    pub send_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +69,7 @@ impl Default for ServerConfig {
             capacity_bytes: 8 << 30,
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -214,6 +218,7 @@ impl Server {
                 store: self.store.clone(),
                 state: self.state.clone(),
                 handshake_timeout: self.config.handshake_timeout,
+                send_timeout: self.config.send_timeout,
                 session: None,
             };
             let state = self.state.clone();
@@ -296,6 +301,7 @@ struct Connection {
     store: Arc<PageStore>,
     state: Arc<NodeState>,
     handshake_timeout: Duration,
+    send_timeout: Duration,
     session: Option<Session>,
 }
 
@@ -309,6 +315,9 @@ impl Connection {
             }
         };
         let _ = link.set_recv_timeout(Some(self.handshake_timeout));
+        let _ = link.set_send_timeout(Some(self.send_timeout));
+        // The whole handshake has one deadline, however the bytes trickle in.
+        let handshake_deadline = std::time::Instant::now() + self.handshake_timeout;
         log::debug!("{peer}: connected");
         let mut inbuf = vec![0u8; 2 * MAX_FRAME].into_boxed_slice();
         let (mut start, mut end) = (0usize, 0usize);
@@ -318,6 +327,20 @@ impl Connection {
                 inbuf.copy_within(start..end, 0);
                 end -= start;
                 start = 0;
+            }
+            if self.session.is_none() {
+                let left = handshake_deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    self.fail(
+                        &link,
+                        &mut out,
+                        0,
+                        ErrorCode::HandshakeRequired,
+                        "no hello within the handshake timeout".into(),
+                    );
+                    return;
+                }
+                let _ = link.set_recv_timeout(Some(left));
             }
             let n = match link.recv(&mut inbuf[end..]) {
                 Ok(0) => break,
@@ -512,11 +535,9 @@ impl Connection {
         }
         let _ = link.set_recv_timeout(None);
         log::info!("{}: hello from a {role:?} for vm {vm_id}", link.peer());
-        self.session = Some(Session {
-            vm_id,
-            role,
-            stats: self.store.vm(vm_id),
-        });
+        let stats = self.store.vm(vm_id);
+        stats.connections.fetch_add(1, Relaxed);
+        self.session = Some(Session { vm_id, role, stats });
         Message::HelloOk {
             role: Role::MemNode,
             version: PROTOCOL_VERSION,
@@ -526,6 +547,16 @@ impl Connection {
         }
         .encode(rid, out);
         Ok(())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some(sess) = self.session.take() {
+            sess.stats.connections.fetch_sub(1, Relaxed);
+            drop(sess.stats);
+            self.store.forget_if_idle(sess.vm_id);
+        }
     }
 }
 

@@ -10,7 +10,12 @@
 //!   frees the slot instead of storing zeros (a page reads back as zeros either way).
 //!
 //! Capacity counts stored pages across all VMs. A write batch reserves room for its
-//! new pages before it stores any, so a batch that does not fit fails whole.
+//! new pages before it stores any, so a batch that does not fit fails whole. (One
+//! race remains: if another connection of the same VM frees one of the batch's
+//! pages between the count and the store, that page needs room the count did not
+//! reserve; if none is left, the batch fails with `OutOfCapacity` after storing its
+//! earlier pages. The VMM treats a failed write-back as fatal, so no data is
+//! silently lost, and only the VM's own concurrent frees can cause it.)
 
 use fabric::proto::PAGE_SIZE;
 use hashbrown::HashMap;
@@ -46,6 +51,8 @@ pub enum StoreError {
 /// Per-VM counters.
 #[derive(Debug, Default)]
 pub struct VmStats {
+    /// Open connections acting on this VM.
+    pub connections: AtomicU64,
     /// Pages stored.
     pub pages: AtomicU64,
     /// Page reads served.
@@ -160,6 +167,18 @@ impl PageStore {
         self.vms.write().unwrap().entry(vm).or_default().clone()
     }
 
+    /// Forgets a VM's counters once it has no pages and no connections, so that
+    /// clients naming ever new VM ids cannot grow the table without bound.
+    pub fn forget_if_idle(&self, vm: u64) {
+        let mut vms = self.vms.write().unwrap();
+        if let Some(s) = vms.get(&vm)
+            && s.pages.load(Relaxed) == 0
+            && s.connections.load(Relaxed) == 0
+        {
+            vms.remove(&vm);
+        }
+    }
+
     /// A snapshot of every VM's counters.
     pub fn vms(&self) -> Vec<(u64, Arc<VmStats>)> {
         let mut v: Vec<_> = self
@@ -217,10 +236,19 @@ impl PageStore {
             });
         }
         let pages = || gpns.clone().zip(data.chunks_exact(PAGE_SIZE));
-        // Reserve room for the pages that would be new.
-        let needed = pages()
-            .filter(|(g, p)| {
-                !is_zero(p)
+        // Reserve room for the pages that would be new: each distinct page number
+        // whose last write in the batch is not all zeros and that is not stored yet.
+        let mut last: Vec<(u64, bool)> = Vec::with_capacity(n);
+        for (g, p) in pages() {
+            match last.iter_mut().find(|(x, _)| *x == g) {
+                Some(e) => e.1 = !is_zero(p),
+                None => last.push((g, !is_zero(p))),
+            }
+        }
+        let needed = last
+            .iter()
+            .filter(|(g, nonzero)| {
+                *nonzero
                     && !self.shards[shard_of(vm, *g)]
                         .lock()
                         .unwrap()
@@ -388,6 +416,23 @@ mod tests {
         // Freeing makes room again, and slots are reused.
         s.free(&st, 1, [0u64].into_iter());
         s.write(&st, 1, [9u64].into_iter(), &page(1)).unwrap();
+    }
+
+    #[test]
+    fn a_page_repeated_in_a_batch_needs_room_once() {
+        let s = PageStore::new(1);
+        let st = s.vm(1);
+        s.write(
+            &st,
+            1,
+            [7u64, 7, 7].into_iter(),
+            &[page(1), page(2), page(3)].concat(),
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        assert!(s.read(&st, 1, 7, |p| got.extend_from_slice(p)));
+        assert_eq!(got, page(3), "the last write of the batch wins");
+        assert_eq!(s.used_pages(), 1);
     }
 
     #[test]

@@ -424,3 +424,23 @@ fn bad_command_lines_fail_with_one_clear_line() {
         assert!(err.contains(want), "{args:?}: stderr was {err}");
     }
 }
+
+#[test]
+fn a_thread_that_submits_far_ahead_of_its_waits_does_not_deadlock() {
+    // 100 full-batch reads (26 MiB of replies, far beyond the socket buffers) are
+    // submitted before any is waited for, then writes: the client must read replies
+    // itself while submitting, or the node blocks writing and we block sending.
+    let node = Node::start(&["--capacity", "64M"]);
+    let c = node.client(1);
+    let gpns: Vec<u64> = (0..64).collect();
+    let pending: Vec<_> = (0..100).map(|_| c.submit_read(&gpns).unwrap()).collect();
+    let page = pattern(1, 5, 0);
+    for g in 0..20 {
+        c.write_pages(&[(g, &page)]).unwrap();
+    }
+    let mut out = vec![0u8; 64 * PAGE_SIZE];
+    for p in pending {
+        p.wait(&mut out).unwrap();
+    }
+    assert!(c.read_page(3, &mut out[..PAGE_SIZE]).unwrap());
+}

@@ -125,7 +125,7 @@ pub struct Presence(pub u64);
 impl Presence {
     /// True if the `i`-th page had data.
     pub fn is_present(&self, i: usize) -> bool {
-        self.0 & (1 << i) != 0
+        i < 64 && self.0 & (1 << i) != 0
     }
 }
 
@@ -186,6 +186,7 @@ impl PageClient {
             reason,
         };
         link.set_recv_timeout(Some(config.reply_timeout))
+            .and_then(|()| link.set_send_timeout(Some(config.reply_timeout)))
             .map_err(|e| handshake_err(error_chain(&e)))?;
         let mut buf = Vec::with_capacity(64);
         Message::hello(config.role, config.vm_id, &config.auth).encode(0, &mut buf);
@@ -405,7 +406,7 @@ impl PageClient {
         let inner = &*self.inner;
         let ticket = inner
             .slots
-            .acquire(expect, count)
+            .acquire(expect, count, &*inner.link, inner.shaper.as_ref())
             .map_err(|r| self.lost(r))?;
         let mut head = inner.send.lock().unwrap();
         head.clear();
@@ -427,6 +428,7 @@ impl PageClient {
             let reason = error_chain(&e);
             log::warn!("node {}: send failed: {reason}", self.addr());
             inner.slots.fail(reason.clone());
+            inner.link.shutdown();
             inner.slots.release(ticket);
             return Err(self.lost(reason));
         }
@@ -443,22 +445,26 @@ impl PageClient {
         let result = inner
             .slots
             .wait(&ticket, &*inner.link, inner.shaper.as_ref());
+        let mut visible_at = None;
         let out = match result {
             Ok(mut done) => {
-                if let Some(at) = done.visible_at {
-                    wait_until(at);
-                }
-                match done.reply {
+                visible_at = done.visible_at;
+                let out = match done.reply {
                     Reply::Error(code, ref message) => Err(ClientError::Remote {
                         addr: self.addr().to_string(),
                         code,
                         message: message.clone(),
                     }),
                     _ => Ok(take(&mut done)),
-                }
+                };
+                drop(done); // never hold the slot while modelling the link's delay
+                out
             }
             Err(reason) => Err(self.lost(reason)),
         };
+        if let Some(at) = visible_at {
+            wait_until(at);
+        }
         inner.slots.release(ticket);
         out
     }

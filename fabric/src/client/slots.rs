@@ -101,6 +101,10 @@ struct SlotState {
     /// A thread sleeps on the slot's condvar. Notifying costs a system call even
     /// when nobody waits, so deliveries notify only when this is set.
     sleeping: bool,
+    /// Reply bytes counted in `unreceived` for this request.
+    reply_bytes: usize,
+    /// A thread is inside `wait` for this slot (only such a thread can act on a kick).
+    in_wait: bool,
     completed: Completed,
 }
 
@@ -113,6 +117,14 @@ struct RecvBuf {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+}
+
+/// Reply bytes to expect for a request (an upper bound).
+fn reply_bytes(expect: Opcode, count: usize) -> usize {
+    match expect {
+        Opcode::ReadPagesOk => proto::HEADER_LEN + 8 + count * (1 + PAGE_SIZE),
+        _ => proto::HEADER_LEN + 64,
+    }
 }
 
 /// The guard a finished wait returns: the slot, with its reply delivered.
@@ -139,8 +151,16 @@ pub(crate) struct SlotTable {
     failed_flag: AtomicBool,
     failed: Mutex<Option<String>>,
     reader: Mutex<RecvBuf>,
-    parked: Mutex<VecDeque<u32>>,
+    /// Waiters that may take over the reader role: (slot index, generation).
+    parked: Mutex<VecDeque<(u32, u32)>>,
+    /// Reply bytes expected for requests whose replies have not been received yet:
+    /// bounded so that unread replies never fill the socket buffers (which would
+    /// block the node's writes and, with nobody reading, our sends).
+    unreceived: Mutex<usize>,
 }
+
+/// Most reply bytes outstanding on the socket before new requests wait.
+const UNRECEIVED_BUDGET: usize = 1 << 20;
 
 impl SlotTable {
     pub(crate) fn new(n: usize) -> Self {
@@ -152,6 +172,8 @@ impl SlotTable {
                     expect: Opcode::Pong,
                     kicked: false,
                     sleeping: false,
+                    reply_bytes: 0,
+                    in_wait: false,
                     completed: Completed::default(),
                 }),
                 cv: Condvar::new(),
@@ -169,6 +191,7 @@ impl SlotTable {
                 end: 0,
             }),
             parked: Mutex::new(VecDeque::with_capacity(n)),
+            unreceived: Mutex::new(0),
         }
     }
 
@@ -188,6 +211,7 @@ impl SlotTable {
             }
         }
         self.failed_flag.store(true, Ordering::Release);
+        *self.unreceived.lock().unwrap() = 0;
         for s in self.slots.iter() {
             let _g = s.st.lock().unwrap();
             s.cv.notify_all();
@@ -196,12 +220,44 @@ impl SlotTable {
         self.free_cv.notify_all();
     }
 
-    /// Takes a free slot for a request expecting `expect` with `count` pages.
-    pub(crate) fn acquire(&self, expect: Opcode, count: usize) -> Result<Ticket, String> {
+    /// Takes a free slot for a request expecting `expect` with `count` pages. If too
+    /// many reply bytes are outstanding, first reads replies off the link (taking the
+    /// reader role) so the node can keep writing.
+    pub(crate) fn acquire(
+        &self,
+        expect: Opcode,
+        count: usize,
+        link: &dyn Link,
+        shaper: Option<&Shaper>,
+    ) -> Result<Ticket, String> {
+        let bytes = reply_bytes(expect, count);
+        loop {
+            if let Some(r) = self.failure() {
+                return Err(r);
+            }
+            {
+                let mut u = self.unreceived.lock().unwrap();
+                if *u == 0 || *u + bytes <= UNRECEIVED_BUDGET {
+                    *u += bytes;
+                    break;
+                }
+            }
+            match self.reader.try_lock() {
+                Ok(mut rb) => {
+                    if let Err(reason) = self.read_some(&mut rb, link, shaper) {
+                        drop(rb);
+                        self.fail(reason);
+                        link.shutdown();
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_micros(20)),
+            }
+        }
         let index = {
             let mut free = self.free.lock().unwrap();
             loop {
                 if let Some(r) = self.failure() {
+                    *self.unreceived.lock().unwrap() -= bytes;
                     return Err(r);
                 }
                 if let Some(i) = free.0.pop() {
@@ -214,6 +270,7 @@ impl SlotTable {
         };
         let mut st = self.slots[index as usize].st.lock().unwrap();
         st.phase = Phase::Waiting;
+        st.reply_bytes = bytes;
         st.expect = expect;
         st.kicked = false;
         let c = &mut st.completed;
@@ -264,14 +321,20 @@ impl SlotTable {
             {
                 let mut st = slot.st.lock().unwrap();
                 if st.phase == Phase::Done {
+                    st.in_wait = false;
                     return Ok(Delivered(st));
                 }
                 if let Some(r) = self.failure() {
+                    st.in_wait = false;
                     return Err(r);
                 }
                 st.kicked = false;
+                st.in_wait = true;
             }
-            self.parked.lock().unwrap().push_back(t.index);
+            self.parked
+                .lock()
+                .unwrap()
+                .push_back((t.index, t.generation));
             match self.reader.try_lock() {
                 Ok(mut rb) => {
                     self.unpark(t.index);
@@ -314,7 +377,7 @@ impl SlotTable {
 
     fn unpark(&self, index: u32) {
         let mut p = self.parked.lock().unwrap();
-        if let Some(pos) = p.iter().position(|&i| i == index) {
+        if let Some(pos) = p.iter().position(|&(i, _)| i == index) {
             p.remove(pos);
         }
     }
@@ -322,12 +385,14 @@ impl SlotTable {
     /// Hands the reader role to one parked waiter whose reply is still outstanding.
     fn kick_one(&self) {
         loop {
-            let Some(i) = self.parked.lock().unwrap().pop_front() else {
+            let Some((i, generation)) = self.parked.lock().unwrap().pop_front() else {
                 return;
             };
             let slot = &self.slots[i as usize];
             let mut st = slot.st.lock().unwrap();
-            if st.phase == Phase::Waiting {
+            // Only the very request that parked, with its thread still in `wait`, can
+            // take the role; a recycled slot's new request may have no waiter.
+            if st.phase == Phase::Waiting && st.generation == generation && st.in_wait {
                 st.kicked = true;
                 if st.sleeping {
                     slot.cv.notify_all();
@@ -397,6 +462,11 @@ impl SlotTable {
             return Err(unknown());
         }
         let expect = st.expect;
+        {
+            let mut u = self.unreceived.lock().unwrap();
+            *u = u.saturating_sub(st.reply_bytes);
+        }
+        st.reply_bytes = 0;
         let c = &mut st.completed;
         c.reply = match msg {
             Message::Error { code, message } => Reply::Error(code, message.to_string()),

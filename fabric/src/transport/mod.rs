@@ -44,7 +44,8 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
-    /// Nothing arrived within the receive timeout.
+    /// Nothing arrived within the receive timeout, or a send could not proceed
+    /// within the send timeout.
     #[error("{peer} did not answer within {after:?}")]
     TimedOut {
         /// The peer.
@@ -65,6 +66,9 @@ pub trait Link: Send + Sync {
     fn recv(&self, buf: &mut [u8]) -> Result<usize, TransportError>;
     /// Sets how long `recv` waits before failing with [`TransportError::TimedOut`].
     fn set_recv_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError>;
+    /// Sets how long `send_vectored` may block before failing with
+    /// [`TransportError::TimedOut`] (a peer that stopped reading).
+    fn set_send_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError>;
     /// Closes both directions; blocked `recv` calls return.
     fn shutdown(&self);
     /// The peer's address, for messages.

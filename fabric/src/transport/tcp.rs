@@ -74,6 +74,23 @@ impl Link for TcpLink {
                 }
                 Ok(n) => IoSlice::advance_slices(&mut bufs, n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let after = self
+                        .stream
+                        .write_timeout()
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    return Err(TransportError::TimedOut {
+                        peer: self.peer.clone(),
+                        after,
+                    });
+                }
                 Err(e) => return Err(self.io(e)),
             }
         }
@@ -105,6 +122,12 @@ impl Link for TcpLink {
                 Err(e) => return Err(self.io(e)),
             }
         }
+    }
+
+    fn set_send_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        self.stream
+            .set_write_timeout(timeout)
+            .map_err(|e| self.io(e))
     }
 
     fn set_recv_timeout(&self, timeout: Option<Duration>) -> Result<(), TransportError> {
