@@ -1,7 +1,82 @@
-//! # splitvisor-tests: cross-crate end-to-end tests
+//! # splitvisor-tests: helpers for end-to-end tests
 //!
-//! Tests that start several of the workspace's daemons as separate processes
-//! (`vmm`, `memnode`, `storagenode`) and check them together live here, with the
-//! nested test host harness under `tests/nested/` (issue "vmm boots stock Linux
-//! guests"). The per-crate integration tests stay next to their crates, e.g.
-//! `memnode/tests/`.
+//! Tests that start the workspace's daemons as separate processes (`memnode`, and
+//! later `storagenode`) and drive them with the `vmm` binary live next to their
+//! crates (e.g. `vmm/tests/`); this crate holds what they share. The nested test
+//! host harness will live under `tests/nested/` (issue "vmm boots stock Linux").
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+/// A daemon process that announces its address on its first stdout line; killed
+/// when dropped.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// The address it announced.
+    pub addr: String,
+}
+
+impl Daemon {
+    /// Starts `cmd` and waits for its first line, `PREFIX ADDR`.
+    pub fn start(cmd: &mut Command, prefix: &str) -> Daemon {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("read the daemon's first line");
+        let addr = line
+            .trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("unexpected first line from {cmd:?}: {line:?}"))
+            .to_string();
+        Daemon { child, addr }
+    }
+
+    /// Starts `memnode --listen 127.0.0.1:0` from `bin` with `extra` arguments.
+    pub fn memnode(bin: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start(
+            Command::new(bin)
+                .args(["--listen", "127.0.0.1:0"])
+                .args(extra)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                ),
+            "memnode listening on ",
+        )
+    }
+
+    /// Sends `sig` and waits for the exit status.
+    pub fn stop(mut self, sig: i32) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+        self.child.wait().expect("wait for the daemon")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The path of workspace binary `name`, found beside `sibling` (another binary of
+/// the same build, e.g. `env!("CARGO_BIN_EXE_vmm")`). Fails loudly if it is not built.
+pub fn sibling_bin(sibling: &str, name: &str) -> PathBuf {
+    let p = Path::new(sibling).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run the tests with `cargo test --workspace` (or `cargo build --workspace` first)",
+        p.display()
+    );
+    p
+}

@@ -56,7 +56,7 @@ pub(crate) fn evictor_loop(s: &Shared) {
     loop {
         {
             let mut r = s.resident.lock().unwrap();
-            while !s.stopped() && s.budget - *r >= low_watermark(s.budget) {
+            while !s.stopped() && !s.wants_eviction(*r) {
                 r = s.evict_wake.wait(r).unwrap();
             }
         }

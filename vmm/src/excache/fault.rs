@@ -12,10 +12,38 @@ use userfaultfd::Event;
 /// Recent stream heads for sequential detection (several vCPUs, several streams).
 const STREAMS: usize = 8;
 
+/// The last page of each recent fault stream, shared by all handlers.
+pub(crate) struct Streams(std::sync::Mutex<([u64; STREAMS], usize)>);
+
+impl Streams {
+    pub(crate) fn new() -> Self {
+        Streams(std::sync::Mutex::new(([u64::MAX; STREAMS], 0)))
+    }
+
+    /// Records a fault on `p`; true if it continues a stream (`p - 1` was its end).
+    pub(crate) fn continues(&self, p: u64) -> bool {
+        let mut g = self.0.lock().unwrap();
+        let (heads, next) = &mut *g;
+        if let Some(h) = heads.iter_mut().find(|h| **h != u64::MAX && **h + 1 == p) {
+            *h = p;
+            return true;
+        }
+        heads[*next] = p;
+        *next = (*next + 1) % STREAMS;
+        false
+    }
+
+    /// The stream now ending at `p` has been prefetched up to `last`.
+    pub(crate) fn advance(&self, p: u64, last: u64) {
+        let mut g = self.0.lock().unwrap();
+        if let Some(h) = g.0.iter_mut().find(|h| **h == p) {
+            *h = last;
+        }
+    }
+}
+
 pub(crate) fn handler_loop(s: &Shared) {
     let mut buf = vec![0u8; PAGE * fabric::proto::MAX_BATCH];
-    let mut streams = [u64::MAX; STREAMS];
-    let mut next_slot = 0;
     let mut fds = [
         libc::pollfd {
             fd: s.uffd.as_raw_fd(),
@@ -49,20 +77,16 @@ pub(crate) fn handler_loop(s: &Shared) {
                     s.fail(e);
                     return;
                 }
-                // Sequential stream: the fault continues one we saw (or prefetched).
-                let pu = p as u64;
-                if let Some(i) = streams
-                    .iter()
-                    .position(|&h| h != u64::MAX && pu > h && pu <= h + 1 + s.cfg.prefetch as u64)
-                {
-                    let last = prefetch(s, p, &mut buf).unwrap_or_else(|e| {
-                        s.fail(e);
-                        p
-                    });
-                    streams[i] = last as u64;
-                } else {
-                    streams[next_slot] = pu;
-                    next_slot = (next_slot + 1) % STREAMS;
+                // Sequential stream: the fault continues one seen by any handler
+                // (the faults of one stream are spread over all handler threads).
+                if s.cfg.prefetch > 0 && s.streams.continues(p as u64) {
+                    match prefetch(s, p, &mut buf) {
+                        Ok(last) => s.streams.advance(p as u64, last as u64),
+                        Err(e) => {
+                            s.fail(e);
+                            return;
+                        }
+                    }
                 }
             }
             Event::Remove { .. } => {

@@ -113,6 +113,8 @@ pub(crate) struct Shared {
     pub(crate) nodes: Placement,
     pub(crate) vm: Arc<VmFd>,
     pub(crate) stats: CacheStats,
+    /// Sequential fault streams, for prefetching.
+    pub(crate) streams: fault::Streams,
     /// The first fatal error (a memory node failed); the VM stops on it.
     pub(crate) fatal: Mutex<Option<String>>,
     pub(crate) fatal_cv: Condvar,
@@ -159,7 +161,7 @@ impl Shared {
             }
             if *r < self.budget {
                 *r += 1;
-                if self.budget - *r < evict::low_watermark(self.budget) {
+                if self.wants_eviction(*r) {
                     self.evict_wake.notify_one();
                 }
                 return true;
@@ -169,14 +171,23 @@ impl Shared {
         }
     }
 
-    /// Takes a frame only if one is free now.
+    /// True when the evictor should free frames: fewer than the low watermark are
+    /// free. Never when the whole arena fits in the budget (an all-local run).
+    pub(crate) fn wants_eviction(&self, resident: usize) -> bool {
+        self.budget < self.pages
+            && self.budget - resident.min(self.budget) < evict::low_watermark(self.budget)
+    }
+
+    /// Takes a frame only if one is free now without dipping below the watermark.
     pub(crate) fn try_reserve_frame(&self) -> bool {
         let mut r = self.resident.lock().unwrap();
-        if *r
-            < self
-                .budget
+        let limit = if self.budget >= self.pages {
+            self.budget
+        } else {
+            self.budget
                 .saturating_sub(evict::low_watermark(self.budget))
-        {
+        };
+        if *r < limit {
             *r += 1;
             true
         } else {
@@ -247,6 +258,7 @@ impl ExCache {
             nodes,
             vm,
             stats: CacheStats::new(n_nodes),
+            streams: fault::Streams::new(),
             fatal: Mutex::new(None),
             fatal_cv: Condvar::new(),
         });

@@ -1,0 +1,413 @@
+//! End-to-end: the `vmm` binary runs guest-shim workloads on this machine's
+//! /dev/kvm with guest RAM backed by `memnode` processes over loopback.
+//! Every test here needs /dev/kvm (names start with `kvm_`) and fails with a clear
+//! message where it is missing.
+
+use splitvisor_tests::{Daemon, sibling_bin};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VMM: &str = env!("CARGO_BIN_EXE_vmm");
+
+fn memnode(extra: &[&str]) -> Daemon {
+    Daemon::memnode(&sibling_bin(VMM, "memnode"), extra)
+}
+
+fn require_kvm() {
+    assert!(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
+        "these tests need read/write access to /dev/kvm"
+    );
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+    json: serde_json::Value,
+}
+
+/// Runs `vmm run ARGS --stats-json F`, with a deadline.
+fn vmm_run(args: &[&str], deadline: Duration) -> Run {
+    let json_path = std::env::temp_dir().join(format!(
+        "vmm-test-{}-{}.json",
+        std::process::id(),
+        rand_suffix()
+    ));
+    let mut child = Command::new(VMM)
+        .arg("run")
+        .args(args)
+        .arg("--stats-json")
+        .arg(&json_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmm");
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "vmm {args:?} did not finish within {deadline:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let json = std::fs::read_to_string(&json_path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let _ = std::fs::remove_file(&json_path);
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        json,
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn stat(r: &Run, key: &str) -> u64 {
+    r.json["stats"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no stats.{key} in {}", r.json))
+}
+
+fn assert_ok(r: &Run) {
+    assert!(
+        r.ok,
+        "vmm failed\nstdout:\n{}\nstderr:\n{}",
+        r.stdout, r.stderr
+    );
+    assert_eq!(r.json["ok"], true, "{}", r.json);
+    for v in r.json["results"].as_array().expect("results") {
+        assert_eq!(v["mismatches"], 0, "{v}");
+    }
+}
+
+const MIN: Duration = Duration::from_secs(120);
+
+#[test]
+fn kvm_seq_workload_zero_fills_fetches_evicts_and_writes_back() {
+    require_kvm();
+    let node = memnode(&["--capacity", "256M"]);
+    // 32 MiB of data through a 2 MiB cache: the write pass evicts dirty pages, the
+    // read pass fetches them back and must see every byte as written.
+    let r = vmm_run(
+        &[
+            "--workload",
+            "seq:size=32M",
+            "--mem",
+            "64M",
+            "--local-cache",
+            "2M",
+            "--memnode",
+            &node.addr,
+        ],
+        MIN,
+    );
+    assert_ok(&r);
+    assert!(
+        stat(&r, "faults_zero") + stat(&r, "prefetch_zero") >= 8192,
+        "{}",
+        r.json
+    );
+    assert!(
+        stat(&r, "faults_remote") + stat(&r, "prefetch_remote") >= 7000,
+        "{}",
+        r.json
+    );
+    assert!(stat(&r, "evict_dirty") >= 7000, "{}", r.json);
+    // Pages fetched back and only read are dropped without a write-back.
+    assert!(stat(&r, "evict_clean") >= 7000, "{}", r.json);
+    assert_eq!(stat(&r, "writeback_bytes"), stat(&r, "evict_dirty") * 4096);
+    assert!(stat(&r, "resident_pages") <= 512, "{}", r.json);
+    assert!(r.json["stats"]["fetch_p50_us"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn kvm_two_vcpus_two_memnodes_random_workload() {
+    require_kvm();
+    let (a, b) = (
+        memnode(&["--capacity", "256M"]),
+        memnode(&["--capacity", "256M"]),
+    );
+    let r = vmm_run(
+        &[
+            "--workload",
+            "rand:size=8M",
+            "--mem",
+            "32M",
+            "--local-cache",
+            "1M",
+            "--vcpus",
+            "2",
+            "--memnode",
+            &a.addr,
+            "--memnode",
+            &b.addr,
+        ],
+        MIN,
+    );
+    assert_ok(&r);
+    assert_eq!(r.json["results"].as_array().unwrap().len(), 2);
+    let nodes = r.json["stats"]["node_pages"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    for n in nodes {
+        assert!(
+            n[1].as_u64().unwrap() > 100,
+            "pages striped over both nodes: {nodes:?}"
+        );
+    }
+    assert!(stat(&r, "faults_remote") > 1000);
+}
+
+#[test]
+fn kvm_chase_and_hash_workloads_verify_under_eviction() {
+    require_kvm();
+    let node = memnode(&["--capacity", "256M"]);
+    for w in [
+        "chase:size=1M",
+        "hash:size=1M,dist=zipf,theta=0.99,ops=4000",
+        "hash:size=1M,dist=uniform,ops=4000",
+    ] {
+        let r = vmm_run(
+            &[
+                "--workload",
+                w,
+                "--mem",
+                "1M",
+                "--local-cache",
+                "512K",
+                "--memnode",
+                &node.addr,
+            ],
+            MIN,
+        );
+        assert_ok(&r);
+        assert!(stat(&r, "evict_dirty") > 0, "{w}: {}", r.json);
+    }
+}
+
+#[test]
+fn kvm_checksums_match_an_all_local_run_and_fifo_agrees() {
+    require_kvm();
+    let node = memnode(&["--capacity", "256M"]);
+    let checksum = |r: &Run| r.json["results"][0]["checksum"].as_u64().unwrap();
+    for w in ["rand:size=4M,seed=9", "chase:size=2M,seed=3"] {
+        let local = vmm_run(
+            &[
+                "--workload",
+                w,
+                "--mem",
+                "4M",
+                "--local-cache",
+                "4M",
+                "--memnode",
+                &node.addr,
+            ],
+            MIN,
+        );
+        assert_ok(&local);
+        assert_eq!(
+            stat(&local, "evict_dirty") + stat(&local, "evict_clean"),
+            0,
+            "all-local run evicted"
+        );
+        let clock = vmm_run(
+            &[
+                "--workload",
+                w,
+                "--mem",
+                "4M",
+                "--local-cache",
+                "256K",
+                "--memnode",
+                &node.addr,
+            ],
+            MIN,
+        );
+        let fifo = vmm_run(
+            &[
+                "--workload",
+                w,
+                "--mem",
+                "4M",
+                "--local-cache",
+                "256K",
+                "--evict",
+                "fifo",
+                "--memnode",
+                &node.addr,
+            ],
+            MIN,
+        );
+        assert_ok(&clock);
+        assert_ok(&fifo);
+        assert_eq!(
+            checksum(&clock),
+            checksum(&local),
+            "{w}: remote run differs from the all-local run"
+        );
+        assert_eq!(checksum(&fifo), checksum(&local), "{w}: fifo run differs");
+    }
+}
+
+#[test]
+fn kvm_unreachable_memnode_at_start_is_one_clear_error() {
+    require_kvm();
+    // Bind and drop to find a port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let r = vmm_run(
+        &["--memnode", &addr, "--mem", "8M", "--local-cache", "1M"],
+        MIN,
+    );
+    assert!(!r.ok);
+    let lines: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("vmm: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "stderr: {}", r.stderr);
+    assert!(
+        lines[0].contains(&addr) && lines[0].contains("unreachable"),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn kvm_memnode_dying_mid_run_stops_the_vm_with_an_error_naming_it() {
+    require_kvm();
+    let node = memnode(&["--capacity", "256M"]);
+    let addr = node.addr.clone();
+    let args: Vec<String> = [
+        "run",
+        "--workload",
+        "rand:size=16M,ops=50000000",
+        "--mem",
+        "16M",
+        "--local-cache",
+        "1M",
+        "--memnode",
+        &addr,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut child = Command::new(VMM)
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the workload should still be running"
+    );
+    drop(node); // kills the memory node
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "vmm hung after its memory node died"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("vmm: error:") && err.contains(&addr),
+        "stderr: {err}"
+    );
+}
+
+#[test]
+fn kvm_bad_input_gets_one_clear_error_line() {
+    require_kvm();
+    let node = memnode(&["--capacity", "16M"]);
+    let junk = std::env::temp_dir().join(format!("not-an-elf-{}", std::process::id()));
+    std::fs::write(&junk, b"#!/bin/sh\necho this is not a guest\n").unwrap();
+    let missing = PathBuf::from("/nonexistent/guest-shim");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--shim".into(), missing.display().to_string()],
+            "cannot read guest shim /nonexistent/guest-shim",
+        ),
+        (
+            vec!["--shim".into(), junk.display().to_string()],
+            "not a loadable x86-64 ELF",
+        ),
+        (
+            vec![
+                "--local-cache".into(),
+                "64M".into(),
+                "--mem".into(),
+                "8M".into(),
+            ],
+            "larger than --mem",
+        ),
+        (
+            vec!["--local-cache".into(), "0".into()],
+            "--local-cache must be at least",
+        ),
+        (
+            vec!["--workload".into(), "sort".into()],
+            "unknown workload `sort`",
+        ),
+        (
+            vec![
+                "--workload".into(),
+                "seq:size=1G".into(),
+                "--mem".into(),
+                "8M".into(),
+                "--local-cache".into(),
+                "1M".into(),
+            ],
+            "exceeds each vCPU's share",
+        ),
+        (vec!["--vcpus".into(), "0".into()], "--vcpus must be 1 to"),
+        (vec!["--mem".into(), "lots".into()], "lots"),
+    ];
+    for (extra, want) in cases {
+        let mut args: Vec<String> = vec!["--memnode".into(), node.addr.clone()];
+        args.extend(extra.iter().cloned());
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let r = vmm_run(&refs, MIN);
+        assert!(!r.ok, "{extra:?} succeeded");
+        assert!(
+            r.stderr.contains(want),
+            "{extra:?}: stderr was:\n{}",
+            r.stderr
+        );
+        assert!(
+            !r.stderr.contains("panicked"),
+            "{extra:?} panicked:\n{}",
+            r.stderr
+        );
+    }
+    let _ = std::fs::remove_file(junk);
+}
