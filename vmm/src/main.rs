@@ -32,13 +32,15 @@ struct RunArgs {
     #[arg(long, default_value = "seq")]
     workload: Workload,
     /// Guest RAM, e.g. 2G.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
     mem: u64,
     /// Most guest RAM resident locally at once, e.g. 32M.
-    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
     local_cache: u64,
-    /// A memory node (repeat for several; pages are striped over them).
-    #[arg(long = "memnode", value_name = "ADDR", required = true)]
+    /// A memory node (repeat for several; pages are striped over them). Without
+    /// one, vmm starts a `memnode` process from beside its own binary on a free
+    /// loopback port for the run.
+    #[arg(long = "memnode", value_name = "ADDR")]
     memnodes: Vec<String>,
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -46,8 +48,8 @@ struct RunArgs {
     /// Eviction policy.
     #[arg(long, value_enum, default_value_t = EvictPolicy::Clock)]
     evict: EvictPolicy,
-    /// Pages to prefetch on a sequential fault stream (0: off).
-    #[arg(long, default_value_t = 16)]
+    /// Pages to prefetch on a sequential fault stream (0: off; at most 64).
+    #[arg(long, default_value_t = 64)]
     prefetch: usize,
     /// Fault handler threads.
     #[arg(long, default_value_t = 4)]
@@ -79,7 +81,53 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(a: RunArgs) -> Result<ExitCode, String> {
+/// A memory node started for this run; stopped when dropped.
+struct LocalMemnode(std::process::Child);
+
+impl Drop for LocalMemnode {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_local_memnode(capacity: u64) -> Result<(LocalMemnode, String), String> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let bin = exe.with_file_name("memnode");
+    let mut child = std::process::Command::new(&bin)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--capacity",
+            &capacity.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("no --memnode given and cannot start {}: {e}", bin.display()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .map_err(|e| format!("reading from {}: {e}", bin.display()))?;
+    let node = LocalMemnode(child);
+    let addr = line
+        .trim()
+        .strip_prefix("memnode listening on ")
+        .ok_or_else(|| format!("{} did not start: {line:?}", bin.display()))?
+        .to_string();
+    Ok((node, addr))
+}
+
+fn run(mut a: RunArgs) -> Result<ExitCode, String> {
+    let _local_node = if a.memnodes.is_empty() {
+        let (node, addr) = start_local_memnode(a.mem + (64 << 20))?;
+        log::info!("no --memnode given: started a memory node at {addr} for this run");
+        a.memnodes.push(addr);
+        Some(node)
+    } else {
+        None
+    };
     let shim = match &a.shim {
         Some(p) => {
             std::fs::read(p).map_err(|e| format!("cannot read guest shim {}: {e}", p.display()))?

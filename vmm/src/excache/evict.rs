@@ -43,7 +43,7 @@ use std::sync::atomic::Ordering::*;
 /// Smallest usable budget, in pages.
 pub const MIN_BUDGET: usize = 16;
 /// Most pages evicted per batch.
-const BATCH: usize = 64;
+const BATCH: usize = 256;
 
 /// Evict when fewer frames than this are free.
 pub(crate) fn low_watermark(budget: usize) -> usize {

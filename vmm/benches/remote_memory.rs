@@ -1,0 +1,239 @@
+//! Remote-memory benchmark: `cargo bench -p vmm --bench remote_memory`.
+//!
+//! In one run, on this machine's /dev/kvm with a `memnode` process on loopback:
+//! - the floor of a remote fault: a local userfaultfd fault served from a local
+//!   buffer (no network; event read to page installed, measured here) plus the
+//!   fabric page-read round trip to the memory node;
+//! - the remote fault service time the VMM measures (fault event to page
+//!   installed, p50/p99), on a random workload with prefetching off;
+//! - each workload's run time at 100%, 50%, 25% and 12.5% of its working set
+//!   cached locally, as a slowdown relative to the 100% (all-local) run.
+//!
+//! Writes `$SPLITVISOR_BENCH_OUT` (default `target/bench/remote_memory.json`).
+
+use fabric::{ClientConfig, PageClient};
+use serde_json::json;
+use splitvisor_tests::{Daemon, sibling_bin};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const VMM: &str = env!("CARGO_BIN_EXE_vmm");
+
+fn main() {
+    let quick = std::env::var("SPLITVISOR_BENCH_QUICK").is_ok();
+    let node = Daemon::memnode(&sibling_bin(VMM, "memnode"), &["--capacity", "4G"]);
+
+    let local_fault = local_uffd_fault_ns(if quick { 2000 } else { 20000 });
+    let rtt = fabric_rtt_ns(&node.addr, if quick { 2000 } else { 20000 });
+    let floor_p50 = local_fault.0 + rtt.0;
+    let floor_p99 = local_fault.1 + rtt.1;
+
+    // Remote fault service time in the VMM: random page accesses, no prefetch.
+    let mb = if quick { 8 } else { 64 };
+    let fault_run = vmm(
+        &node.addr,
+        &format!("rand:size={mb}M"),
+        mb << 20,
+        (mb << 20) / 8,
+        0,
+    );
+    let fetch_p50 = fault_run["stats"]["fetch_p50_us"].as_f64().unwrap();
+    let fetch_p99 = fault_run["stats"]["fetch_p99_us"].as_f64().unwrap();
+
+    let workloads: Vec<(&str, String, u64)> = if quick {
+        vec![
+            ("seq", "seq:size=16M".into(), 16 << 20),
+            ("rand", "rand:size=4M".into(), 4 << 20),
+        ]
+    } else {
+        vec![
+            ("seq", "seq:size=256M".into(), 256 << 20),
+            ("rand", "rand:size=64M".into(), 64 << 20),
+            ("chase", "chase:size=32M".into(), 32 << 20),
+            (
+                "hash_zipf",
+                "hash:size=32M,dist=zipf,theta=0.99,ops=400000".into(),
+                32 << 20,
+            ),
+            (
+                "hash_uniform",
+                "hash:size=32M,dist=uniform,ops=400000".into(),
+                32 << 20,
+            ),
+        ]
+    };
+    let mut slowdowns = serde_json::Map::new();
+    let mut table = Vec::new();
+    for (name, w, size) in &workloads {
+        let mut row = serde_json::Map::new();
+        let mut base = 0.0;
+        for (label, frac) in [("100%", 1.0), ("50%", 0.5), ("25%", 0.25), ("12.5%", 0.125)] {
+            let cache = ((*size as f64 * frac) as u64).max(64 << 10) & !4095;
+            let r = vmm(&node.addr, w, *size, cache, 16);
+            let t = r["elapsed_s"].as_f64().unwrap();
+            if frac == 1.0 {
+                base = t;
+            }
+            row.insert(
+                label.into(),
+                json!({"elapsed_s": round3(t), "slowdown": round3(t / base), "faults_remote": r["stats"]["faults_remote"],
+                       "prefetch_remote": r["stats"]["prefetch_remote"], "evict_dirty": r["stats"]["evict_dirty"], "evict_clean": r["stats"]["evict_clean"]}),
+            );
+            table.push(format!(
+                "{name:>13} {label:>6}: {t:8.3} s  x{:.2}",
+                t / base
+            ));
+        }
+        slowdowns.insert(name.to_string(), serde_json::Value::Object(row));
+    }
+    let seq25 = slowdowns["seq"]["25%"]["slowdown"].as_f64().unwrap();
+    let out = json!({
+        "benchmark": "remote_memory",
+        "command": "cargo bench -p vmm --bench remote_memory",
+        "local_uffd_fault_us": {"p50": us(local_fault.0), "p99": us(local_fault.1)},
+        "fabric_page_read_rtt_us": {"p50": us(rtt.0), "p99": us(rtt.1)},
+        "floor_us": {"p50": us(floor_p50), "p99": us(floor_p99)},
+        "vmm_remote_fault_service_us": {"p50": fetch_p50, "p99": fetch_p99, "faults": fault_run["stats"]["faults_remote"]},
+        "remote_fault_p50_over_floor": round3(fetch_p50 / us(floor_p50)),
+        "slowdown_vs_all_local": slowdowns,
+        "targets": {
+            "remote_fault_p50_within_1_3x_of_floor": fetch_p50 / us(floor_p50) <= 1.3,
+            "seq_at_25pct_at_most_1_5x": seq25 <= 1.5,
+        }
+    });
+    let path = std::env::var("SPLITVISOR_BENCH_OUT").unwrap_or_else(|_| {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+        dir.join("remote_memory.json")
+            .to_string_lossy()
+            .into_owned()
+    });
+    if let Some(d) = std::path::Path::new(&path).parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    for l in table {
+        println!("{l}");
+    }
+    println!("wrote {path}");
+}
+
+/// Runs the vmm binary and returns its stats JSON.
+fn vmm(memnode: &str, workload: &str, mem: u64, cache: u64, prefetch: usize) -> serde_json::Value {
+    let json = std::env::temp_dir().join(format!("vmm-bench-{}.json", std::process::id()));
+    let out = Command::new(VMM)
+        .args(["run", "--workload", workload, "--memnode", memnode])
+        .args([
+            "--mem",
+            &mem.to_string(),
+            "--local-cache",
+            &cache.to_string(),
+            "--prefetch",
+            &prefetch.to_string(),
+        ])
+        .arg("--stats-json")
+        .arg(&json)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run vmm");
+    assert!(
+        out.status.success(),
+        "vmm {workload} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(json);
+    v
+}
+
+fn percentiles(mut v: Vec<u64>) -> (u64, u64) {
+    v.sort_unstable();
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+fn fabric_rtt_ns(addr: &str, n: usize) -> (u64, u64) {
+    let c = PageClient::connect(
+        addr,
+        &ClientConfig {
+            vm_id: 0xbe0c,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let page = vec![7u8; 4096];
+    for g in 0..256 {
+        c.write_pages(&[(g, &page)]).unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        c.read_page((i % 256) as u64, &mut buf).unwrap();
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    let _ = c.free_pages(&(0..64).collect::<Vec<_>>());
+    percentiles(v)
+}
+
+/// A local userfaultfd fault: one thread touches missing pages, a handler thread
+/// serves each from a local buffer; measured from the event read to the install.
+fn local_uffd_fault_ns(n: usize) -> (u64, u64) {
+    use userfaultfd::{Event, UffdBuilder};
+    let len = n * 4096;
+    // SAFETY: a fresh private anonymous mapping, unmapped below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    } as usize;
+    let uffd = UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(false)
+        .user_mode_only(false)
+        .create()
+        .unwrap();
+    uffd.register(base as *mut _, len).unwrap();
+    let toucher = std::thread::spawn(move || {
+        for i in 0..n {
+            // SAFETY: reading a page of the mapping; the fault is served below.
+            unsafe { std::ptr::read_volatile((base + i * 4096) as *const u8) };
+        }
+    });
+    let src = vec![1u8; 4096];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let ev = uffd
+            .read_event()
+            .unwrap()
+            .expect("blocking read returns an event");
+        let t = Instant::now();
+        if let Event::Pagefault { addr, .. } = ev {
+            let page = (addr as usize) & !4095;
+            // SAFETY: installing a page of the registered range from a 4 KiB buffer.
+            unsafe {
+                uffd.copy(src.as_ptr() as *const _, page as *mut _, 4096, true)
+                    .unwrap()
+            };
+        }
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    toucher.join().unwrap();
+    // SAFETY: unmapping the mapping made above.
+    unsafe { libc::munmap(base as *mut _, len) };
+    let _ = Duration::ZERO;
+    percentiles(v)
+}
+
+fn us(ns: u64) -> f64 {
+    round3(ns as f64 / 1000.0)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
