@@ -29,7 +29,7 @@ fn main() {
     let floor_p99 = local_fault.1 + rtt.1;
 
     // Remote fault service time in the VMM: random page accesses, no prefetch.
-    let mb = if quick { 8 } else { 64 };
+    let mb = if quick { 8 } else { 32 };
     let fault_run = vmm(
         &node.addr,
         &format!("rand:size={mb}M"),

@@ -52,6 +52,24 @@ impl TcpLink {
         &self.stream
     }
 
+    /// Maps an I/O error; a socket timeout (`timeout`, as configured) becomes
+    /// [`TransportError::TimedOut`].
+    fn failed(
+        &self,
+        e: std::io::Error,
+        timeout: std::io::Result<Option<Duration>>,
+    ) -> TransportError {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                TransportError::TimedOut {
+                    peer: self.peer.clone(),
+                    after: timeout.ok().flatten().unwrap_or_default(),
+                }
+            }
+            _ => self.io(e),
+        }
+    }
+
     fn io(&self, source: std::io::Error) -> TransportError {
         TransportError::Io {
             peer: self.peer.clone(),
@@ -74,24 +92,7 @@ impl Link for TcpLink {
                 }
                 Ok(n) => IoSlice::advance_slices(&mut bufs, n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    let after = self
-                        .stream
-                        .write_timeout()
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
-                    return Err(TransportError::TimedOut {
-                        peer: self.peer.clone(),
-                        after,
-                    });
-                }
-                Err(e) => return Err(self.io(e)),
+                Err(e) => return Err(self.failed(e, self.stream.write_timeout())),
             }
         }
         Ok(())
@@ -102,24 +103,7 @@ impl Link for TcpLink {
             match (&self.stream).read(buf) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    let after = self
-                        .stream
-                        .read_timeout()
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
-                    return Err(TransportError::TimedOut {
-                        peer: self.peer.clone(),
-                        after,
-                    });
-                }
-                Err(e) => return Err(self.io(e)),
+                Err(e) => return Err(self.failed(e, self.stream.read_timeout())),
             }
         }
     }

@@ -2,40 +2,26 @@
 #![allow(dead_code)]
 
 use fabric::{ClientConfig, PageClient};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use splitvisor_tests::Daemon;
 
 /// A `memnode` process on a free loopback port, killed when dropped.
-pub struct Node {
-    pub child: Child,
-    pub addr: String,
+pub struct Node(Daemon);
+
+impl std::ops::Deref for Node {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.0
+    }
 }
 
 impl Node {
     /// Starts `memnode --listen 127.0.0.1:0` with `extra` arguments and waits for
     /// its `memnode listening on ADDR` line.
     pub fn start(extra: &[&str]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_memnode"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .spawn()
-            .expect("spawn memnode");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("read memnode's first line");
-        let addr = line
-            .trim()
-            .strip_prefix("memnode listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line from memnode: {line:?}"))
-            .to_string();
-        Node { child, addr }
+        Node(Daemon::memnode(
+            std::path::Path::new(env!("CARGO_BIN_EXE_memnode")),
+            extra,
+        ))
     }
 
     /// A client for `vm`.
@@ -51,19 +37,8 @@ impl Node {
     }
 
     /// Sends `sig` and waits for the exit status.
-    pub fn stop(mut self, sig: i32) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
-        self.child.wait().expect("wait for memnode")
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn stop(self, sig: i32) -> std::process::ExitStatus {
+        self.0.stop(sig)
     }
 }
 
