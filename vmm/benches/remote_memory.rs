@@ -48,17 +48,17 @@ fn main() {
     } else {
         vec![
             ("seq", "seq:size=256M".into(), 256 << 20),
-            ("rand", "rand:size=64M".into(), 64 << 20),
-            ("chase", "chase:size=32M".into(), 32 << 20),
+            ("rand", "rand:size=16M".into(), 16 << 20),
+            ("chase", "chase:size=4M".into(), 4 << 20),
             (
                 "hash_zipf",
-                "hash:size=32M,dist=zipf,theta=0.99,ops=400000".into(),
-                32 << 20,
+                "hash:size=4M,dist=zipf,theta=0.99,ops=50000".into(),
+                4 << 20,
             ),
             (
                 "hash_uniform",
-                "hash:size=32M,dist=uniform,ops=400000".into(),
-                32 << 20,
+                "hash:size=4M,dist=uniform,ops=50000".into(),
+                4 << 20,
             ),
         ]
     };
@@ -69,7 +69,7 @@ fn main() {
         let mut base = 0.0;
         for (label, frac) in [("100%", 1.0), ("50%", 0.5), ("25%", 0.25), ("12.5%", 0.125)] {
             let cache = ((*size as f64 * frac) as u64).max(64 << 10) & !4095;
-            let r = vmm(&node.addr, w, *size, cache, 16);
+            let r = vmm(&node.addr, w, *size, cache, 64);
             let t = r["elapsed_s"].as_f64().unwrap();
             if frac == 1.0 {
                 base = t;
