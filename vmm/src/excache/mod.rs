@@ -113,6 +113,9 @@ pub(crate) struct Shared {
     pub(crate) nodes: Placement,
     pub(crate) vm: Arc<VmFd>,
     pub(crate) stats: CacheStats,
+    /// Pages the KVM dirty log reported and that have not been evicted since
+    /// (shared by the evictor threads).
+    pub(crate) dirty: Mutex<Vec<u64>>,
     /// Sequential fault streams, for prefetching.
     pub(crate) streams: fault::Streams,
     /// The first fatal error (a memory node failed); the VM stops on it.
@@ -259,6 +262,7 @@ impl ExCache {
             vm,
             stats: CacheStats::new(n_nodes),
             streams: fault::Streams::new(),
+            dirty: Mutex::new(vec![0u64; pages.div_ceil(64)]),
             fatal: Mutex::new(None),
             fatal_cv: Condvar::new(),
         });
@@ -272,13 +276,15 @@ impl ExCache {
                     .map_err(CacheError::Thread)?,
             );
         }
-        let s = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("evictor".into())
-                .spawn(move || evict::evictor_loop(&s))
-                .map_err(CacheError::Thread)?,
-        );
+        for i in 0..evict::EVICTORS {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("evictor-{i}"))
+                    .spawn(move || evict::evictor_loop(&s))
+                    .map_err(CacheError::Thread)?,
+            );
+        }
         Ok(ExCache { shared, threads })
     }
 
