@@ -331,14 +331,7 @@ impl Connection {
             if self.session.is_none() {
                 let left = handshake_deadline.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
-                    self.fail(
-                        &link,
-                        &mut out,
-                        0,
-                        ErrorCode::HandshakeRequired,
-                        "no hello within the handshake timeout".into(),
-                    );
-                    return;
+                    return self.handshake_timed_out(&link, &mut out);
                 }
                 let _ = link.set_recv_timeout(Some(left));
             }
@@ -346,14 +339,7 @@ impl Connection {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(TransportError::TimedOut { .. }) => {
-                    self.fail(
-                        &link,
-                        &mut out,
-                        0,
-                        ErrorCode::HandshakeRequired,
-                        "no hello within the handshake timeout".into(),
-                    );
-                    return;
+                    return self.handshake_timed_out(&link, &mut out);
                 }
                 Err(e) => {
                     if !self.state.shutting_down.load(Relaxed) {
@@ -392,6 +378,16 @@ impl Connection {
             }
         }
         log::debug!("{peer}: closed");
+    }
+
+    fn handshake_timed_out(&self, link: &TcpLink, out: &mut Vec<u8>) {
+        self.fail(
+            link,
+            out,
+            0,
+            ErrorCode::HandshakeRequired,
+            "no hello within the handshake timeout".into(),
+        );
     }
 
     fn flush(&self, link: &TcpLink, out: &mut Vec<u8>) -> bool {

@@ -266,24 +266,19 @@ impl ExCache {
             fatal: Mutex::new(None),
             fatal_cv: Condvar::new(),
         });
+        let spawn = |name: String, f: fn(&Shared)| {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || f(&s))
+                .map_err(CacheError::Thread)
+        };
         let mut threads = Vec::new();
         for i in 0..cfg.handlers.max(1) {
-            let s = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("fault-{i}"))
-                    .spawn(move || fault::handler_loop(&s))
-                    .map_err(CacheError::Thread)?,
-            );
+            threads.push(spawn(format!("fault-{i}"), fault::handler_loop)?);
         }
         for i in 0..evict::EVICTORS {
-            let s = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("evictor-{i}"))
-                    .spawn(move || evict::evictor_loop(&s))
-                    .map_err(CacheError::Thread)?,
-            );
+            threads.push(spawn(format!("evictor-{i}"), evict::evictor_loop)?);
         }
         Ok(ExCache { shared, threads })
     }
