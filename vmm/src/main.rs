@@ -166,7 +166,13 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         a.workload.name,
         a.memnodes.join(", ")
     );
-    let report = vm::run(&cfg).map_err(|e| fabric::client::error_chain(&e))?;
+    // SIGINT/SIGTERM stop the VM cleanly (and the memory node started for it).
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, interrupt.clone())
+            .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
+    }
+    let report = vm::run(&cfg, &interrupt).map_err(|e| fabric::client::error_chain(&e))?;
     let mut ok = report.vcpus.len() == a.vcpus;
     let mut vcpus_json = Vec::new();
     for (i, o) in report.vcpus.iter().enumerate() {

@@ -94,6 +94,9 @@ pub enum VmError {
     /// The run stopped on a fatal error (a memory node failed).
     #[error("{0}")]
     Fatal(String),
+    /// The run was interrupted (SIGINT/SIGTERM).
+    #[error("interrupted; the VM was stopped")]
+    Interrupted,
 }
 
 fn validate(cfg: &VmConfig) -> Result<u64, VmError> {
@@ -154,8 +157,10 @@ fn validate(cfg: &VmConfig) -> Result<u64, VmError> {
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Builds the VM, runs the workload on every vCPU and returns the report.
-pub fn run(cfg: &VmConfig) -> Result<RunReport, VmError> {
+/// Builds the VM, runs the workload on every vCPU and returns the report. Setting
+/// `interrupt` (from a signal handler thread) stops the vCPUs and ends the run
+/// with [`VmError::Interrupted`].
+pub fn run(cfg: &VmConfig, interrupt: &AtomicBool) -> Result<RunReport, VmError> {
     let share = validate(cfg)?;
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = Arc::new(kvm.create_vm().map_err(|source| VmError::KvmCall {
@@ -267,28 +272,38 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmError> {
             .map_err(|e| VmError::Config(format!("cannot start a vCPU thread: {e}")))?;
         threads.push(t);
     }
-    let fatal = cache.wait_fatal_or(|| running.load(SeqCst) == 0 || stop.load(SeqCst));
-    if let Some(why) = fatal {
-        // vCPUs may be stuck in a fault that can never be served: do not join them.
-        stop.store(true, SeqCst);
-        for t in &threads {
+    let kick_all = |threads: &[std::thread::JoinHandle<_>]| {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
             // SAFETY: pthread_kill with a signal whose handler is a no-op; the
-            // thread is alive (its handle is not joined).
+            // thread is alive (its handle is neither joined nor finished).
             unsafe { libc::pthread_kill(t.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN()) };
         }
-        return Err(VmError::Fatal(why));
-    }
-    // One vCPU failing stops the others.
+    };
     while running.load(SeqCst) > 0 {
-        if stop.load(SeqCst) {
-            for t in threads.iter().filter(|t| !t.is_finished()) {
-                // SAFETY: as above.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN()) };
-            }
+        if interrupt.load(SeqCst) {
+            stop.store(true, SeqCst);
         }
-        if let Some(why) = cache.wait_fatal_or(|| running.load(SeqCst) == 0) {
+        if stop.load(SeqCst) {
+            // One vCPU failed, or the user interrupted: stop the others. Kick
+            // until they notice (a kick can land just before KVM_RUN).
+            kick_all(&threads);
+            std::thread::sleep(Duration::from_millis(10));
+            if let Some(why) = cache.fatal() {
+                return Err(VmError::Fatal(why));
+            }
+            continue;
+        }
+        if let Some(why) = cache.wait_fatal_or(|| {
+            running.load(SeqCst) == 0 || stop.load(SeqCst) || interrupt.load(SeqCst)
+        }) {
+            // vCPUs may be stuck in a fault that can never be served: do not join them.
+            stop.store(true, SeqCst);
+            kick_all(&threads);
             return Err(VmError::Fatal(why));
         }
+    }
+    if interrupt.load(SeqCst) {
+        return Err(VmError::Interrupted);
     }
     let elapsed = t0.elapsed();
     let mut outcomes = Vec::new();

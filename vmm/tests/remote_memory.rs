@@ -411,3 +411,43 @@ fn kvm_bad_input_gets_one_clear_error_line() {
     }
     let _ = std::fs::remove_file(junk);
 }
+
+#[test]
+fn kvm_sigterm_stops_the_vm_cleanly() {
+    require_kvm();
+    // No --memnode: vmm starts its own node, which must go away with it.
+    let mut child = Command::new(VMM)
+        .args([
+            "run",
+            "--workload",
+            "rand:size=16M,ops=50000000",
+            "--mem",
+            "16M",
+            "--local-cache",
+            "1M",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the workload should still be running"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "vmm did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interrupted"), "stderr: {err}");
+}
