@@ -48,7 +48,7 @@ struct RunArgs {
     /// Eviction policy.
     #[arg(long, value_enum, default_value_t = EvictPolicy::Clock)]
     evict: EvictPolicy,
-    /// Pages to prefetch on a sequential fault stream (0: off; at most 64).
+    /// Pages to prefetch on a sequential fault stream (0: off; at most 1024).
     #[arg(long, default_value_t = 64)]
     prefetch: usize,
     /// Fault handler threads.
@@ -147,7 +147,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         cache: CacheConfig {
             budget_pages: (a.local_cache / 4096) as usize,
             policy: a.evict,
-            prefetch: a.prefetch.min(fabric::proto::MAX_BATCH),
+            prefetch: a.prefetch.min(1024),
             handlers: a.fault_threads.clamp(1, 64),
             remove_events: false,
         },

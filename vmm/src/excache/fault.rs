@@ -43,7 +43,7 @@ impl Streams {
 }
 
 pub(crate) fn handler_loop(s: &Shared) {
-    let mut buf = vec![0u8; PAGE * fabric::proto::MAX_BATCH];
+    let mut buf = vec![0u8; PAGE * s.cfg.prefetch.max(fabric::proto::MAX_BATCH)];
     let mut fds = [
         libc::pollfd {
             fd: s.uffd.as_raw_fd(),
@@ -214,38 +214,52 @@ fn prefetch(s: &Shared, p: usize, buf: &mut [u8]) -> Result<usize, String> {
             s.stats.prefetch_zero.fetch_add(1, Relaxed);
         }
     }
+    // Per-node runs of up to a batch each, all submitted before any is awaited,
+    // so a long window costs about one round trip, not one per batch.
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (node, from, to)
     let mut i = 0;
     while i < remote.len() {
         let node_i = s.nodes.node_of(remote[i] as u64);
-        let node = s.nodes.node(node_i);
+        let max = s.nodes.node(node_i).node().max_batch;
         let mut j = i;
-        while j < remote.len()
-            && j - i < node.node().max_batch
-            && s.nodes.node_of(remote[j] as u64) == node_i
-        {
+        while j < remote.len() && j - i < max && s.nodes.node_of(remote[j] as u64) == node_i {
             j += 1;
         }
-        let gpns: Vec<u64> = remote[i..j].iter().map(|&q| q as u64).collect();
-        let out = &mut buf[..gpns.len() * PAGE];
-        node.read_pages(&gpns, out).map_err(|e| {
-            format!(
-                "memory node {} failed: {}",
-                node.addr(),
-                fabric::client::error_chain(&e)
-            )
-        })?;
-        for (k, &q) in remote[i..j].iter().enumerate() {
-            let addr = s.addr(q);
+        runs.push((node_i, i, j));
+        i = j;
+    }
+    let node_err = |n: usize, e: fabric::ClientError| {
+        format!(
+            "memory node {} failed: {}",
+            s.nodes.node(n).addr(),
+            fabric::client::error_chain(&e)
+        )
+    };
+    let mut pending = Vec::with_capacity(runs.len());
+    for &(n, from, to) in &runs {
+        let gpns: Vec<u64> = remote[from..to].iter().map(|&q| q as u64).collect();
+        pending.push(
+            s.nodes
+                .node(n)
+                .submit_read(&gpns)
+                .map_err(|e| node_err(n, e))?,
+        );
+    }
+    for ((n, from, to), read) in runs.into_iter().zip(pending) {
+        let out = &mut buf[from * PAGE..to * PAGE];
+        read.wait(out).map_err(|e| node_err(n, e))?;
+        for (k, &q) in remote[from..to].iter().enumerate() {
             let data = &out[k * PAGE..(k + 1) * PAGE];
             s.set_installed_hash(q, fingerprint::page(data));
-            uffd::copy_page(&s.uffd, addr, data, &s.retries)
+            uffd::copy_page(&s.uffd, s.addr(q), data, &s.retries)
                 .map_err(|e| fabric::client::error_chain(&e))?;
             s.referenced[q].store(true, Relaxed);
             s.state[q].store(RESIDENT, Release);
             s.queue.lock().unwrap().push_back(q as u32);
         }
-        s.stats.prefetch_remote.fetch_add((j - i) as u64, Relaxed);
-        i = j;
+        s.stats
+            .prefetch_remote
+            .fetch_add((to - from) as u64, Relaxed);
     }
     Ok(taken.last().copied().unwrap_or(p))
 }
