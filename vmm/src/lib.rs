@@ -16,7 +16,9 @@
 //! a [`workload`] on every vCPU.
 
 pub mod abi_io;
+pub mod api;
 pub mod arch;
+pub mod control;
 pub mod excache;
 pub mod memory;
 pub mod vcpu;

@@ -20,7 +20,22 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run a VM until its guest finishes.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Show a running VM's statistics through its control API.
+    Stats(StatsArgs),
+}
+
+#[derive(Args, Debug)]
+struct StatsArgs {
+    /// The VM's control socket (`vmm run --api-sock`).
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+    /// Print a line a second with rates until the VM ends.
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Args, Debug)]
@@ -60,6 +75,9 @@ struct RunArgs {
     /// Address-space id on the memory nodes (default: derived from the process id).
     #[arg(long)]
     vm_id: Option<u64>,
+    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// Write the run's statistics as JSON to this file.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -71,8 +89,15 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run(a) => match run(a) {
+        Cmd::Run(a) => match run(*a) {
             Ok(code) => code,
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Stats(a) => match stats(a) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("vmm: error: {e}");
                 ExitCode::FAILURE
@@ -156,6 +181,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         workload: a.workload.clone(),
         vm_id,
         link: a.link,
+        api_sock: a.api_sock.clone(),
     };
     log::info!(
         "vm {vm_id:#x}: {} MiB guest RAM, {} MiB local cache ({:?}), {} vCPU(s), workload {}, memory nodes {}",
@@ -233,5 +259,70 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
     } else {
         eprintln!("vmm: error: the workload failed verification");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+fn get_stats(sock: &std::path::Path) -> Result<serde_json::Value, String> {
+    match vmm::api::request(sock, "GET", "/stats")? {
+        (200, v) => Ok(v),
+        (code, v) => Err(format!(
+            "the API answered {code}: {}",
+            v["error"].as_str().unwrap_or("?")
+        )),
+    }
+}
+
+fn stats(a: StatsArgs) -> Result<(), String> {
+    let first = get_stats(&a.api_sock)?;
+    if !a.watch {
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&first).unwrap_or_default()
+            );
+        } else {
+            let s: vmm::excache::stats::StatsSnapshot = serde_json::from_value(first)
+                .map_err(|e| format!("unexpected stats from the API: {e}"))?;
+            println!("{}", s.summary());
+        }
+        return Ok(());
+    }
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let mut prev = first;
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let Ok(cur) = get_stats(&a.api_sock) else {
+            println!("the VM has ended");
+            return Ok(());
+        };
+        if a.json {
+            println!("{cur}");
+        } else {
+            let faults = |v: &serde_json::Value| n(v, "faults_zero") + n(v, "faults_remote");
+            println!(
+                "resident {:>8}/{:<8} faults/s {:>7} (remote {:>7})  prefetched/s {:>7}  evictions/s {:>7}  fetch p50 {:>6.1} us p99 {:>7.1} us  nodes {}",
+                n(&cur, "resident_pages"),
+                n(&cur, "budget_pages"),
+                faults(&cur) - faults(&prev),
+                n(&cur, "faults_remote") - n(&prev, "faults_remote"),
+                n(&cur, "prefetch_remote") + n(&cur, "prefetch_zero")
+                    - n(&prev, "prefetch_remote")
+                    - n(&prev, "prefetch_zero"),
+                n(&cur, "evict_clean") + n(&cur, "evict_dirty")
+                    - n(&prev, "evict_clean")
+                    - n(&prev, "evict_dirty"),
+                cur["fetch_p50_us"].as_f64().unwrap_or(0.0),
+                cur["fetch_p99_us"].as_f64().unwrap_or(0.0),
+                cur["node_pages"]
+                    .as_array()
+                    .map(|a| a
+                        .iter()
+                        .map(|p| format!("{}={}", p[0].as_str().unwrap_or("?"), p[1]))
+                        .collect::<Vec<_>>()
+                        .join(" "))
+                    .unwrap_or_default()
+            );
+        }
+        prev = cur;
     }
 }

@@ -2,13 +2,14 @@
 //! writes to the hypercall port; a write to a page under eviction surfaces as
 //! `EFAULT` (or a memory-fault exit) and is retried once the eviction batch ends.
 
+use crate::control::RunControl;
 use crate::excache::ExCache;
 use guest_shim::abi::{
     CALL_EXIT, CALL_LOG, CALL_RESULT, DOORBELL_ADDR, HYPERCALL_PORT, LOG_OFFSET, LOG_SIZE,
     MAILBOX_BASE, MAILBOX_SIZE, RESULT_OFFSET, WorkloadResult,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// How a vCPU ended.
@@ -68,13 +69,14 @@ pub fn run(
     vcpu: &mut VcpuFd,
     mem: &GuestMemoryMmap,
     cache: &ExCache,
-    stop: &AtomicBool,
+    control: &RunControl,
 ) -> Result<VcpuOutcome, VcpuError> {
     let mbox = MAILBOX_BASE + idx as u64 * MAILBOX_SIZE;
     let mut result = None;
     let mut efaults_in_a_row = 0u32;
     loop {
-        if stop.load(SeqCst) {
+        control.wait_if_paused();
+        if control.stop.load(SeqCst) {
             return Err(VcpuError::Stopped(idx));
         }
         let exit = vcpu.run();

@@ -2,6 +2,7 @@
 //! nodes, the shim image, vCPUs; then waiting for the vCPUs or a fatal error.
 
 use crate::arch;
+use crate::control::RunControl;
 use crate::excache::placement::Placement;
 use crate::excache::stats::StatsSnapshot;
 use crate::excache::{CacheConfig, CacheError, ExCache};
@@ -42,6 +43,8 @@ pub struct VmConfig {
     pub vm_id: u64,
     /// Emulated link to the memory nodes.
     pub link: LinkModel,
+    /// Serve the control API on this Unix socket.
+    pub api_sock: Option<std::path::PathBuf>,
 }
 
 /// What a run produced.
@@ -250,43 +253,58 @@ pub fn run(cfg: &VmConfig, interrupt: &AtomicBool) -> Result<RunReport, VmError>
     // A no-op signal handler lets us interrupt KVM_RUN to stop a vCPU.
     vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
         .map_err(|e| VmError::Config(format!("cannot install the vCPU kick signal handler: {e}")))?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let control = Arc::new(RunControl::default());
     let running = Arc::new(AtomicUsize::new(cfg.vcpus));
     let cache = Arc::new(cache);
     let mem = Arc::new(ram.mem.clone());
     let t0 = Instant::now();
     let mut threads = Vec::new();
     for (i, mut vcpu) in vcpus.into_iter().enumerate() {
-        let (cache, stop, running, mem) =
-            (cache.clone(), stop.clone(), running.clone(), mem.clone());
+        let (cache, ctl, running, mem) =
+            (cache.clone(), control.clone(), running.clone(), mem.clone());
         let t = std::thread::Builder::new()
             .name(format!("vcpu-{i}"))
             .spawn(move || {
-                let r = vcpu::run(i, &mut vcpu, &mem, &cache, &stop);
+                let r = vcpu::run(i, &mut vcpu, &mem, &cache, &ctl);
                 if r.is_err() {
-                    stop.store(true, SeqCst);
+                    ctl.stop.store(true, SeqCst);
                 }
                 running.fetch_sub(1, SeqCst);
                 r
             })
             .map_err(|e| VmError::Config(format!("cannot start a vCPU thread: {e}")))?;
+        control.add_thread(t.as_pthread_t());
         threads.push(t);
     }
-    let kick_all = |threads: &[std::thread::JoinHandle<_>]| {
-        for t in threads.iter().filter(|t| !t.is_finished()) {
-            // SAFETY: pthread_kill with a signal whose handler is a no-op; the
-            // thread is alive (its handle is neither joined nor finished).
-            unsafe { libc::pthread_kill(t.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN()) };
+    let api = match &cfg.api_sock {
+        Some(path) => {
+            let info = crate::api::VmInfo {
+                id: cfg.vm_id,
+                vcpus: cfg.vcpus,
+                mem_bytes: cfg.mem,
+                local_cache_bytes: cfg.cache.budget_pages as u64 * 4096,
+                workload: cfg.workload.name.clone(),
+            };
+            match crate::api::serve(path, info, cache.clone(), control.clone()) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    control.stop.store(true, SeqCst);
+                    control.kick_all();
+                    return Err(VmError::Config(e.to_string()));
+                }
+            }
         }
+        None => None,
     };
     while running.load(SeqCst) > 0 {
         if interrupt.load(SeqCst) {
-            stop.store(true, SeqCst);
+            control.stop.store(true, SeqCst);
         }
-        if stop.load(SeqCst) {
+        if control.stop.load(SeqCst) {
             // One vCPU failed, or the user interrupted: stop the others. Kick
             // until they notice (a kick can land just before KVM_RUN).
-            kick_all(&threads);
+            control.set_paused(false);
+            control.kick_all();
             std::thread::sleep(Duration::from_millis(10));
             if let Some(why) = cache.fatal() {
                 return Err(VmError::Fatal(why));
@@ -294,17 +312,18 @@ pub fn run(cfg: &VmConfig, interrupt: &AtomicBool) -> Result<RunReport, VmError>
             continue;
         }
         if let Some(why) = cache.wait_fatal_or(|| {
-            running.load(SeqCst) == 0 || stop.load(SeqCst) || interrupt.load(SeqCst)
+            running.load(SeqCst) == 0 || control.stop.load(SeqCst) || interrupt.load(SeqCst)
         }) {
             // vCPUs may be stuck in a fault that can never be served: do not join them.
-            stop.store(true, SeqCst);
-            kick_all(&threads);
+            control.stop.store(true, SeqCst);
+            control.kick_all();
             return Err(VmError::Fatal(why));
         }
     }
     if interrupt.load(SeqCst) {
         return Err(VmError::Interrupted);
     }
+    drop(api);
     let elapsed = t0.elapsed();
     let mut outcomes = Vec::new();
     let mut first_err = None;

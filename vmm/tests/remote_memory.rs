@@ -451,3 +451,86 @@ fn kvm_sigterm_stops_the_vm_cleanly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("interrupted"), "stderr: {err}");
 }
+
+#[test]
+fn kvm_control_api_reports_pauses_and_resumes() {
+    use std::os::unix::fs::PermissionsExt;
+    require_kvm();
+    let node = memnode(&["--capacity", "64M"]);
+    let sock = std::env::temp_dir().join(format!("vmm-api-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(VMM)
+        .args([
+            "run",
+            "--workload",
+            "rand:size=8M,ops=50000000",
+            "--mem",
+            "8M",
+            "--local-cache",
+            "1M",
+            "--memnode",
+            &node.addr,
+        ])
+        .arg("--api-sock")
+        .arg(&sock)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(20), "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "socket is accessible to others: {mode:o}");
+    let get = |path: &str| vmm::api::request(&sock, "GET", path).unwrap();
+    let (code, vm) = get("/vm");
+    assert_eq!(code, 200);
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["info"]["mem_bytes"], 8 << 20);
+    // Pause: the counters stop moving; resume: they move again.
+    assert_eq!(vmm::api::request(&sock, "PUT", "/vm/pause").unwrap().0, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, vm) = get("/vm");
+    assert_eq!(
+        (vm["state"].as_str(), vm["vcpus_parked"].as_u64()),
+        (Some("paused"), Some(1))
+    );
+    let faults = |v: &serde_json::Value| {
+        v["faults_remote"].as_u64().unwrap() + v["faults_zero"].as_u64().unwrap()
+    };
+    let a = faults(&get("/stats").1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(faults(&get("/stats").1), a, "faults while paused");
+    assert_eq!(
+        vmm::api::request(&sock, "PUT", "/vm/resume").unwrap().0,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(faults(&get("/stats").1) > a, "no progress after resume");
+    let (code, nodes) = get("/memnodes");
+    assert_eq!(code, 200);
+    assert_eq!(nodes[0]["addr"], node.addr.as_str());
+    // Bad requests get errors with messages, and the VM goes on.
+    let (code, e) = vmm::api::request(&sock, "POST", "/vm").unwrap();
+    assert_eq!(code, 405, "{e}");
+    let (code, e) = get("/no/such/thing");
+    assert_eq!(code, 404);
+    assert!(e["error"].as_str().unwrap().contains("/no/such/thing"));
+    let (code, _) = get("/../etc/passwd");
+    assert_eq!(code, 400);
+    let out = Command::new(VMM)
+        .args(["stats", "--api-sock"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("resident"));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(!sock.exists(), "the API socket is removed at exit");
+}

@@ -56,7 +56,7 @@ impl CacheStats {
 }
 
 /// A point-in-time copy of the statistics, as printed and written by `--stats-json`.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct StatsSnapshot {
     /// Pages resident now.
     pub resident_pages: u64,
