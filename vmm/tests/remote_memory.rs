@@ -5,7 +5,7 @@
 
 use splitvisor_tests::{Daemon, sibling_bin};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
@@ -39,7 +39,7 @@ fn vmm_run(args: &[&str], deadline: Duration) -> Run {
         std::process::id(),
         rand_suffix()
     ));
-    let mut child = Command::new(VMM)
+    let child = Command::new(VMM)
         .arg("run")
         .args(args)
         .arg("--stats-json")
@@ -49,20 +49,7 @@ fn vmm_run(args: &[&str], deadline: Duration) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start vmm");
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "vmm {args:?} did not finish within {deadline:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = wait_for_exit(child, deadline, &format!("vmm {args:?} did not finish"));
     let json = std::fs::read_to_string(&json_path)
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
@@ -74,6 +61,42 @@ fn vmm_run(args: &[&str], deadline: Duration) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         json,
     }
+}
+
+/// Waits for `child` to exit; past `deadline` kills it and fails with `what` and
+/// its output.
+fn wait_for_exit(mut child: Child, deadline: Duration, what: &str) -> Output {
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} (after {deadline:?})\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Starts `vmm ARGS` with a workload long enough to still run after 1.5 s.
+fn start_long_run(args: &[&str]) -> Child {
+    let mut child = Command::new(VMM)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the workload should still be running"
+    );
+    child
 }
 
 fn rand_suffix() -> u64 {
@@ -301,7 +324,7 @@ fn kvm_memnode_dying_mid_run_stops_the_vm_with_an_error_naming_it() {
     require_kvm();
     let node = memnode(&["--capacity", "256M"]);
     let addr = node.addr.clone();
-    let args: Vec<String> = [
+    let child = start_long_run(&[
         "run",
         "--workload",
         "rand:size=16M,ops=50000000",
@@ -311,32 +334,13 @@ fn kvm_memnode_dying_mid_run_stops_the_vm_with_an_error_naming_it() {
         "1M",
         "--memnode",
         &addr,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut child = Command::new(VMM)
-        .args(&args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the workload should still be running"
-    );
+    ]);
     drop(node); // kills the memory node
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "vmm hung after its memory node died"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = wait_for_exit(
+        child,
+        Duration::from_secs(30),
+        "vmm hung after its memory node died",
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -416,37 +420,22 @@ fn kvm_bad_input_gets_one_clear_error_line() {
 fn kvm_sigterm_stops_the_vm_cleanly() {
     require_kvm();
     // No --memnode: vmm starts its own node, which must go away with it.
-    let mut child = Command::new(VMM)
-        .args([
-            "run",
-            "--workload",
-            "rand:size=16M,ops=50000000",
-            "--mem",
-            "16M",
-            "--local-cache",
-            "1M",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the workload should still be running"
-    );
+    let child = start_long_run(&[
+        "run",
+        "--workload",
+        "rand:size=16M,ops=50000000",
+        "--mem",
+        "16M",
+        "--local-cache",
+        "1M",
+    ]);
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "vmm did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = wait_for_exit(
+        child,
+        Duration::from_secs(20),
+        "vmm did not stop on SIGTERM",
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("interrupted"), "stderr: {err}");
