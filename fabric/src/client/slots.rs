@@ -18,7 +18,7 @@ use crate::proto::{
 };
 use crate::transport::{Link, TransportError};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -156,7 +156,7 @@ pub(crate) struct SlotTable {
     /// Reply bytes expected for requests whose replies have not been received yet:
     /// bounded so that unread replies never fill the socket buffers (which would
     /// block the node's writes and, with nobody reading, our sends).
-    unreceived: Mutex<usize>,
+    unreceived: AtomicUsize,
 }
 
 /// Most reply bytes outstanding on the socket before new requests wait.
@@ -191,8 +191,17 @@ impl SlotTable {
                 end: 0,
             }),
             parked: Mutex::new(VecDeque::with_capacity(n)),
-            unreceived: Mutex::new(0),
+            unreceived: AtomicUsize::new(0),
         }
+    }
+
+    /// Forgets `bytes` of outstanding replies (saturating: `fail` resets the count).
+    fn unreceived_sub(&self, bytes: usize) {
+        let _ = self
+            .unreceived
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
     }
 
     pub(crate) fn failure(&self) -> Option<String> {
@@ -211,7 +220,7 @@ impl SlotTable {
             }
         }
         self.failed_flag.store(true, Ordering::Release);
-        *self.unreceived.lock().unwrap() = 0;
+        self.unreceived.store(0, Ordering::Release);
         for s in self.slots.iter() {
             let _g = s.st.lock().unwrap();
             s.cv.notify_all();
@@ -235,12 +244,13 @@ impl SlotTable {
             if let Some(r) = self.failure() {
                 return Err(r);
             }
-            {
-                let mut u = self.unreceived.lock().unwrap();
-                if *u == 0 || *u + bytes <= UNRECEIVED_BUDGET {
-                    *u += bytes;
-                    break;
-                }
+            let admitted = self
+                .unreceived
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                    (u == 0 || u + bytes <= UNRECEIVED_BUDGET).then_some(u + bytes)
+                });
+            if admitted.is_ok() {
+                break;
             }
             match self.reader.try_lock() {
                 Ok(mut rb) => {
@@ -257,7 +267,7 @@ impl SlotTable {
             let mut free = self.free.lock().unwrap();
             loop {
                 if let Some(r) = self.failure() {
-                    *self.unreceived.lock().unwrap() -= bytes;
+                    self.unreceived_sub(bytes);
                     return Err(r);
                 }
                 if let Some(i) = free.0.pop() {
@@ -462,10 +472,7 @@ impl SlotTable {
             return Err(unknown());
         }
         let expect = st.expect;
-        {
-            let mut u = self.unreceived.lock().unwrap();
-            *u = u.saturating_sub(st.reply_bytes);
-        }
+        self.unreceived_sub(st.reply_bytes);
         st.reply_bytes = 0;
         let c = &mut st.completed;
         c.reply = match msg {
