@@ -19,8 +19,19 @@ pub mod abi_io;
 pub mod api;
 pub mod arch;
 pub mod control;
+pub mod devices;
 pub mod excache;
+pub mod linux;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
 pub mod workload;
+
+/// Logs a warning the first time this call site is reached.
+#[macro_export]
+macro_rules! warn_once {
+    ($($t:tt)*) => {{
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| log::warn!($($t)*));
+    }};
+}

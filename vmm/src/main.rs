@@ -81,6 +81,29 @@ struct RunArgs {
     /// Write the run's statistics as JSON to this file.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
+    /// Boot this Linux kernel (bzImage or ELF vmlinux) instead of the guest shim.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["shim", "workload"])]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(
+        long,
+        default_value = "console=ttyS0 reboot=k panic=-1",
+        requires = "kernel"
+    )]
+    cmdline: String,
+    /// Where the guest's serial console goes: stdio or a file path.
+    #[arg(long, default_value = "stdio", requires = "kernel")]
+    console: vmm::linux::Console,
+    /// A virtio-blk disk: file:PATH[,ro] (repeat for several).
+    #[arg(long = "disk", value_name = "SPEC", requires = "kernel")]
+    disks: Vec<vmm::linux::DiskSpec>,
+    /// Boot --kernel even where /dev/kvm is a software nested KVM (guest kernel
+    /// mode is emulated there and a stock kernel does not finish booting).
+    #[arg(long, requires = "kernel")]
+    allow_software_kvm: bool,
 }
 
 fn main() -> ExitCode {
@@ -166,16 +189,27 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
             .unwrap_or(0);
         (u64::from(std::process::id()) << 32) ^ t
     });
+    let cache = CacheConfig {
+        budget_pages: (a.local_cache / 4096) as usize,
+        policy: a.evict,
+        prefetch: a.prefetch.min(1024),
+        handlers: a.fault_threads.clamp(1, 64),
+        remove_events: false,
+        host_writes: false,
+    };
+    // SIGINT/SIGTERM stop the VM cleanly (and the memory node started for it).
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, interrupt.clone())
+            .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
+    }
+    if let Some(kernel) = a.kernel.clone() {
+        return run_linux(a, kernel, cache, vm_id, &interrupt);
+    }
     let cfg = VmConfig {
         mem: a.mem,
         vcpus: a.vcpus,
-        cache: CacheConfig {
-            budget_pages: (a.local_cache / 4096) as usize,
-            policy: a.evict,
-            prefetch: a.prefetch.min(1024),
-            handlers: a.fault_threads.clamp(1, 64),
-            remove_events: false,
-        },
+        cache,
         memnodes: a.memnodes.clone(),
         shim,
         workload: a.workload.clone(),
@@ -192,12 +226,6 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         a.workload.name,
         a.memnodes.join(", ")
     );
-    // SIGINT/SIGTERM stop the VM cleanly (and the memory node started for it).
-    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, interrupt.clone())
-            .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
-    }
     let report = vm::run(&cfg, &interrupt).map_err(|e| fabric::client::error_chain(&e))?;
     let mut ok = report.vcpus.len() == a.vcpus;
     let mut vcpus_json = Vec::new();
@@ -260,6 +288,66 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         eprintln!("vmm: error: the workload failed verification");
         Ok(ExitCode::FAILURE)
     }
+}
+
+fn run_linux(
+    a: RunArgs,
+    kernel: PathBuf,
+    cache: CacheConfig,
+    vm_id: u64,
+    interrupt: &std::sync::atomic::AtomicBool,
+) -> Result<ExitCode, String> {
+    let cfg = vmm::linux::LinuxConfig {
+        mem: a.mem,
+        vcpus: a.vcpus,
+        cache,
+        memnodes: a.memnodes.clone(),
+        vm_id,
+        link: a.link,
+        api_sock: a.api_sock.clone(),
+        kernel,
+        initrd: a.initrd.clone(),
+        cmdline: a.cmdline.clone(),
+        console: a.console.clone(),
+        disks: a.disks.clone(),
+        allow_software_kvm: a.allow_software_kvm,
+    };
+    log::info!(
+        "vm {vm_id:#x}: Linux {} ({} MiB guest RAM, {} MiB local cache, {} vCPU(s), {} disk(s)), memory nodes {}",
+        cfg.kernel.display(),
+        a.mem >> 20,
+        a.local_cache >> 20,
+        a.vcpus,
+        a.disks.len(),
+        a.memnodes.join(", ")
+    );
+    let report = vmm::linux::run(&cfg, interrupt).map_err(|e| fabric::client::error_chain(&e))?;
+    let how = match report.exit {
+        vmm::linux::GuestExit::PowerOff => "the guest powered off",
+        vmm::linux::GuestExit::Reset => "the guest rebooted (vmm does not restart it)",
+    };
+    eprintln!(
+        "vmm: {how} after {:.3} s; {}",
+        report.elapsed.as_secs_f64(),
+        report.stats.summary()
+    );
+    if let Some(path) = &a.stats_json {
+        let j = serde_json::json!({
+            "ok": true,
+            "guest": "linux",
+            "kernel": cfg.kernel,
+            "exit": format!("{:?}", report.exit),
+            "mem_bytes": a.mem,
+            "local_cache_bytes": a.local_cache,
+            "vcpus": a.vcpus,
+            "memnodes": a.memnodes,
+            "elapsed_s": report.elapsed.as_secs_f64(),
+            "stats": report.stats,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&j).unwrap_or_default())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn get_stats(sock: &std::path::Path) -> Result<serde_json::Value, String> {

@@ -76,6 +76,39 @@ impl GuestRam {
         })
     }
 
+    /// Maps a Linux guest's RAM: one arena of `size` bytes at guest physical 0
+    /// (see [`crate::linux::layout`]); `boot` is the same memory.
+    pub fn linux(size: u64) -> Result<Self, MemoryError> {
+        let region = GuestRegionMmap::from_range(GuestAddress(0), size as usize, None)
+            .map(Arc::new)
+            .map_err(|e| MemoryError::Map(size, e))?;
+        let arena_host = region.as_ptr() as usize;
+        let mem = GuestMemoryMmap::from_arc_regions(vec![region]).map_err(MemoryError::Layout)?;
+        Ok(GuestRam {
+            boot: mem.clone(),
+            mem,
+            arena_host,
+            arena_size: size,
+        })
+    }
+
+    /// Registers a [`GuestRam::linux`] arena as the dirty-logged arena slot.
+    pub fn register_linux(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        let r = kvm_userspace_memory_region {
+            slot: ARENA_SLOT,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: 0,
+            memory_size: self.arena_size,
+            userspace_addr: self.arena_host as u64,
+        };
+        // SAFETY: the arena is a live mapping of `arena_size` bytes owned by
+        // `self.mem`, which outlives the VM.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|source| MemoryError::Memslot {
+            slot: ARENA_SLOT,
+            source,
+        })
+    }
+
     /// Registers both regions with KVM; the arena logs dirty pages.
     pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
         for (slot, region) in self.mem.iter().enumerate() {

@@ -194,9 +194,11 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), String> {
             })
             .collect()
     };
-    // 3. Write back the dirty ones, per node, pipelined.
+    // 3. Write back the dirty ones, per node, pipelined. Host threads' writes are
+    // not in the dirty log: with them, every victim's content is checked.
+    let candidates: &[usize] = if s.cfg.host_writes { victims } else { &logged };
     let mut to_write: Vec<usize> = Vec::with_capacity(victims.len());
-    for &p in &logged {
+    for &p in candidates {
         // SAFETY: p is a resident victim, mapped and write-protected since step 1.
         let data = unsafe { std::slice::from_raw_parts(s.addr(p) as *const u8, PAGE) };
         let installed = [

@@ -20,6 +20,7 @@
 pub mod evict;
 pub mod fault;
 pub mod fingerprint;
+pub mod guard;
 pub mod placement;
 pub mod stats;
 pub mod uffd;
@@ -67,6 +68,10 @@ pub struct CacheConfig {
     /// Ask for `UFFD_EVENT_REMOVE` on our own discards (diagnostics; costs a
     /// context switch per discard).
     pub remove_events: bool,
+    /// VMM threads (loaders, devices) write guest RAM directly: guard their
+    /// accesses against eviction ([`guard`]) and check every victim's content,
+    /// since the KVM dirty log only sees guest writes.
+    pub host_writes: bool,
 }
 
 /// Cache failures.
@@ -81,6 +86,9 @@ pub enum CacheError {
     /// An eventfd could not be made.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The host-access guard could not be set up.
+    #[error(transparent)]
+    Guard(#[from] guard::GuardError),
 }
 
 /// Shared between handler threads, the evictor and vCPU threads.
@@ -219,6 +227,8 @@ impl Shared {
 
 /// The running cache: its threads and shared state.
 pub struct ExCache {
+    /// Dropped before `shared` (field order).
+    guard: Option<guard::Registration>,
     pub(crate) shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -280,7 +290,16 @@ impl ExCache {
         for i in 0..evict::EVICTORS {
             threads.push(spawn(format!("evictor-{i}"), evict::evictor_loop)?);
         }
-        Ok(ExCache { shared, threads })
+        let guard = if cfg.host_writes {
+            Some(guard::register(&shared)?)
+        } else {
+            None
+        };
+        Ok(ExCache {
+            guard,
+            shared,
+            threads,
+        })
     }
 
     /// The first fatal error, if any.
@@ -348,6 +367,7 @@ impl ExCache {
 
     /// Stops the threads and frees this VM's pages on its memory nodes.
     pub fn shutdown(mut self) {
+        self.guard.take();
         let s = self.shared.clone();
         s.stop.store(true, SeqCst);
         let _ = s.stop_fd.write(1);

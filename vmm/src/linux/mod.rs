@@ -1,0 +1,492 @@
+//! # Booting stock Linux
+//!
+//! `vmm run --kernel` builds a PC-like machine a distro kernel boots on without
+//! changes: RAM from 0 ([`layout`]) entirely behind the ExCache, the kernel and
+//! initrd loaded by linux-loader ([`boot`]), the 64-bit boot protocol
+//! ([`cpu`]), ACPI tables for SMP, PCI and power-off ([`acpi`]), the in-kernel
+//! IOAPIC/LAPICs and PIT, an 8250 console, and virtio-blk disks over PCI
+//! ([`crate::devices`]).
+
+pub mod acpi;
+pub mod boot;
+pub mod cpu;
+pub mod layout;
+pub mod vcpu;
+
+use crate::control::RunControl;
+use crate::devices::pci::{CONFIG_ADDRESS_PORT, PciConfigIo, PciMmio, PciRoot};
+use crate::devices::power::{
+    I8042, I8042_CMD_PORT, RESET_PORT, ResetReg, SLEEP_CONTROL_PORT, SleepRegs,
+};
+use crate::devices::serial::{COM1_IRQ, COM1_PORT, Uart};
+use crate::devices::virtio_blk::{DiskError, FileBackend, VirtioBlk};
+use crate::devices::virtio_pci::{BAR_SIZE, VirtioPci};
+use crate::devices::{Bus, OverlapError};
+use crate::excache::placement::Placement;
+use crate::excache::stats::StatsSnapshot;
+use crate::excache::{CacheConfig, ExCache};
+use crate::memory::GuestRam;
+use crate::vm::VmError;
+use fabric::{ClientConfig, LinkModel};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::Kvm;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+pub use vcpu::GuestExit;
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// This process's stdout.
+    Stdio,
+    /// A file (created or truncated).
+    File(PathBuf),
+}
+
+impl std::str::FromStr for Console {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(Console::Stdio),
+            "" => Err("--console needs stdio or a file path".into()),
+            p => Ok(Console::File(PathBuf::from(p))),
+        }
+    }
+}
+
+/// A `--disk` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSpec {
+    /// A local image file (`file:PATH[,ro]`).
+    File {
+        /// Its path.
+        path: PathBuf,
+        /// Read-only.
+        read_only: bool,
+    },
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (body, read_only) = match s.strip_suffix(",ro") {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        if let Some(p) = body.strip_prefix("file:") {
+            if p.is_empty() {
+                return Err("--disk file: needs a path".into());
+            }
+            return Ok(DiskSpec::File {
+                path: p.into(),
+                read_only,
+            });
+        }
+        if body.contains("://") {
+            return Err(format!(
+                "unsupported disk {s:?}: only file:PATH[,ro] is supported by this build"
+            ));
+        }
+        Ok(DiskSpec::File {
+            path: body.into(),
+            read_only,
+        })
+    }
+}
+
+/// A Linux VM.
+#[derive(Debug, Clone)]
+pub struct LinuxConfig {
+    /// Guest RAM in bytes.
+    pub mem: u64,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// The local cache.
+    pub cache: CacheConfig,
+    /// Memory node addresses.
+    pub memnodes: Vec<String>,
+    /// Address-space id on the memory nodes.
+    pub vm_id: u64,
+    /// Emulated link to the memory nodes.
+    pub link: LinkModel,
+    /// Control API socket.
+    pub api_sock: Option<PathBuf>,
+    /// bzImage or ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Serial console destination.
+    pub console: Console,
+    /// Disks, in PCI slot order.
+    pub disks: Vec<DiskSpec>,
+    /// Boot even on a software KVM (where guest kernel mode is emulated).
+    pub allow_software_kvm: bool,
+}
+
+/// What a Linux run produced.
+#[derive(Debug, Clone)]
+pub struct LinuxReport {
+    /// How the guest ended.
+    pub exit: GuestExit,
+    /// Cache statistics at the end.
+    pub stats: StatsSnapshot,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+/// True when /dev/kvm is this machine's software nested KVM (kvm_pvm), on which
+/// guest kernel mode is emulated instruction by instruction.
+pub fn software_kvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+fn validate(cfg: &LinuxConfig) -> Result<(), VmError> {
+    let c = |m: String| Err(VmError::Config(m));
+    if cfg.mem % 4096 != 0 || cfg.mem < (64 << 20) {
+        return c(format!(
+            "--mem for a Linux guest must be a multiple of 4 KiB and at least 64M (got {})",
+            cfg.mem
+        ));
+    }
+    if cfg.mem > layout::MAX_RAM {
+        return c(format!(
+            "--mem of {} bytes is more than the {} GiB a Linux guest can have below the PCI hole in this version",
+            cfg.mem,
+            layout::MAX_RAM >> 30
+        ));
+    }
+    let pages = cfg.mem / 4096;
+    if (cfg.cache.budget_pages as u64) < crate::excache::evict::MIN_BUDGET as u64 {
+        return c(format!(
+            "--local-cache must be at least 64K (16 pages), got {} pages",
+            cfg.cache.budget_pages
+        ));
+    }
+    if cfg.cache.budget_pages as u64 > pages {
+        return c(format!(
+            "--local-cache ({} pages) is larger than --mem ({pages} pages)",
+            cfg.cache.budget_pages
+        ));
+    }
+    if cfg.vcpus == 0 || cfg.vcpus > 254 {
+        return c(format!("--vcpus must be 1 to 254, got {}", cfg.vcpus));
+    }
+    if cfg.memnodes.is_empty() {
+        return c("at least one --memnode is needed".into());
+    }
+    if cfg.cmdline.len() >= layout::CMDLINE_MAX {
+        return c(format!(
+            "--cmdline is {} bytes; at most {} fit",
+            cfg.cmdline.len(),
+            layout::CMDLINE_MAX - 1
+        ));
+    }
+    if software_kvm() && !cfg.allow_software_kvm {
+        return c("/dev/kvm here is a software nested KVM (kvm_pvm): guest kernel mode would be emulated instruction by instruction and a stock kernel would not finish booting; boot Linux in the nested test host (tests/nested/run) or on a machine with VT-x/AMD-V, or pass --allow-software-kvm to try anyway".into());
+    }
+    Ok(())
+}
+
+fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmCall { what, source }
+}
+
+impl From<DiskError> for VmError {
+    fn from(e: DiskError) -> Self {
+        VmError::Config(fabric::client::error_chain(&e))
+    }
+}
+
+impl From<OverlapError> for VmError {
+    fn from(e: OverlapError) -> Self {
+        VmError::Config(e.to_string())
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Boots the kernel and runs until the guest powers off or resets, the user
+/// interrupts, or a fatal error.
+pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmError> {
+    validate(cfg)?;
+    // Fail on unreadable files before touching KVM or the memory nodes.
+    for (what, p) in
+        std::iter::once(("kernel", &cfg.kernel)).chain(cfg.initrd.iter().map(|p| ("initrd", p)))
+    {
+        std::fs::metadata(p)
+            .map_err(|e| VmError::Config(format!("cannot read {what} {}: {e}", p.display())))?;
+    }
+    let disks = cfg
+        .disks
+        .iter()
+        .map(|d| match d {
+            DiskSpec::File { path, read_only } => FileBackend::open(path, *read_only),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_call("create VM"))?);
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_call("set TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_call("create the in-kernel irqchip"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_call("create the in-kernel PIT"))?;
+
+    let ram = GuestRam::linux(cfg.mem)?;
+    ram.register_linux(&vm)?;
+    let client_cfg = ClientConfig {
+        vm_id: cfg.vm_id,
+        link_model: cfg.link,
+        ..ClientConfig::default()
+    };
+    let nodes = Placement::connect(&cfg.memnodes, &client_cfg).map_err(VmError::Memnode)?;
+    let mut cache_cfg = cfg.cache.clone();
+    cache_cfg.host_writes = true;
+    let cache = ExCache::start(
+        ram.arena_host,
+        (cfg.mem / 4096) as usize,
+        cache_cfg,
+        nodes,
+        vm.clone(),
+    )?;
+    let mem = ram.mem.clone();
+
+    // Kernel, initrd, tables, zero page: written through the cache.
+    let (loaded, header) = boot::load_kernel(&mem, &cfg.kernel).map_err(setup_err_chain)?;
+    let initrd = match &cfg.initrd {
+        Some(p) => Some(
+            boot::load_initrd(
+                &mem,
+                p,
+                cfg.mem,
+                loaded.kernel_end,
+                boot::initrd_addr_max(header.as_ref()),
+            )
+            .map_err(setup_err_chain)?,
+        ),
+        None => None,
+    };
+    cpu::write_tables(&mem).map_err(VmError::Setup)?;
+    let rsdp = acpi::write_tables(&mem, cfg.vcpus).map_err(VmError::Setup)?;
+    boot::write_boot_params(&mem, header, &cfg.cmdline, initrd, cfg.mem, rsdp)
+        .map_err(setup_err_chain)?;
+
+    // Devices.
+    let out: Box<dyn std::io::Write + Send> = match &cfg.console {
+        Console::Stdio => Box::new(std::io::stdout()),
+        Console::File(p) => Box::new(std::fs::File::create(p).map_err(|e| {
+            VmError::Config(format!("cannot create console file {}: {e}", p.display()))
+        })?),
+    };
+    let serial_irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| VmError::Config(format!("cannot create an eventfd: {e}")))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_call("register the serial irqfd"))?;
+    let mut pio = Bus::default();
+    pio.insert(
+        COM1_PORT,
+        8,
+        Arc::new(Mutex::new(Uart::new(serial_irq, out))),
+    )?;
+    pio.insert(SLEEP_CONTROL_PORT, 2, Arc::new(Mutex::new(SleepRegs)))?;
+    pio.insert(RESET_PORT, 1, Arc::new(Mutex::new(ResetReg)))?;
+    pio.insert(I8042_CMD_PORT, 1, Arc::new(Mutex::new(I8042)))?;
+    let root = Arc::new(Mutex::new(PciRoot::new()));
+    for (i, d) in disks.into_iter().enumerate() {
+        log::info!(
+            "disk {i}: {} ({} MiB{})",
+            cfg.disks[i].describe(),
+            d_size(&d) >> 20,
+            if d_ro(&d) { ", read-only" } else { "" }
+        );
+        let bar = layout::PCI_MMIO_START as u32 + i as u32 * BAR_SIZE;
+        let dev = VirtioPci::new(
+            Box::new(VirtioBlk::new(Box::new(d))),
+            bar,
+            vm.clone(),
+            mem.clone(),
+        );
+        root.lock().unwrap().add(Box::new(dev));
+    }
+    pio.insert(
+        CONFIG_ADDRESS_PORT,
+        8,
+        Arc::new(Mutex::new(PciConfigIo(root.clone()))),
+    )?;
+    let mut mmio = Bus::default();
+    mmio.insert(
+        layout::PCI_MMIO_START,
+        layout::PCI_MMIO_END - layout::PCI_MMIO_START,
+        Arc::new(Mutex::new(PciMmio(root, layout::PCI_MMIO_START))),
+    )?;
+    let machine = Arc::new(vcpu::Machine {
+        pio,
+        mmio,
+        exit: Mutex::new(None),
+    });
+
+    // vCPUs.
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_call("get supported CPUID"))?;
+    let mut vcpus = Vec::new();
+    for i in 0..cfg.vcpus {
+        let v = vm.create_vcpu(i as u64).map_err(kvm_call("create vCPU"))?;
+        cpu::setup(&v, i, cfg.vcpus, &cpuid, loaded.entry).map_err(setup_err_chain)?;
+        vcpus.push(v);
+    }
+    vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
+        .map_err(|e| VmError::Config(format!("cannot install the vCPU kick signal handler: {e}")))?;
+    let control = Arc::new(RunControl::default());
+    let running = Arc::new(AtomicUsize::new(cfg.vcpus));
+    let cache = Arc::new(cache);
+    let errors: Arc<Mutex<Option<vcpu::LinuxVcpuError>>> = Arc::new(Mutex::new(None));
+    let t0 = Instant::now();
+    let mut threads = Vec::new();
+    for (i, mut v) in vcpus.into_iter().enumerate() {
+        let (cache, ctl, running, m, errors) = (
+            cache.clone(),
+            control.clone(),
+            running.clone(),
+            machine.clone(),
+            errors.clone(),
+        );
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu-{i}"))
+            .spawn(move || {
+                if let Err(e) = vcpu::run(i, &mut v, &m, &cache, &ctl) {
+                    errors.lock().unwrap().get_or_insert(e);
+                    ctl.stop.store(true, SeqCst);
+                    ctl.kick_all();
+                }
+                running.fetch_sub(1, SeqCst);
+            })
+            .map_err(|e| VmError::Config(format!("cannot start a vCPU thread: {e}")))?;
+        control.add_thread(t.as_pthread_t());
+        threads.push(t);
+    }
+    let _api = match &cfg.api_sock {
+        Some(path) => {
+            let info = crate::api::VmInfo {
+                id: cfg.vm_id,
+                vcpus: cfg.vcpus,
+                mem_bytes: cfg.mem,
+                local_cache_bytes: cfg.cache.budget_pages as u64 * 4096,
+                workload: format!("linux {}", cfg.kernel.display()),
+            };
+            Some(
+                crate::api::serve(path, info, cache.clone(), control.clone()).map_err(|e| {
+                    control.stop.store(true, SeqCst);
+                    control.kick_all();
+                    VmError::Config(e.to_string())
+                })?,
+            )
+        }
+        None => None,
+    };
+    // Wait for the guest to end, a vCPU to fail, the user, or the cache.
+    while running.load(SeqCst) > 0 {
+        if interrupt.load(SeqCst) {
+            control.stop.store(true, SeqCst);
+        }
+        if control.stop.load(SeqCst) {
+            control.set_paused(false);
+            control.kick_all();
+            if let Some(why) = cache.fatal() {
+                return Err(VmError::Fatal(why));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        if let Some(why) = cache.wait_fatal_or(|| {
+            running.load(SeqCst) == 0 || control.stop.load(SeqCst) || interrupt.load(SeqCst)
+        }) {
+            control.stop.store(true, SeqCst);
+            control.kick_all();
+            return Err(VmError::Fatal(why));
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    let elapsed = t0.elapsed();
+    if let Some(e) = errors.lock().unwrap().take() {
+        return Err(VmError::Config(fabric::client::error_chain(&e)));
+    }
+    let exit = machine.exit.lock().unwrap().clone();
+    let exit = match exit {
+        Some(e) => e,
+        None if interrupt.load(SeqCst) => return Err(VmError::Interrupted),
+        None => {
+            return Err(VmError::Config(
+                "every vCPU halted without powering off".into(),
+            ));
+        }
+    };
+    let stats = cache.snapshot();
+    drop(_api);
+    if let Ok(c) = Arc::try_unwrap(cache) {
+        c.shutdown();
+    }
+    Ok(LinuxReport {
+        exit,
+        stats,
+        elapsed,
+    })
+}
+
+fn setup_err_chain(e: impl std::error::Error) -> VmError {
+    VmError::Config(fabric::client::error_chain(&e))
+}
+
+fn d_size(d: &FileBackend) -> u64 {
+    use crate::devices::virtio_blk::BlockBackend;
+    d.size()
+}
+
+fn d_ro(d: &FileBackend) -> bool {
+    use crate::devices::virtio_blk::BlockBackend;
+    d.read_only()
+}
+
+impl DiskSpec {
+    /// For logs.
+    pub fn describe(&self) -> String {
+        match self {
+            DiskSpec::File { path, .. } => format!("file {}", path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_and_console_options_parse() {
+        assert_eq!(
+            "file:/a/b.img,ro".parse::<DiskSpec>().unwrap(),
+            DiskSpec::File {
+                path: "/a/b.img".into(),
+                read_only: true
+            }
+        );
+        assert!("file:".parse::<DiskSpec>().is_err());
+        assert!(
+            "nbd://h:1/x"
+                .parse::<DiskSpec>()
+                .unwrap_err()
+                .contains("unsupported")
+        );
+        assert_eq!("stdio".parse::<Console>().unwrap(), Console::Stdio);
+    }
+}
