@@ -79,6 +79,31 @@ pub struct Loaded {
     pub kernel_end: u64,
 }
 
+/// Checks that `path` is readable and looks like a kernel (an ELF or a bzImage
+/// with the "HdrS" boot header), without loading it.
+pub fn probe_kernel(path: &Path) -> Result<(), BootError> {
+    let p = path.display().to_string();
+    let mut f = File::open(path).map_err(|source| BootError::Read {
+        what: "kernel",
+        path: p.clone(),
+        source,
+    })?;
+    let mut head = vec![0u8; 0x206];
+    let n = f.read(&mut head).map_err(|source| BootError::Read {
+        what: "kernel",
+        path: p.clone(),
+        source,
+    })?;
+    let elf = n >= 4 && head[..4] == *b"\x7fELF";
+    let bz = n >= 0x206
+        && u32::from_le_bytes(head[0x202..0x206].try_into().unwrap()) == KERNEL_HDR_MAGIC;
+    if elf || bz {
+        Ok(())
+    } else {
+        Err(BootError::NotAKernel { path: p })
+    }
+}
+
 /// Loads the kernel at `path`: a bzImage or an ELF vmlinux.
 pub fn load_kernel(
     mem: &GuestMemoryMmap,

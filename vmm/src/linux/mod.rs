@@ -186,6 +186,27 @@ fn validate(cfg: &LinuxConfig) -> Result<(), VmError> {
             layout::CMDLINE_MAX - 1
         ));
     }
+    // Files next: a missing kernel, a file that is not one, or an initrd that
+    // cannot fit are named before anything else is set up.
+    boot::probe_kernel(&cfg.kernel)
+        .map_err(|e| VmError::Config(fabric::client::error_chain(&e)))?;
+    if let Some(p) = &cfg.initrd {
+        let size = std::fs::metadata(p)
+            .map_err(|e| VmError::Config(format!("cannot read initrd {}: {e}", p.display())))?
+            .len();
+        if size + layout::HIMEM_START + (16 << 20) > cfg.mem {
+            return c(format!(
+                "initrd {} ({size} bytes) does not fit in --mem {} bytes next to the kernel",
+                p.display(),
+                cfg.mem
+            ));
+        }
+    }
+    for d in &cfg.disks {
+        match d {
+            DiskSpec::File { path, read_only } => drop(FileBackend::open(path, *read_only)?),
+        }
+    }
     if software_kvm() && !cfg.allow_software_kvm {
         return c("/dev/kvm here is a software nested KVM (kvm_pvm): guest kernel mode would be emulated instruction by instruction and a stock kernel would not finish booting; boot Linux in the nested test host (tests/nested/run) or on a machine with VT-x/AMD-V, or pass --allow-software-kvm to try anyway".into());
     }
