@@ -10,6 +10,7 @@
 
 use super::layout::*;
 use crate::devices::power::{RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT};
+use crate::devices::serial::{COM1_IRQ, COM1_PORT};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -23,6 +24,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
 const OEM_ID: [u8; 6] = *b"SPLTVS";
+/// Offset of the MADT's flags (after the 36-byte header and the LAPIC address).
+const MADT_FLAGS: usize = 40;
 const OEM_TABLE: [u8; 8] = *b"SPLITVSR";
 
 fn bytes(t: &dyn Aml) -> Vec<u8> {
@@ -57,8 +60,20 @@ fn dsdt_body() -> Vec<u8> {
         &aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io_window, &mmio]),
     );
     let pci0 = aml::Device::new("_SB_.PCI0".into(), vec![&hid, &adr, &seg, &uid, &bbn, &crs]);
+    // COM1. Hardware-reduced ACPI means no legacy PIC to Linux, so ISA
+    // interrupts exist only as declared here (8250_pnp picks this up).
+    let com_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com_uid = aml::Name::new("_UID".into(), &aml::ONE);
+    let com_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com_io = aml::IO::new(COM1_PORT as u16, COM1_PORT as u16, 1, 8);
+    let com_crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&com_io, &com_irq]),
+    );
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&com_hid, &com_uid, &com_crs]);
     let mut body = bytes(&s5);
     body.extend(bytes(&pci0));
+    body.extend(bytes(&com1));
     body
 }
 
@@ -110,7 +125,13 @@ pub fn write_tables(
         ));
     }
     madt.add_structure(IoApic::new(vcpus as u8, IOAPIC_ADDR as u32, 0));
-    let madt_addr = place(&bytes(&madt))?;
+    // Flags: PCAT_COMPAT (dual 8259s present, as KVM's in-kernel irqchip has;
+    // the crate has no setter: patch the byte and the checksum). Linux ignores
+    // the PIC under hardware-reduced ACPI, hence COM1 in the DSDT.
+    let mut madt = bytes(&madt);
+    madt[MADT_FLAGS] |= 1;
+    madt[9] = madt[9].wrapping_sub(1);
+    let madt_addr = place(&madt)?;
 
     // XSDT, then the RSDP pointing at it.
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, 1);
@@ -165,5 +186,8 @@ mod tests {
         let d = table(dsdt);
         assert!(d.windows(4).any(|w| w == b"_S5_"));
         assert!(d.windows(4).any(|w| w == b"PCI0"));
+        assert!(d.windows(4).any(|w| w == b"COM1"));
+        let madt = table(u64::from_le_bytes(x[44..52].try_into().unwrap()));
+        assert_eq!(madt[MADT_FLAGS] & 1, 1, "PCAT_COMPAT");
     }
 }
