@@ -6,19 +6,28 @@
 //! |---|---|
 //! | `GET /vm` | VM info and state (`running` or `paused`) |
 //! | `GET /stats` | the cache statistics (the `--stats-json` `stats` object) |
-//! | `GET /memnodes` | memory nodes and the pages each holds for this VM |
+//! | `GET /memnodes` | memory nodes: state, this VM's pages on each, capacity |
+//! | `PUT /memnodes` `{"addr": "HOST:PORT"}` | attach a memory node (`POST` too) |
+//! | `DELETE /memnodes/HOST:PORT` | detach it: 202, then drained in the background |
 //! | `PUT /vm/pause`, `PUT /vm/resume` | pause or resume the vCPUs |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request), 404 (unknown
-//! path) or 405 (wrong method). Attaching and detaching memory nodes at run time
-//! is not implemented yet (issue 6); those paths answer 404 like any unknown path.
+//! path or node), 405 (wrong method) or 409 (the request conflicts with the
+//! node's state: attached twice, the last node, no room to drain it). A detach
+//! that fails while draining leaves the node active and its error in
+//! `GET /memnodes` (`detach_error`).
 
 use crate::control::RunControl;
 use crate::excache::ExCache;
 use serde_json::json;
+use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+/// Outcomes of background detaches, by node address.
+type DetachErrors = Arc<Mutex<HashMap<String, String>>>;
 
 /// API failures.
 #[derive(Debug, thiserror::Error)]
@@ -90,11 +99,31 @@ pub fn serve(
     let server = Arc::new(server.map_err(|e| bind_err(e.to_string()))?);
     let s = server.clone();
     let started = Instant::now();
+    let detach_errors = DetachErrors::default();
     let thread = std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            for req in s.incoming_requests() {
-                let (code, body) = route(req.method(), req.url(), &info, &cache, &control, started);
+            for mut req in s.incoming_requests() {
+                let mut body = Vec::new();
+                let read = req
+                    .as_reader()
+                    .take(MAX_BODY as u64 + 1)
+                    .read_to_end(&mut body);
+                let ctx = Ctx {
+                    info: &info,
+                    cache: &cache,
+                    control: &control,
+                    started,
+                    detach_errors: &detach_errors,
+                };
+                let (code, body) = if read.is_err() || body.len() > MAX_BODY {
+                    error(
+                        400,
+                        &format!("request body unreadable or over {MAX_BODY} bytes"),
+                    )
+                } else {
+                    route(req.method(), req.url(), &body, &ctx)
+                };
                 let header =
                     tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
                         .expect("static header");
@@ -117,19 +146,81 @@ fn error(code: u16, msg: &str) -> (u16, serde_json::Value) {
     (code, json!({ "error": msg }))
 }
 
+const MAX_BODY: usize = 4096;
+
+struct Ctx<'a> {
+    info: &'a VmInfo,
+    cache: &'a Arc<ExCache>,
+    control: &'a RunControl,
+    started: Instant,
+    detach_errors: &'a DetachErrors,
+}
+
+fn placement_error(e: &crate::excache::placement::PlacementError) -> (u16, serde_json::Value) {
+    use crate::excache::placement::PlacementError as P;
+    let code = match e {
+        P::Connect { .. } => 400,
+        P::Unknown(_) => 404,
+        _ => 409,
+    };
+    error(code, &fabric::client::error_chain(e))
+}
+
+fn attach(body: &[u8], ctx: &Ctx) -> (u16, serde_json::Value) {
+    let v: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                400,
+                &format!("the body must be JSON like {{\"addr\": \"HOST:PORT\"}}: {e}"),
+            );
+        }
+    };
+    let Some(addr) = v.get("addr").and_then(|a| a.as_str()) else {
+        return error(400, "missing \"addr\" (a string HOST:PORT)");
+    };
+    match ctx.cache.attach_node(addr) {
+        Ok(()) => {
+            ctx.detach_errors.lock().unwrap().remove(addr);
+            (200, json!({"addr": addr, "state": "active"}))
+        }
+        Err(e) => placement_error(&e),
+    }
+}
+
+fn detach(addr: &str, ctx: &Ctx) -> (u16, serde_json::Value) {
+    let errors = ctx.detach_errors.clone();
+    let key = addr.to_string();
+    errors.lock().unwrap().remove(addr);
+    match ctx.cache.detach_node(addr, move |r| {
+        if let Err(e) = r {
+            errors.lock().unwrap().insert(key, e);
+        }
+    }) {
+        Ok(()) => (202, json!({"addr": addr, "state": "draining"})),
+        Err(e) => placement_error(&e),
+    }
+}
+
 fn route(
     method: &tiny_http::Method,
     url: &str,
-    info: &VmInfo,
-    cache: &ExCache,
-    control: &RunControl,
-    started: Instant,
+    body: &[u8],
+    ctx: &Ctx,
 ) -> (u16, serde_json::Value) {
-    use tiny_http::Method::{Get, Put};
+    use tiny_http::Method::{Delete, Get, Post, Put};
+    let (info, cache, control, started) = (ctx.info, ctx.cache, ctx.control, ctx.started);
     if !url.starts_with('/') || url.len() > 256 || url.contains("..") {
         return error(400, "malformed request path");
     }
     let path = url.split('?').next().unwrap_or("");
+    if let Some(addr) = path.strip_prefix("/memnodes/") {
+        return match method {
+            Delete if !addr.is_empty() => detach(addr, ctx),
+            Delete => error(400, "DELETE /memnodes/HOST:PORT needs an address"),
+            _ => error(405, &format!("{method} is not allowed on {path}")),
+        };
+    }
     match (method, path) {
         (Get, "/vm") => {
             let state = if control.is_paused() {
@@ -147,14 +238,21 @@ fn route(
             serde_json::to_value(cache.snapshot()).unwrap_or_default(),
         ),
         (Get, "/memnodes") => {
+            let errors = ctx.detach_errors.lock().unwrap();
             let nodes: Vec<_> = cache
-                .snapshot()
-                .node_pages
+                .node_list()
                 .into_iter()
-                .map(|(addr, pages)| json!({"addr": addr, "pages": pages}))
+                .map(|n| {
+                    let mut v = serde_json::to_value(&n).unwrap_or_default();
+                    if let Some(e) = errors.get(&n.addr) {
+                        v["detach_error"] = json!(e);
+                    }
+                    v
+                })
                 .collect();
             (200, json!(nodes))
         }
+        (Put | Post, "/memnodes") => attach(body, ctx),
         (Put, "/vm/pause") => {
             control.set_paused(true);
             (200, json!({"state": "paused"}))
@@ -172,12 +270,24 @@ fn route(
 
 /// A minimal HTTP/1.1 client over the Unix socket, for the CLI subcommands.
 pub fn request(sock: &Path, method: &str, path: &str) -> Result<(u16, serde_json::Value), String> {
-    use std::io::{Read, Write};
+    request_with_body(sock, method, path, None)
+}
+
+/// Like [`request`], with an optional JSON body.
+pub fn request_with_body(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<(u16, serde_json::Value), String> {
+    use std::io::Write;
     let mut s = std::os::unix::net::UnixStream::connect(sock)
         .map_err(|e| format!("cannot connect to {}: {e}", sock.display()))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: vmm\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: vmm\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();

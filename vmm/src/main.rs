@@ -23,6 +23,23 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Show a running VM's statistics through its control API.
     Stats(StatsArgs),
+    /// Attach a memory node to a running VM: new pages may be placed on it.
+    AttachMemnode(NodeArgs),
+    /// Detach a memory node from a running VM: its pages are moved to the other
+    /// nodes while the guest runs; waits until it holds none.
+    DetachMemnode(NodeArgs),
+}
+
+#[derive(Args, Debug)]
+struct NodeArgs {
+    /// The VM's control socket (`vmm run --api-sock`).
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// The memory node, HOST:PORT.
+    addr: String,
+    /// Return once the drain has started instead of waiting for it (detach).
+    #[arg(long)]
+    no_wait: bool,
 }
 
 #[derive(Args, Debug)]
@@ -119,6 +136,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::AttachMemnode(a) => report(attach_memnode(a)),
+        Cmd::DetachMemnode(a) => report(detach_memnode(a)),
         Cmd::Stats(a) => match stats(a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -126,6 +145,83 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn report(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn api_error(code: u16, v: &serde_json::Value) -> String {
+    format!(
+        "the API answered {code}: {}",
+        v["error"].as_str().unwrap_or("?")
+    )
+}
+
+fn attach_memnode(a: NodeArgs) -> Result<(), String> {
+    let body = serde_json::json!({ "addr": a.addr });
+    match vmm::api::request_with_body(&a.api_sock, "PUT", "/memnodes", Some(&body))? {
+        (200, _) => {
+            println!("memory node {} attached", a.addr);
+            Ok(())
+        }
+        (code, v) => Err(api_error(code, &v)),
+    }
+}
+
+fn detach_memnode(a: NodeArgs) -> Result<(), String> {
+    match vmm::api::request(&a.api_sock, "DELETE", &format!("/memnodes/{}", a.addr))? {
+        (202, _) => {}
+        (code, v) => return Err(api_error(code, &v)),
+    }
+    if a.no_wait {
+        println!("memory node {}: draining", a.addr);
+        return Ok(());
+    }
+    let t0 = std::time::Instant::now();
+    let mut last = u64::MAX;
+    loop {
+        let (code, v) = vmm::api::request(&a.api_sock, "GET", "/memnodes")?;
+        if code != 200 {
+            return Err(api_error(code, &v));
+        }
+        let node = v
+            .as_array()
+            .and_then(|l| l.iter().rev().find(|n| n["addr"] == a.addr.as_str()))
+            .cloned()
+            .ok_or_else(|| format!("memory node {} vanished from the VM's list", a.addr))?;
+        match node["state"].as_str() {
+            Some("detached") => {
+                println!(
+                    "memory node {} detached ({:.1} s)",
+                    a.addr,
+                    t0.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            Some("active") => {
+                return Err(format!(
+                    "detaching memory node {} failed: {}",
+                    a.addr,
+                    node["detach_error"].as_str().unwrap_or("unknown error")
+                ));
+            }
+            _ => {
+                let pages = node["pages"].as_u64().unwrap_or(0);
+                if pages != last {
+                    println!("memory node {}: draining, {pages} pages left", a.addr);
+                    last = pages;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

@@ -189,7 +189,8 @@ pub fn run(cfg: &VmConfig, interrupt: &AtomicBool) -> Result<RunReport, VmError>
         link_model: cfg.link,
         ..ClientConfig::default()
     };
-    let nodes = Placement::connect(&cfg.memnodes, &client_cfg).map_err(VmError::Memnode)?;
+    let nodes = Placement::connect(&cfg.memnodes, &client_cfg, (cfg.mem / 4096) as usize)
+        .map_err(VmError::Memnode)?;
     let cache = ExCache::start(
         ram.arena_host,
         (cfg.mem / 4096) as usize,

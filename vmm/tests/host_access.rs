@@ -30,6 +30,7 @@ fn kvm_host_writes_survive_eviction_and_wait_for_batches() {
             vm_id: 77,
             ..Default::default()
         },
+        PAGES,
     )
     .unwrap();
     let cache = ExCache::start(

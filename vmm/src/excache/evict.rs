@@ -168,6 +168,13 @@ fn evict_batch(s: &Shared) -> Result<(), String> {
         std::thread::yield_now();
         return Ok(());
     }
+    evict_now(s, &victims)
+}
+
+/// Evicts `victims` (each already moved to `EVICTING`), sorted or not.
+pub(crate) fn evict_now(s: &Shared, victims: &[usize]) -> Result<(), String> {
+    let mut victims = victims.to_vec();
+    victims.sort_unstable();
     *s.evicting.lock().unwrap() += 1;
     let result = evict_victims(s, &victims);
     *s.evicting.lock().unwrap() -= 1;
@@ -211,9 +218,7 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), String> {
     }
     write_back(s, &to_write)?;
     for &p in &to_write {
-        if !s.remote[p].swap(true, Release) {
-            s.stats.node_pages[s.nodes.node_of(p as u64)].fetch_add(1, Relaxed);
-        }
+        s.remote[p].store(true, Release);
     }
     // 4. Discard.
     runs(victims, |p, n| {
@@ -246,40 +251,98 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), String> {
     Ok(())
 }
 
-fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
-    let n_nodes = s.nodes.nodes().len();
-    let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); n_nodes];
-    for &p in pages {
-        per_node[s.nodes.node_of(p as u64)].push(p);
+/// Writes `pages` to their target nodes (see [`super::placement`]) and records
+/// where they now live. A node that is full is skipped for another; pages that
+/// moved off a node (one being drained) are freed there.
+pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
+    let mut todo: Vec<usize> = pages.to_vec();
+    for _attempt in 0..=super::placement::MAX_NODES {
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let nodes = s.nodes.nodes();
+        let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+        for &p in &todo {
+            match s.nodes.target(p as u64) {
+                Some(i) => per_node[i].push(p),
+                None => {
+                    return Err(
+                        "every memory node is full (or leaving): cannot write back guest pages; attach a memory node with free capacity"
+                            .to_string(),
+                    );
+                }
+            }
+        }
+        todo.clear();
+        let mut moved: Vec<Vec<u64>> = vec![Vec::new(); nodes.len()];
+        for (i, list) in per_node.iter().enumerate() {
+            if list.is_empty() {
+                continue;
+            }
+            let node = &nodes[i];
+            let fail = |e: &fabric::ClientError| {
+                format!(
+                    "memory node {} failed: {}",
+                    node.addr,
+                    fabric::client::error_chain(e)
+                )
+            };
+            let chunks: Vec<&[usize]> = list.chunks(node.client.node().max_batch).collect();
+            let mut pending = Vec::new();
+            for chunk in &chunks {
+                let batch: Vec<(u64, &[u8])> = chunk
+                    .iter()
+                    .map(|&p| {
+                        // SAFETY: p is a resident victim: mapped, readable, and not
+                        // written while PROT_READ; the slice lives until the ack below.
+                        let data =
+                            unsafe { std::slice::from_raw_parts(s.addr(p) as *const u8, PAGE) };
+                        (p as u64, data)
+                    })
+                    .collect();
+                pending.push(node.client.submit_write(&batch).map_err(|e| fail(&e))?);
+            }
+            for (w, chunk) in pending.into_iter().zip(chunks) {
+                match w.wait() {
+                    Ok(()) => {
+                        for &p in chunk {
+                            if let Some(old) = s.nodes.set_node(p as u64, i)
+                                && old != i
+                            {
+                                moved[old].push(p as u64);
+                            }
+                        }
+                    }
+                    Err(e) if super::placement::is_out_of_capacity(&e) => {
+                        node.mark_full();
+                        todo.extend_from_slice(chunk);
+                    }
+                    Err(e) => return Err(fail(&e)),
+                }
+            }
+        }
+        free_moved(s, &nodes, &moved);
     }
-    for (i, list) in per_node.iter().enumerate() {
-        if list.is_empty() {
-            continue;
-        }
-        let node = s.nodes.node(i);
-        let fail = |e: fabric::ClientError| {
-            format!(
-                "memory node {} failed: {}",
-                node.addr(),
-                fabric::client::error_chain(&e)
-            )
-        };
-        let mut pending = Vec::new();
-        for chunk in list.chunks(node.node().max_batch) {
-            let batch: Vec<(u64, &[u8])> = chunk
-                .iter()
-                .map(|&p| {
-                    // SAFETY: p is a resident victim: mapped, readable, and not
-                    // written while PROT_READ; the slice lives until the ack below.
-                    let data = unsafe { std::slice::from_raw_parts(s.addr(p) as *const u8, PAGE) };
-                    (p as u64, data)
-                })
-                .collect();
-            pending.push(node.submit_write(&batch).map_err(fail)?);
-        }
-        for w in pending {
-            w.wait().map_err(fail)?;
+    Err("cannot place guest pages on any memory node".to_string())
+}
+
+/// Frees pages that moved off their old nodes (best effort: a failure there
+/// leaves garbage on a node that is leaving, never loses data).
+pub(crate) fn free_moved(
+    _s: &Shared,
+    nodes: &[std::sync::Arc<super::placement::Node>],
+    moved: &[Vec<u64>],
+) {
+    for (i, gpns) in moved.iter().enumerate() {
+        for chunk in gpns.chunks(nodes[i].client.node().max_batch.max(1)) {
+            if let Err(e) = nodes[i].client.free_pages(chunk) {
+                log::warn!(
+                    "freeing moved pages on {}: {}",
+                    nodes[i].addr,
+                    fabric::client::error_chain(&e)
+                );
+                break;
+            }
         }
     }
-    Ok(())
 }

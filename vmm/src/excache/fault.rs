@@ -154,8 +154,11 @@ fn handle(s: &Shared, p: usize, buf: &mut [u8]) -> Result<(), String> {
 fn install(s: &Shared, p: usize, remote: bool, page: &mut [u8]) -> Result<(), String> {
     let addr = s.addr(p);
     let installed = if remote {
-        let node = s.nodes.node(s.nodes.node_of(p as u64));
-        match node.read_page(p as u64, page) {
+        let Some(i) = s.nodes.node_of(p as u64) else {
+            return Err(format!("page {p} has remote data but no memory node"));
+        };
+        let node = s.nodes.node(i);
+        match node.client.read_page(p as u64, page) {
             Ok(_) => {
                 s.set_installed_hash(p, fingerprint::page(page));
                 uffd::copy_page(&s.uffd, addr, page, &s.retries)
@@ -163,7 +166,7 @@ fn install(s: &Shared, p: usize, remote: bool, page: &mut [u8]) -> Result<(), St
             Err(e) => {
                 return Err(format!(
                     "memory node {} failed: {}",
-                    node.addr(),
+                    node.addr,
                     fabric::client::error_chain(&e)
                 ));
             }
@@ -218,11 +221,19 @@ fn prefetch(s: &Shared, p: usize, buf: &mut [u8]) -> Result<usize, String> {
     // so a long window costs about one round trip, not one per batch.
     let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (node, from, to)
     let mut i = 0;
+    let node_of = |q: usize| s.nodes.node_of(q as u64).unwrap_or(usize::MAX);
+    let nodes = s.nodes.nodes();
     while i < remote.len() {
-        let node_i = s.nodes.node_of(remote[i] as u64);
-        let max = s.nodes.node(node_i).node().max_batch;
+        let node_i = node_of(remote[i]);
+        let Some(node) = nodes.get(node_i) else {
+            return Err(format!(
+                "page {} has remote data but no memory node",
+                remote[i]
+            ));
+        };
+        let max = node.client.node().max_batch;
         let mut j = i;
-        while j < remote.len() && j - i < max && s.nodes.node_of(remote[j] as u64) == node_i {
+        while j < remote.len() && j - i < max && node_of(remote[j]) == node_i {
             j += 1;
         }
         runs.push((node_i, i, j));
@@ -231,7 +242,7 @@ fn prefetch(s: &Shared, p: usize, buf: &mut [u8]) -> Result<usize, String> {
     let node_err = |n: usize, e: fabric::ClientError| {
         format!(
             "memory node {} failed: {}",
-            s.nodes.node(n).addr(),
+            nodes[n].addr,
             fabric::client::error_chain(&e)
         )
     };
@@ -239,8 +250,8 @@ fn prefetch(s: &Shared, p: usize, buf: &mut [u8]) -> Result<usize, String> {
     for &(n, from, to) in &runs {
         let gpns: Vec<u64> = remote[from..to].iter().map(|&q| q as u64).collect();
         pending.push(
-            s.nodes
-                .node(n)
+            nodes[n]
+                .client
                 .submit_read(&gpns)
                 .map_err(|e| node_err(n, e))?,
         );

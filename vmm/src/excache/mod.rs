@@ -17,6 +17,7 @@
 //! The evictor ([`evict`]) keeps free frames available; its protocol (write-protect,
 //! read the dirty log, write back, discard) guarantees that no guest write is lost.
 
+pub mod drain;
 pub mod evict;
 pub mod fault;
 pub mod fingerprint;
@@ -246,7 +247,6 @@ impl ExCache {
         let uffd = uffd::create(cfg.remove_events)?;
         uffd.register(host_base as *mut _, pages * PAGE)
             .map_err(|e| CacheError::Uffd(UffdError::Register(e)))?;
-        let n_nodes = nodes.nodes().len();
         let shared = Arc::new(Shared {
             host_base,
             pages,
@@ -270,7 +270,7 @@ impl ExCache {
             stop_fd: EventFd::new(libc::EFD_NONBLOCK).map_err(CacheError::EventFd)?,
             nodes,
             vm,
-            stats: CacheStats::new(n_nodes),
+            stats: CacheStats::new(),
             streams: fault::Streams::new(),
             dirty: Mutex::new(vec![0u64; pages.div_ceil(64)]),
             fatal: Mutex::new(None),
@@ -359,10 +359,69 @@ impl ExCache {
                 .nodes
                 .nodes()
                 .iter()
-                .zip(&st.node_pages)
-                .map(|(n, c)| (n.addr().to_string(), load(c)))
+                .filter(|n| n.state() != placement::NodeState::Detached)
+                .map(|n| (n.addr.clone(), n.pages.load(Relaxed)))
                 .collect(),
         }
+    }
+
+    /// Attaches the memory node at `addr`: new pages may be placed on it.
+    pub fn attach_node(&self, addr: &str) -> Result<(), placement::PlacementError> {
+        self.shared.nodes.attach(addr).map(|_| ())
+    }
+
+    /// Starts detaching the memory node at `addr`: checks there is room
+    /// elsewhere, then drains it in the background while the guest runs.
+    /// `done` is called with the outcome.
+    pub fn detach_node(
+        &self,
+        addr: &str,
+        done: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) -> Result<(), placement::PlacementError> {
+        let i = self.shared.nodes.begin_detach(addr)?;
+        let s = self.shared.clone();
+        let addr = addr.to_string();
+        std::thread::Builder::new()
+            .name("drain".into())
+            .spawn(move || {
+                let t0 = std::time::Instant::now();
+                let r = drain::drain(&s, i);
+                match &r {
+                    Ok(()) => {
+                        s.nodes.finish_detach(i);
+                        log::info!(
+                            "memory node {addr} detached after a {:.1} s drain",
+                            t0.elapsed().as_secs_f64()
+                        );
+                    }
+                    Err(e) => {
+                        s.nodes.abort_detach(i);
+                        log::error!("detaching memory node {addr} failed: {e}");
+                    }
+                }
+                done(r);
+            })
+            .map(|_| ())
+            .map_err(|_| {
+                self.shared.nodes.abort_detach(i);
+                placement::PlacementError::Draining(addr_for_err(&self.shared, i))
+            })
+    }
+
+    /// The memory nodes with their state and this VM's pages on each.
+    pub fn node_list(&self) -> Vec<NodeView> {
+        self.shared
+            .nodes
+            .nodes()
+            .iter()
+            .map(|n| NodeView {
+                addr: n.addr.clone(),
+                state: n.state(),
+                pages: n.pages.load(Relaxed),
+                full: n.is_full(),
+                capacity_pages: n.capacity_pages(),
+            })
+            .collect()
     }
 
     /// Stops the threads and frees this VM's pages on its memory nodes.
@@ -379,19 +438,16 @@ impl ExCache {
         if s.fatal.lock().unwrap().is_some() {
             return;
         }
-        let mut per_node: Vec<Vec<u64>> = vec![Vec::new(); s.nodes.nodes().len()];
-        for (p, r) in s.remote.iter().enumerate() {
-            if r.load(Relaxed) {
-                per_node[s.nodes.node_of(p as u64)].push(p as u64);
+        for (i, node) in s.nodes.nodes().iter().enumerate() {
+            if node.state() == placement::NodeState::Detached {
+                continue;
             }
-        }
-        for (i, gpns) in per_node.iter().enumerate() {
-            let node = s.nodes.node(i);
-            for chunk in gpns.chunks(node.node().max_batch) {
-                if let Err(e) = node.free_pages(chunk) {
+            let gpns = s.nodes.pages_on(i);
+            for chunk in gpns.chunks(node.client.node().max_batch) {
+                if let Err(e) = node.client.free_pages(chunk) {
                     log::warn!(
                         "freeing pages on {}: {}",
-                        node.addr(),
+                        node.addr,
                         fabric::client::error_chain(&e)
                     );
                     break;
@@ -399,6 +455,25 @@ impl ExCache {
             }
         }
     }
+}
+
+fn addr_for_err(s: &Shared, i: usize) -> String {
+    s.nodes.node(i).addr.clone()
+}
+
+/// A memory node as the control API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeView {
+    /// Its address.
+    pub addr: String,
+    /// Active, draining or detached.
+    pub state: placement::NodeState,
+    /// This VM's pages on it.
+    pub pages: u64,
+    /// It answered "out of capacity".
+    pub full: bool,
+    /// Its capacity in pages (all VMs), as last reported.
+    pub capacity_pages: u64,
 }
 
 /// The dirty log slot this cache reads.

@@ -30,12 +30,10 @@ pub struct CacheStats {
     pub remove_events: AtomicU64,
     /// Remote fetch service time, from the fault event to the installed page, in ns.
     pub fetch_ns: Mutex<Histogram<u64>>,
-    /// Pages held by each memory node for this VM.
-    pub node_pages: Vec<AtomicU64>,
 }
 
 impl CacheStats {
-    pub(crate) fn new(nodes: usize) -> Self {
+    pub(crate) fn new() -> Self {
         CacheStats {
             faults_zero: AtomicU64::new(0),
             faults_remote: AtomicU64::new(0),
@@ -50,7 +48,6 @@ impl CacheStats {
             fetch_ns: Mutex::new(
                 Histogram::new_with_bounds(100, 60_000_000_000, 3).expect("valid histogram bounds"),
             ),
-            node_pages: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 }

@@ -269,7 +269,8 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
         link_model: cfg.link,
         ..ClientConfig::default()
     };
-    let nodes = Placement::connect(&cfg.memnodes, &client_cfg).map_err(VmError::Memnode)?;
+    let nodes = Placement::connect(&cfg.memnodes, &client_cfg, (cfg.mem / 4096) as usize)
+        .map_err(VmError::Memnode)?;
     let mut cache_cfg = cfg.cache.clone();
     cache_cfg.host_writes = true;
     let cache = ExCache::start(

@@ -1,0 +1,142 @@
+//! Moving pages between memory nodes while the guest runs: draining a node that
+//! is being detached.
+//!
+//! A page is moved only while nobody else can touch its remote copy:
+//! - an *absent* page is claimed (`ABSENT -> FETCHING`, so a guest fault on it
+//!   waits, as for any page being installed), read from its node, written to its
+//!   new node, re-pointed, freed on the old node, and released (`-> ABSENT`, with a
+//!   `UFFDIO_WAKE` for any vCPU that faulted meanwhile: it faults again and is
+//!   served from the new node);
+//! - a *resident* page whose remote copy is on the draining node is evicted by
+//!   the normal protocol ([`super::evict`]): a dirty one is written to a node that
+//!   takes pages (never the draining one), a clean one becomes absent and is moved
+//!   as above on the next pass.
+//!
+//! Passes repeat until the node holds none of this VM's pages.
+
+use super::uffd::PAGE;
+use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared, evict};
+use std::sync::atomic::Ordering::*;
+use std::time::Duration;
+
+/// Moves `pages` (claimed: each `FETCHING`) off node `from`. Releases them all,
+/// moved or not, before returning.
+fn move_claimed(s: &Shared, from: usize, pages: &[usize]) -> Result<(), String> {
+    let node = s.nodes.node(from);
+    let result = (|| {
+        let mut buf = vec![0u8; PAGE * pages.len()];
+        let gpns: Vec<u64> = pages.iter().map(|&p| p as u64).collect();
+        for (chunk, out) in gpns
+            .chunks(node.client.node().max_batch)
+            .zip(buf.chunks_mut(node.client.node().max_batch * PAGE))
+        {
+            node.client.read_pages(chunk, out).map_err(|e| {
+                format!(
+                    "memory node {} failed while draining: {}",
+                    node.addr,
+                    fabric::client::error_chain(&e)
+                )
+            })?;
+        }
+        write_copies(s, pages, &buf)
+    })();
+    for &p in pages {
+        s.state[p].store(ABSENT, Release);
+        let _ = s.uffd.wake(s.addr(p) as *mut _, PAGE);
+    }
+    result
+}
+
+/// Writes copies of `pages` (content in `buf`) to their targets, re-points them
+/// and frees them on their old nodes.
+fn write_copies(s: &Shared, pages: &[usize], buf: &[u8]) -> Result<(), String> {
+    let nodes = s.nodes.nodes();
+    let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+    for (k, &p) in pages.iter().enumerate() {
+        match s.nodes.target(p as u64) {
+            Some(i) => per_node[i].push(k),
+            None => return Err("no memory node has room for the pages being moved".into()),
+        }
+    }
+    let mut moved: Vec<Vec<u64>> = vec![Vec::new(); nodes.len()];
+    for (i, ks) in per_node.iter().enumerate() {
+        for chunk in ks.chunks(nodes[i].client.node().max_batch) {
+            let batch: Vec<(u64, &[u8])> = chunk
+                .iter()
+                .map(|&k| (pages[k] as u64, &buf[k * PAGE..(k + 1) * PAGE]))
+                .collect();
+            nodes[i].client.write_pages(&batch).map_err(|e| {
+                if super::placement::is_out_of_capacity(&e) {
+                    nodes[i].mark_full();
+                }
+                format!(
+                    "memory node {} failed while taking moved pages: {}",
+                    nodes[i].addr,
+                    fabric::client::error_chain(&e)
+                )
+            })?;
+            for &k in chunk {
+                if let Some(old) = s.nodes.set_node(pages[k] as u64, i)
+                    && old != i
+                {
+                    moved[old].push(pages[k] as u64);
+                }
+            }
+        }
+    }
+    evict::free_moved(s, &nodes, &moved);
+    Ok(())
+}
+
+/// Empties node `from` of this VM's pages. Returns when it holds none.
+pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), String> {
+    let batch = 64;
+    loop {
+        if s.stopped() {
+            return Err("the VM stopped during the drain".into());
+        }
+        let on_node = s.nodes.pages_on(from);
+        if on_node.is_empty() {
+            return Ok(());
+        }
+        let mut claimed = Vec::with_capacity(batch);
+        let mut resident = Vec::new();
+        for p in on_node {
+            let p = p as usize;
+            match s.state[p].load(Acquire) {
+                ABSENT
+                    if s.state[p]
+                        .compare_exchange(ABSENT, FETCHING, AcqRel, Acquire)
+                        .is_ok() =>
+                {
+                    claimed.push(p);
+                    if claimed.len() == batch {
+                        move_claimed(s, from, &claimed)?;
+                        claimed.clear();
+                    }
+                }
+                RESIDENT => resident.push(p),
+                _ => {}
+            }
+        }
+        if !claimed.is_empty() {
+            move_claimed(s, from, &claimed)?;
+        }
+        // Resident pages whose remote copy is here: evict them (the normal protocol).
+        for chunk in resident.chunks(256) {
+            let victims: Vec<usize> = chunk
+                .iter()
+                .copied()
+                .filter(|&p| {
+                    s.state[p]
+                        .compare_exchange(RESIDENT, EVICTING, AcqRel, Acquire)
+                        .is_ok()
+                })
+                .collect();
+            if !victims.is_empty() {
+                evict::evict_now(s, &victims)?;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
