@@ -92,6 +92,10 @@ struct RunArgs {
     /// Address-space id on the memory nodes (default: derived from the process id).
     #[arg(long)]
     vm_id: Option<u64>,
+    /// Move existing pages towards an even spread over the memory nodes in the
+    /// background, at most this many pages a second (4096 if no value is given).
+    #[arg(long, value_name = "PAGES_PER_S", num_args = 0..=1, default_missing_value = "4096")]
+    rebalance: Option<u64>,
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -292,6 +296,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         handlers: a.fault_threads.clamp(1, 64),
         remove_events: false,
         host_writes: false,
+        rebalance: a.rebalance.unwrap_or(0),
     };
     // SIGINT/SIGTERM stop the VM cleanly (and the memory node started for it).
     let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -43,6 +43,7 @@ fn kvm_host_writes_survive_eviction_and_wait_for_batches() {
             handlers: 2,
             remove_events: false,
             host_writes: true,
+            rebalance: 0,
         },
         nodes,
         vm,

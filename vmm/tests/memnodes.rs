@@ -300,3 +300,61 @@ fn kvm_a_full_node_sends_pages_elsewhere_and_all_full_is_a_clear_error() {
     assert!(stderr.contains("every memory node is full"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn kvm_rebalance_spreads_existing_pages_to_a_new_node() {
+    let (a, b) = (memnode(), memnode());
+    let sock = sock_path("rebalance");
+    let _ = std::fs::remove_file(&sock);
+    let sock_s = sock.to_str().unwrap();
+    let child = Command::new(VMM)
+        .args([
+            "run",
+            "--workload",
+            "rand:size=64M,ops=150000",
+            "--mem",
+            "64M",
+            "--local-cache",
+            "4M",
+            "--memnode",
+            &a.addr,
+            "--api-sock",
+            sock_s,
+            "--rebalance",
+            "50000",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the API socket", Duration::from_secs(30), || sock.exists());
+    // Every page placed on the first node, then the second joins.
+    wait_until(
+        "the fill on the first node",
+        Duration::from_secs(120),
+        || {
+            let (_, l) = api(&sock, "GET", "/memnodes");
+            node(&l, &a.addr)["pages"].as_u64().unwrap() > 12_000
+        },
+    );
+    let (ok, out) = cli(&["attach-memnode", "--api-sock", sock_s, &b.addr]);
+    assert!(ok, "{out}");
+    wait_until(
+        "rebalanced pages on the new node",
+        Duration::from_secs(120),
+        || {
+            let (_, s) = api(&sock, "GET", "/stats");
+            let (_, l) = api(&sock, "GET", "/memnodes");
+            s["rebalanced"].as_u64().unwrap_or(0) > 2000
+                && node(&l, &b.addr)["pages"].as_u64().unwrap() > 2000
+        },
+    );
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("rand verified"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

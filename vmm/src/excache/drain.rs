@@ -19,9 +19,10 @@ use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared, evict};
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
-/// Moves `pages` (claimed: each `FETCHING`) off node `from`. Releases them all,
-/// moved or not, before returning.
-fn move_claimed(s: &Shared, from: usize, pages: &[usize]) -> Result<(), String> {
+/// Moves `pages` (claimed: each `FETCHING`) off node `from`, to `to` or else
+/// wherever placement sends them. Releases them all, moved or not, before
+/// returning.
+fn move_claimed(s: &Shared, from: usize, pages: &[usize], to: Option<usize>) -> Result<(), String> {
     let node = s.nodes.node(from);
     let result = (|| {
         let mut buf = vec![0u8; PAGE * pages.len()];
@@ -38,7 +39,7 @@ fn move_claimed(s: &Shared, from: usize, pages: &[usize]) -> Result<(), String> 
                 )
             })?;
         }
-        write_copies(s, pages, &buf)
+        write_copies(s, pages, &buf, to)
     })();
     for &p in pages {
         s.state[p].store(ABSENT, Release);
@@ -49,11 +50,11 @@ fn move_claimed(s: &Shared, from: usize, pages: &[usize]) -> Result<(), String> 
 
 /// Writes copies of `pages` (content in `buf`) to their targets, re-points them
 /// and frees them on their old nodes.
-fn write_copies(s: &Shared, pages: &[usize], buf: &[u8]) -> Result<(), String> {
+fn write_copies(s: &Shared, pages: &[usize], buf: &[u8], to: Option<usize>) -> Result<(), String> {
     let nodes = s.nodes.nodes();
     let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
     for (k, &p) in pages.iter().enumerate() {
-        match s.nodes.target(p as u64) {
+        match to.or_else(|| s.nodes.target(p as u64)) {
             Some(i) => per_node[i].push(k),
             None => return Err("no memory node has room for the pages being moved".into()),
         }
@@ -111,7 +112,7 @@ pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), String> {
                 {
                     claimed.push(p);
                     if claimed.len() == batch {
-                        move_claimed(s, from, &claimed)?;
+                        move_claimed(s, from, &claimed, None)?;
                         claimed.clear();
                     }
                 }
@@ -120,7 +121,7 @@ pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), String> {
             }
         }
         if !claimed.is_empty() {
-            move_claimed(s, from, &claimed)?;
+            move_claimed(s, from, &claimed, None)?;
         }
         // Resident pages whose remote copy is here: evict them (the normal protocol).
         for chunk in resident.chunks(256) {
@@ -138,5 +139,57 @@ pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), String> {
             }
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Background rebalancing (`--rebalance RATE`): moves at most `rate` pages a
+/// second from the active node holding most of this VM's pages to the one
+/// holding fewest, while they differ by more than two stripes. Only absent
+/// pages move (claimed as in a drain); the guest runs on.
+pub(crate) fn rebalance_loop(s: &Shared, rate: u64) {
+    let tick = Duration::from_millis(100);
+    let per_tick = (rate / 10).max(1) as usize;
+    while !s.stopped() {
+        std::thread::sleep(tick);
+        let nodes = s.nodes.nodes();
+        let active: Vec<(usize, u64)> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.state() == super::placement::NodeState::Active && !n.is_full())
+            .map(|(i, n)| (i, n.pages.load(Relaxed)))
+            .collect();
+        let (Some(&(hi, most)), Some(&(lo, least))) = (
+            active.iter().max_by_key(|x| x.1),
+            active.iter().min_by_key(|x| x.1),
+        ) else {
+            continue;
+        };
+        if hi == lo || most - least <= 2 * super::placement::STRIPE_PAGES {
+            continue;
+        }
+        let want = per_tick.min(((most - least) / 2) as usize);
+        let mut claimed = Vec::with_capacity(want);
+        for p in s.nodes.pages_on(hi) {
+            let p = p as usize;
+            if s.state[p]
+                .compare_exchange(ABSENT, FETCHING, AcqRel, Acquire)
+                .is_ok()
+            {
+                claimed.push(p);
+                if claimed.len() == want {
+                    break;
+                }
+            }
+        }
+        if claimed.is_empty() {
+            continue;
+        }
+        for chunk in claimed.chunks(64) {
+            if let Err(e) = move_claimed(s, hi, chunk, Some(lo)) {
+                log::warn!("rebalancing: {e}");
+                break;
+            }
+        }
+        s.stats.rebalanced.fetch_add(claimed.len() as u64, Relaxed);
     }
 }

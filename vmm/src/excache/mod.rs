@@ -73,6 +73,9 @@ pub struct CacheConfig {
     /// accesses against eviction ([`guard`]) and check every victim's content,
     /// since the KVM dirty log only sees guest writes.
     pub host_writes: bool,
+    /// Move pages towards an even spread over the nodes at up to this many
+    /// pages a second (0: off).
+    pub rebalance: u64,
 }
 
 /// Cache failures.
@@ -290,6 +293,11 @@ impl ExCache {
         for i in 0..evict::EVICTORS {
             threads.push(spawn(format!("evictor-{i}"), evict::evictor_loop)?);
         }
+        if cfg.rebalance > 0 {
+            threads.push(spawn("rebalance".into(), |s| {
+                drain::rebalance_loop(s, s.cfg.rebalance)
+            })?);
+        }
         let guard = if cfg.host_writes {
             Some(guard::register(&shared)?)
         } else {
@@ -352,6 +360,7 @@ impl ExCache {
             uffd_eagain: load(&s.retries.eagain),
             uffd_eexist: load(&s.retries.eexist),
             remove_events: load(&st.remove_events),
+            rebalanced: load(&st.rebalanced),
             fetch_count: h.len(),
             fetch_p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
             fetch_p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,

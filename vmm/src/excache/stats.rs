@@ -28,6 +28,8 @@ pub struct CacheStats {
     pub vcpu_eviction_waits: AtomicU64,
     /// `UFFD_EVENT_REMOVE` events seen.
     pub remove_events: AtomicU64,
+    /// Pages moved between nodes by `--rebalance`.
+    pub rebalanced: AtomicU64,
     /// Remote fetch service time, from the fault event to the installed page, in ns.
     pub fetch_ns: Mutex<Histogram<u64>>,
 }
@@ -45,6 +47,7 @@ impl CacheStats {
             writeback_bytes: AtomicU64::new(0),
             vcpu_eviction_waits: AtomicU64::new(0),
             remove_events: AtomicU64::new(0),
+            rebalanced: AtomicU64::new(0),
             fetch_ns: Mutex::new(
                 Histogram::new_with_bounds(100, 60_000_000_000, 3).expect("valid histogram bounds"),
             ),
@@ -83,6 +86,9 @@ pub struct StatsSnapshot {
     pub uffd_eexist: u64,
     /// Remove events.
     pub remove_events: u64,
+    /// Pages moved between nodes by `--rebalance`.
+    #[serde(default)]
+    pub rebalanced: u64,
     /// Remote fetches measured.
     pub fetch_count: u64,
     /// Fetch service time p50, µs.
