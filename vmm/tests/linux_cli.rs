@@ -13,9 +13,12 @@ fn tmp(name: &str) -> std::path::PathBuf {
     d.join(name)
 }
 
-/// A file that passes the bzImage header check (not bootable).
+/// A file that passes the bzImage header check (not bootable). Each call
+/// writes a new file: the tests run in parallel threads of one process.
 fn fake_bzimage() -> std::path::PathBuf {
-    let p = tmp("bzImage");
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = tmp(&format!("bzImage-{n}"));
     let mut b = vec![0u8; 0x1000];
     b[0x202..0x206].copy_from_slice(b"HdrS");
     std::fs::write(&p, b).unwrap();

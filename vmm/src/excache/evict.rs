@@ -5,19 +5,24 @@
 //!
 //! For a batch of victims (each moved `RESIDENT -> EVICTING`, so no handler
 //! re-installs them meanwhile):
-//! 1. `mprotect(PROT_READ)` the victims. KVM's MMU notifier drops its writable
-//!    mappings at once; from here a guest write to a victim makes `KVM_RUN` fail with
-//!    `EFAULT` (or `KVM_EXIT_MEMORY_FAULT`) in the vCPU thread, which waits for the
-//!    batch to finish and re-enters the guest. Reads go on.
+//! 1. Write-protect the victims with userfaultfd (`UFFDIO_WRITEPROTECT`). KVM's MMU
+//!    notifier drops its writable mappings at once; from here any write to a victim
+//!    (a guest write through KVM's page-table walk, KVM's own emulated accesses, a
+//!    device model in a VMM thread) blocks in the kernel on the userfaultfd until
+//!    step 5. Reads go on. (mprotect was used first: KVM turns the `EFAULT` of its
+//!    *software* accesses, e.g. the emulator setting an accessed bit, into a guest
+//!    fault instead of returning it, which crashed Linux guests; a userfaultfd
+//!    write-protect fault just waits.)
 //! 2. `KVM_GET_DIRTY_LOG`: every write that happened before step 1 is in it.
 //! 3. Dirty victims are copied to their memory node (`WritePages`, batched and
 //!    pipelined) and the node's acknowledgement awaited; they are then marked as
 //!    having remote data. Clean victims need nothing: their node (or the zero page)
 //!    already holds their content.
 //! 4. `MADV_DONTNEED` discards the victims; the next access faults to userfaultfd.
-//! 5. `mprotect(PROT_READ | PROT_WRITE)`, then the victims become `ABSENT` and the
-//!    batch ends, waking waiting vCPUs and handlers. A vCPU write that was refused
-//!    in step 1 now faults the page back in, with the data written back in step 3.
+//! 5. The victims become `ABSENT`, the write protection is lifted with a wake-up of
+//!    every writer held on them, and the batch ends, waking handlers waiting for it.
+//!    A write that was held since step 1 now faults the page back in (userfaultfd
+//!    MISSING), with the data written back in step 3.
 //!
 //! No write can fall between the dirty-log read and the discard, because writes are
 //! impossible from step 1 to step 5. A fault handler that finds a page `EVICTING`
@@ -143,18 +148,17 @@ fn runs(
     Ok(())
 }
 
-fn protect(s: &Shared, victims: &[usize], prot: i32) -> Result<(), String> {
+/// Write-protects the victims with userfaultfd (`wp`), or lifts the protection
+/// and wakes every writer held on it (`!wp`).
+fn protect(s: &Shared, victims: &[usize], wp: bool) -> Result<(), String> {
     runs(victims, |p, n| {
-        // SAFETY: the range lies inside the arena mapping, which lives as long as
-        // the cache; changing its protection affects only guest memory.
-        let r = unsafe { libc::mprotect(s.addr(p) as *mut _, n * PAGE, prot) };
-        if r != 0 {
-            return Err(format!(
-                "mprotect of guest pages failed: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(())
+        let (addr, len) = (s.addr(p) as *mut libc::c_void, n * PAGE);
+        let r = if wp {
+            s.uffd.write_protect(addr, len)
+        } else {
+            s.uffd.remove_write_protection(addr, len, true)
+        };
+        r.map_err(|e| format!("userfaultfd write-protect of guest pages failed: {e}"))
     })
 }
 
@@ -184,7 +188,7 @@ pub(crate) fn evict_now(s: &Shared, victims: &[usize]) -> Result<(), String> {
 
 fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), String> {
     // 1. No more writes.
-    protect(s, victims, libc::PROT_READ)?;
+    protect(s, victims, true)?;
     // 2. Every earlier write is in the dirty log. (Another evictor may read the
     // log first: it merges into the same bitmap, and only a victim's own evictor
     // clears its bit.)
@@ -234,7 +238,7 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), String> {
         Ok(())
     })?;
     // 5. Writable again, then absent.
-    protect(s, victims, libc::PROT_READ | libc::PROT_WRITE)?;
+    protect(s, victims, false)?;
     for &p in victims {
         s.state[p].store(ABSENT, Release);
     }
@@ -294,7 +298,7 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
                     .iter()
                     .map(|&p| {
                         // SAFETY: p is a resident victim: mapped, readable, and not
-                        // written while PROT_READ; the slice lives until the ack below.
+                        // written while write-protected; the slice lives until the ack below.
                         let data =
                             unsafe { std::slice::from_raw_parts(s.addr(p) as *const u8, PAGE) };
                         (p as u64, data)

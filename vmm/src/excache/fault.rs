@@ -7,7 +7,7 @@ use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared, fingerprint};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
-use userfaultfd::Event;
+use userfaultfd::{Event, FaultKind};
 
 /// Recent stream heads for sequential detection (several vCPUs, several streams).
 const STREAMS: usize = 8;
@@ -71,6 +71,20 @@ pub(crate) fn handler_loop(s: &Shared) {
             }
         };
         match event {
+            Event::Pagefault {
+                kind: FaultKind::WriteProtected,
+                addr,
+                ..
+            } => {
+                // A write held on a page under eviction: the evictor lifts the
+                // protection and wakes it when the batch ends. One seen after
+                // that is stale; wake it in case.
+                s.stats.faults_wp.fetch_add(1, Relaxed);
+                let p = (addr as usize - s.host_base) / PAGE;
+                if p < s.pages && s.state[p].load(Acquire) != EVICTING {
+                    let _ = s.uffd.wake(s.addr(p) as *mut _, PAGE);
+                }
+            }
             Event::Pagefault { addr, .. } => {
                 let p = (addr as usize - s.host_base) / PAGE;
                 if let Err(e) = handle(s, p, &mut buf) {

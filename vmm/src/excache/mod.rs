@@ -21,7 +21,6 @@ pub mod drain;
 pub mod evict;
 pub mod fault;
 pub mod fingerprint;
-pub mod guard;
 pub mod placement;
 pub mod stats;
 pub mod uffd;
@@ -69,9 +68,8 @@ pub struct CacheConfig {
     /// Ask for `UFFD_EVENT_REMOVE` on our own discards (diagnostics; costs a
     /// context switch per discard).
     pub remove_events: bool,
-    /// VMM threads (loaders, devices) write guest RAM directly: guard their
-    /// accesses against eviction ([`guard`]) and check every victim's content,
-    /// since the KVM dirty log only sees guest writes.
+    /// VMM threads (loaders, devices) write guest RAM directly: check every
+    /// victim's content, since the KVM dirty log only sees guest writes.
     pub host_writes: bool,
     /// Move pages towards an even spread over the nodes at up to this many
     /// pages a second (0: off).
@@ -90,9 +88,6 @@ pub enum CacheError {
     /// An eventfd could not be made.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
-    /// The host-access guard could not be set up.
-    #[error(transparent)]
-    Guard(#[from] guard::GuardError),
 }
 
 /// Shared between handler threads, the evictor and vCPU threads.
@@ -231,8 +226,6 @@ impl Shared {
 
 /// The running cache: its threads and shared state.
 pub struct ExCache {
-    /// Dropped before `shared` (field order).
-    guard: Option<guard::Registration>,
     pub(crate) shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -248,8 +241,14 @@ impl ExCache {
         vm: Arc<VmFd>,
     ) -> Result<Self, CacheError> {
         let uffd = uffd::create(cfg.remove_events)?;
-        uffd.register(host_base as *mut _, pages * PAGE)
-            .map_err(|e| CacheError::Uffd(UffdError::Register(e)))?;
+        // MISSING faults bring pages in; write-protect faults hold writers to a
+        // page under eviction (see [`evict`]).
+        uffd.register_with_mode(
+            host_base as *mut _,
+            pages * PAGE,
+            userfaultfd::RegisterMode::MISSING | userfaultfd::RegisterMode::WRITE_PROTECT,
+        )
+        .map_err(|e| CacheError::Uffd(UffdError::Register(e)))?;
         let shared = Arc::new(Shared {
             host_base,
             pages,
@@ -298,16 +297,7 @@ impl ExCache {
                 drain::rebalance_loop(s, s.cfg.rebalance)
             })?);
         }
-        let guard = if cfg.host_writes {
-            Some(guard::register(&shared)?)
-        } else {
-            None
-        };
-        Ok(ExCache {
-            guard,
-            shared,
-            threads,
-        })
+        Ok(ExCache { shared, threads })
     }
 
     /// The first fatal error, if any.
@@ -361,6 +351,7 @@ impl ExCache {
             uffd_eexist: load(&s.retries.eexist),
             remove_events: load(&st.remove_events),
             rebalanced: load(&st.rebalanced),
+            faults_wp: load(&st.faults_wp),
             fetch_count: h.len(),
             fetch_p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
             fetch_p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
@@ -435,7 +426,6 @@ impl ExCache {
 
     /// Stops the threads and frees this VM's pages on its memory nodes.
     pub fn shutdown(mut self) {
-        self.guard.take();
         let s = self.shared.clone();
         s.stop.store(true, SeqCst);
         let _ = s.stop_fd.write(1);

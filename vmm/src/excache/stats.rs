@@ -30,6 +30,9 @@ pub struct CacheStats {
     pub remove_events: AtomicU64,
     /// Pages moved between nodes by `--rebalance`.
     pub rebalanced: AtomicU64,
+    /// Writes held on a page under eviction (userfaultfd write-protect faults),
+    /// from the guest or from VMM threads.
+    pub faults_wp: AtomicU64,
     /// Remote fetch service time, from the fault event to the installed page, in ns.
     pub fetch_ns: Mutex<Histogram<u64>>,
 }
@@ -48,6 +51,7 @@ impl CacheStats {
             vcpu_eviction_waits: AtomicU64::new(0),
             remove_events: AtomicU64::new(0),
             rebalanced: AtomicU64::new(0),
+            faults_wp: AtomicU64::new(0),
             fetch_ns: Mutex::new(
                 Histogram::new_with_bounds(100, 60_000_000_000, 3).expect("valid histogram bounds"),
             ),
@@ -89,6 +93,9 @@ pub struct StatsSnapshot {
     /// Pages moved between nodes by `--rebalance`.
     #[serde(default)]
     pub rebalanced: u64,
+    /// Writes held on a page under eviction.
+    #[serde(default)]
+    pub faults_wp: u64,
     /// Remote fetches measured.
     pub fetch_count: u64,
     /// Fetch service time p50, µs.
@@ -105,7 +112,7 @@ impl StatsSnapshot {
         format!(
             "resident {}/{} pages; faults: {} zero-fill, {} remote ({} spurious); prefetched {} remote + {} zero; \
 evictions: {} clean, {} dirty ({} MiB written back); remote fetch p50 {:.1} us, p99 {:.1} us over {} fetches; \
-vCPU waits on evicting pages {}; uffd EAGAIN {}, EEXIST {}; pages per node: {}",
+writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; pages per node: {}",
             self.resident_pages,
             self.budget_pages,
             self.faults_zero,
@@ -119,6 +126,7 @@ vCPU waits on evicting pages {}; uffd EAGAIN {}, EEXIST {}; pages per node: {}",
             self.fetch_p50_us,
             self.fetch_p99_us,
             self.fetch_count,
+            self.faults_wp,
             self.vcpu_eviction_waits,
             self.uffd_eagain,
             self.uffd_eexist,

@@ -58,9 +58,12 @@ pub fn create(remove_events: bool) -> Result<Uffd, UffdError> {
     b.close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(false);
+    // Write-protect faults on anonymous memory: the eviction protocol's lock.
+    let mut features = userfaultfd::FeatureFlags::PAGEFAULT_FLAG_WP;
     if remove_events {
-        b.require_features(userfaultfd::FeatureFlags::EVENT_REMOVE);
+        features |= userfaultfd::FeatureFlags::EVENT_REMOVE;
     }
+    b.require_features(features);
     b.create().map_err(UffdError::Create)
 }
 
