@@ -1,7 +1,7 @@
 //! # splitvisor-tests: helpers for end-to-end tests
 //!
-//! Tests that start the workspace's daemons as separate processes (`memnode`, and
-//! later `storagenode`) and drive them with the `vmm` binary live next to their
+//! Tests that start the workspace's daemons as separate processes (`memnode`,
+//! `storagenode`) and drive them with the `vmm` binary or a client live next to their
 //! crates (e.g. `vmm/tests/`); this crate holds what they share. The nested test
 //! host harness will live under `tests/nested/` (issue "vmm boots stock Linux").
 
@@ -49,6 +49,23 @@ impl Daemon {
                     std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
                 ),
             "memnode listening on ",
+        )
+    }
+
+    /// Starts `storagenode --listen 127.0.0.1:0 --dir DIR` from `bin` with `extra`
+    /// arguments (e.g. `--create disk0:64M`) and waits for its
+    /// `storagenode listening on ADDR` line.
+    pub fn storagenode(bin: &Path, dir: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start(
+            Command::new(bin)
+                .args(["--listen", "127.0.0.1:0", "--dir"])
+                .arg(dir)
+                .args(extra)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                ),
+            "storagenode listening on ",
         )
     }
 

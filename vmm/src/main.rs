@@ -118,7 +118,8 @@ struct RunArgs {
     /// Where the guest's serial console goes: stdio or a file path.
     #[arg(long, default_value = "stdio", requires = "kernel")]
     console: vmm::linux::Console,
-    /// A virtio-blk disk: file:PATH[,ro] (repeat for several).
+    /// A virtio-blk disk: file:PATH[,ro] or nbd://HOST:PORT/EXPORT[,ro] (a storage
+    /// node); repeat for several.
     #[arg(long = "disk", value_name = "SPEC", requires = "kernel")]
     disks: Vec<vmm::linux::DiskSpec>,
     /// Boot --kernel even where /dev/kvm is a software nested KVM (guest kernel

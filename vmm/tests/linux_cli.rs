@@ -83,8 +83,10 @@ fn an_initrd_larger_than_ram_is_refused() {
 fn malformed_options_are_refused() {
     let k = fake_bzimage();
     let k = k.to_str().unwrap();
-    let e = run_err(&["--kernel", k, "--disk", "nbd://127.0.0.1:1/x"]);
+    let e = run_err(&["--kernel", k, "--disk", "iscsi://127.0.0.1:1/x"]);
     assert!(e.contains("unsupported disk"), "{e}");
+    let e = run_err(&["--kernel", k, "--disk", "nbd://no-port/x"]);
+    assert!(e.contains("HOST:PORT"), "{e}");
     let e = run_err(&["--kernel", k, "--disk", "file:/nonexistent/disk.img"]);
     assert!(e.contains("/nonexistent/disk.img"), "{e}");
     let e = run_err(&["--kernel", k, "--mem", "1X"]);

@@ -5,8 +5,10 @@
 //! [`serial`] (8250 UART at 0x3f8, IRQ 4), [`power`] (ACPI sleep and reset
 //! registers: guest power-off and reboot end the run), [`pci`] (configuration
 //! mechanism #1 on 0xcf8, a host bridge, and the PCI devices' BARs), and
-//! [`virtio_pci`] devices such as [`virtio_blk`].
+//! [`virtio_pci`] devices such as [`virtio_blk`] (on a local file or, through
+//! [`nbd_disk`], on a remote storage node).
 
+pub mod nbd_disk;
 pub mod pci;
 pub mod power;
 pub mod serial;

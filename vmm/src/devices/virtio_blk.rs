@@ -1,10 +1,18 @@
-//! virtio-blk: a block device backed by a [`BlockBackend`] (a local file today;
-//! a remote storage node through the same trait).
+//! virtio-blk: a block device backed by a [`BlockBackend`]: a local file
+//! ([`FileBackend`]) or a remote storage node over NBD
+//! ([`super::nbd_disk::NbdBackend`]).
 //!
 //! Every request is validated before any byte moves: the header must be readable
 //! and complete, the status byte writable, data lengths multiples of 512, and the
 //! sector range inside the disk; a bad request completes with `VIRTIO_BLK_S_IOERR`
 //! (or `UNSUPP`) instead of touching the backend.
+//!
+//! A queue notification takes every request the guest has made available, checks
+//! them, and hands the valid ones to the backend as one batch
+//! ([`BlockBackend::run_batch`]); a remote backend keeps the whole batch in flight
+//! at once. Each request is completed (status written, used ring updated) only
+//! after the backend reported its outcome, so the guest never sees a write
+//! completed before the storage node acknowledged it.
 
 use super::virtio_pci::{F_VERSION_1, VirtioDevice};
 use std::fs::File;
@@ -28,6 +36,42 @@ const F_FLUSH: u64 = 1 << 9;
 const MAX_REQUEST: usize = 4 << 20;
 const QUEUE_SIZE: u16 = 256;
 
+/// What a [`BlockOp`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// Read `buf.len()` bytes at `offset` into `buf`.
+    Read,
+    /// Write `buf` at `offset`.
+    Write,
+    /// Make every completed write durable.
+    Flush,
+}
+
+/// One request of a batch handed to [`BlockBackend::run_batch`].
+#[derive(Debug)]
+pub struct BlockOp {
+    /// What to do.
+    pub kind: OpKind,
+    /// Byte offset (reads and writes).
+    pub offset: u64,
+    /// The data: filled by a read, the payload of a write, empty for a flush.
+    pub buf: Vec<u8>,
+    /// The outcome, set by `run_batch`.
+    pub result: std::io::Result<()>,
+}
+
+impl BlockOp {
+    /// A new op, not run yet.
+    pub fn new(kind: OpKind, offset: u64, buf: Vec<u8>) -> Self {
+        BlockOp {
+            kind,
+            offset,
+            buf,
+            result: Ok(()),
+        }
+    }
+}
+
 /// Where a disk's blocks live.
 pub trait BlockBackend: Send {
     /// Size in bytes.
@@ -42,6 +86,19 @@ pub trait BlockBackend: Send {
     fn read_only(&self) -> bool;
     /// A short name for logs and the device id.
     fn name(&self) -> String;
+    /// Runs a batch of requests and sets each one's `result`. Requests may run
+    /// concurrently and complete in any order (virtio-blk promises no order), but
+    /// a flush covers every write that comes before it in the batch. The default
+    /// runs them one after the other.
+    fn run_batch(&mut self, ops: &mut [BlockOp]) {
+        for op in ops {
+            op.result = match op.kind {
+                OpKind::Read => self.read_at(&mut op.buf, op.offset),
+                OpKind::Write => self.write_at(&op.buf, op.offset),
+                OpKind::Flush => self.flush(),
+            };
+        }
+    }
 }
 
 /// A disk in a local file.
@@ -129,27 +186,37 @@ impl BlockBackend for FileBackend {
 /// The virtio-blk device.
 pub struct VirtioBlk {
     backend: Box<dyn BlockBackend>,
-    buf: Vec<u8>,
     /// Requests completed with an error (for the stats).
     pub errors: u64,
+}
+
+/// A request taken from the queue, checked, waiting for its outcome.
+struct Pending<'a> {
+    head: u16,
+    /// The data part of the writable descriptors (a read's destination).
+    writer: virtio_queue::Writer<'a, ()>,
+    /// The status byte.
+    status: virtio_queue::Writer<'a, ()>,
+    /// `Ok(index into the batch)`, or the status to report without the backend.
+    op: Result<usize, u8>,
+    /// Bytes a GET_ID request writes (answered here, not by the backend).
+    id: Option<[u8; 20]>,
 }
 
 impl VirtioBlk {
     /// A device over `backend`.
     pub fn new(backend: Box<dyn BlockBackend>) -> Self {
-        VirtioBlk {
-            backend,
-            buf: Vec::new(),
-            errors: 0,
-        }
+        VirtioBlk { backend, errors: 0 }
     }
 
-    /// Executes one request; returns (status, bytes written to the guest).
-    fn execute(
-        &mut self,
-        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Result<u32, &'static str> {
+    /// Checks one request and, if it needs the backend, appends its op to `ops`.
+    fn parse<'a>(
+        &self,
+        chain: virtio_queue::DescriptorChain<&'a GuestMemoryMmap>,
+        mem: &'a GuestMemoryMmap,
+        ops: &mut Vec<BlockOp>,
+    ) -> Result<Pending<'a>, &'static str> {
+        let head = chain.head_index();
         let mut reader = chain
             .clone()
             .reader(mem)
@@ -159,34 +226,24 @@ impl VirtioBlk {
         if wlen == 0 {
             return Err("no writable status byte");
         }
-        let mut status_w = writer
+        let status = writer
             .split_at(wlen - 1)
             .map_err(|_| "bad status descriptor")?;
-        let mut hdr = [0u8; 16];
-        let status = if reader.read_exact(&mut hdr).is_err() {
-            S_IOERR
-        } else {
-            let ty = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
-            let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
-            self.request(ty, sector, &mut reader, &mut writer)
+        let mut p = Pending {
+            head,
+            writer,
+            status,
+            op: Err(S_IOERR),
+            id: None,
         };
-        if status != S_OK {
-            self.errors += 1;
+        let mut hdr = [0u8; 16];
+        if reader.read_exact(&mut hdr).is_err() {
+            return Ok(p);
         }
-        status_w
-            .write_all(&[status])
-            .map_err(|_| "cannot write status")?;
-        Ok((writer.bytes_written() + 1) as u32)
-    }
-
-    fn request(
-        &mut self,
-        ty: u32,
-        sector: u64,
-        reader: &mut virtio_queue::Reader<'_, ()>,
-        writer: &mut virtio_queue::Writer<'_, ()>,
-    ) -> u8 {
-        let range_ok = |len: usize, size: u64| {
+        let ty = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+        let size = self.backend.size();
+        let range_ok = |len: usize| {
             len % SECTOR as usize == 0
                 && len <= MAX_REQUEST
                 && sector
@@ -194,68 +251,89 @@ impl VirtioBlk {
                     .and_then(|o| o.checked_add(len as u64))
                     .is_some_and(|end| end <= size)
         };
-        let size = self.backend.size();
-        match ty {
+        let offset = sector.wrapping_mul(SECTOR);
+        p.op = match ty {
             T_IN => {
-                let len = writer.available_bytes();
-                if !range_ok(len, size) {
+                let len = p.writer.available_bytes();
+                if !range_ok(len) {
                     crate::warn_once!(
                         "guest read out of range or oversized: sector {sector}, {len} bytes"
                     );
-                    return S_IOERR;
+                    return Ok(p);
                 }
-                self.buf.resize(len, 0);
-                if let Err(e) = self.backend.read_at(&mut self.buf, sector * SECTOR) {
-                    log::error!("disk {}: read failed: {e}", self.backend.name());
-                    return S_IOERR;
-                }
-                if writer.write_all(&self.buf).is_err() {
-                    return S_IOERR;
-                }
-                S_OK
+                ops.push(BlockOp::new(OpKind::Read, offset, vec![0; len]));
+                Ok(ops.len() - 1)
             }
             T_OUT => {
                 if self.backend.read_only() {
-                    return S_IOERR;
+                    return Ok(p);
                 }
                 let len = reader.available_bytes();
-                if !range_ok(len, size) {
+                if !range_ok(len) {
                     crate::warn_once!(
                         "guest write out of range or oversized: sector {sector}, {len} bytes"
                     );
-                    return S_IOERR;
+                    return Ok(p);
                 }
-                self.buf.resize(len, 0);
-                if reader.read_exact(&mut self.buf).is_err() {
-                    return S_IOERR;
+                let mut buf = vec![0; len];
+                if reader.read_exact(&mut buf).is_err() {
+                    return Ok(p);
                 }
-                if let Err(e) = self.backend.write_at(&self.buf, sector * SECTOR) {
-                    log::error!("disk {}: write failed: {e}", self.backend.name());
-                    return S_IOERR;
-                }
-                S_OK
+                ops.push(BlockOp::new(OpKind::Write, offset, buf));
+                Ok(ops.len() - 1)
             }
-            T_FLUSH => match self.backend.flush() {
-                Ok(()) => S_OK,
-                Err(e) => {
-                    log::error!("disk {}: flush failed: {e}", self.backend.name());
-                    S_IOERR
-                }
-            },
+            T_FLUSH => {
+                ops.push(BlockOp::new(OpKind::Flush, 0, Vec::new()));
+                Ok(ops.len() - 1)
+            }
             T_GET_ID => {
                 let mut id = [0u8; 20];
                 let name = self.backend.name();
                 let b = name.as_bytes();
                 let n = b.len().min(20);
                 id[..n].copy_from_slice(&b[b.len() - n..]);
-                let n = writer.available_bytes().min(20);
-                if writer.write_all(&id[..n]).is_err() {
-                    return S_IOERR;
-                }
-                S_OK
+                p.id = Some(id);
+                Err(S_OK)
             }
-            _ => S_UNSUPP,
+            _ => Err(S_UNSUPP),
+        };
+        Ok(p)
+    }
+
+    /// Writes a finished request's data and status; returns the used length.
+    fn finish(&mut self, mut p: Pending<'_>, ops: &mut [BlockOp]) -> u32 {
+        let mut status = match p.op {
+            Err(s) => s,
+            Ok(i) => {
+                let op = &mut ops[i];
+                match (&op.result, op.kind) {
+                    (Ok(()), OpKind::Read) if p.writer.write_all(&op.buf).is_err() => S_IOERR,
+                    (Ok(()), _) => S_OK,
+                    (Err(e), kind) => {
+                        log::error!(
+                            "disk {}: {kind:?} at {} ({} bytes) failed: {e}",
+                            self.backend.name(),
+                            op.offset,
+                            op.buf.len()
+                        );
+                        S_IOERR
+                    }
+                }
+            }
+        };
+        if let Some(id) = p.id {
+            let n = p.writer.available_bytes().min(20);
+            if p.writer.write_all(&id[..n]).is_err() {
+                status = S_IOERR;
+            }
         }
+        if status != S_OK {
+            self.errors += 1;
+        }
+        if p.status.write_all(&[status]).is_err() {
+            crate::warn_once!("cannot write a virtio-blk status byte");
+        }
+        (p.writer.bytes_written() + 1) as u32
     }
 }
 
@@ -287,22 +365,37 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
+        let mut pending = Vec::new();
+        let mut malformed = Vec::new();
+        let mut ops = Vec::new();
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let len = match self.execute(chain, mem) {
-                Ok(n) => n,
+            match self.parse(chain, mem, &mut ops) {
+                Ok(p) => pending.push(p),
                 Err(why) => {
                     crate::warn_once!("dropping a malformed virtio-blk request: {why}");
                     self.errors += 1;
-                    0
+                    malformed.push(head);
                 }
-            };
+            }
+        }
+        if pending.is_empty() && malformed.is_empty() {
+            return false;
+        }
+        if !ops.is_empty() {
+            self.backend.run_batch(&mut ops);
+        }
+        let mut done: Vec<(u16, u32)> = malformed.into_iter().map(|h| (h, 0)).collect();
+        for p in pending {
+            let head = p.head;
+            let len = self.finish(p, &mut ops);
+            done.push((head, len));
+        }
+        for (head, len) in done {
             if let Err(e) = queue.add_used(mem, head, len) {
                 crate::warn_once!("cannot complete a virtio-blk request: {e}");
             }
-            used = true;
         }
-        used
+        true
     }
 }

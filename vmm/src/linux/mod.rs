@@ -14,12 +14,14 @@ pub mod layout;
 pub mod vcpu;
 
 use crate::control::RunControl;
+use crate::devices::nbd_disk::NbdBackend;
+pub use crate::devices::nbd_disk::NbdUrl;
 use crate::devices::pci::{CONFIG_ADDRESS_PORT, PciConfigIo, PciMmio, PciRoot};
 use crate::devices::power::{
     I8042, I8042_CMD_PORT, RESET_PORT, ResetReg, SLEEP_CONTROL_PORT, SleepRegs,
 };
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, Uart};
-use crate::devices::virtio_blk::{DiskError, FileBackend, VirtioBlk};
+use crate::devices::virtio_blk::{BlockBackend, DiskError, FileBackend, VirtioBlk};
 use crate::devices::virtio_pci::{BAR_SIZE, VirtioPci};
 use crate::devices::{Bus, OverlapError};
 use crate::excache::placement::Placement;
@@ -67,6 +69,13 @@ pub enum DiskSpec {
         /// Read-only.
         read_only: bool,
     },
+    /// An export of a storage node (`nbd://HOST:PORT/EXPORT[,ro]`).
+    Nbd {
+        /// Where.
+        url: NbdUrl,
+        /// Read-only.
+        read_only: bool,
+    },
 }
 
 impl std::str::FromStr for DiskSpec {
@@ -85,9 +94,15 @@ impl std::str::FromStr for DiskSpec {
                 read_only,
             });
         }
+        if body.starts_with("nbd://") {
+            return Ok(DiskSpec::Nbd {
+                url: body.parse()?,
+                read_only,
+            });
+        }
         if body.contains("://") {
             return Err(format!(
-                "unsupported disk {s:?}: only file:PATH[,ro] is supported by this build"
+                "unsupported disk {s:?}: use file:PATH[,ro] or nbd://HOST:PORT/EXPORT[,ro]"
             ));
         }
         Ok(DiskSpec::File {
@@ -205,6 +220,9 @@ fn validate(cfg: &LinuxConfig) -> Result<(), VmError> {
     for d in &cfg.disks {
         match d {
             DiskSpec::File { path, read_only } => drop(FileBackend::open(path, *read_only)?),
+            // Reached in `run`, before KVM is touched (the address is checked by
+            // the parser).
+            DiskSpec::Nbd { .. } => {}
         }
     }
     if software_kvm() && !cfg.allow_software_kvm {
@@ -245,8 +263,17 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     let disks = cfg
         .disks
         .iter()
-        .map(|d| match d {
-            DiskSpec::File { path, read_only } => FileBackend::open(path, *read_only),
+        .map(|d| -> Result<Box<dyn BlockBackend>, VmError> {
+            Ok(match d {
+                DiskSpec::File { path, read_only } => {
+                    Box::new(FileBackend::open(path, *read_only)?)
+                }
+                DiskSpec::Nbd { url, read_only } => {
+                    Box::new(NbdBackend::connect(url, *read_only).map_err(|e| {
+                        VmError::Config(format!("disk {url}: {}", fabric::client::error_chain(&e)))
+                    })?)
+                }
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -327,16 +354,11 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
         log::info!(
             "disk {i}: {} ({} MiB{})",
             cfg.disks[i].describe(),
-            d_size(&d) >> 20,
-            if d_ro(&d) { ", read-only" } else { "" }
+            d.size() >> 20,
+            if d.read_only() { ", read-only" } else { "" }
         );
         let bar = layout::PCI_MMIO_START as u32 + i as u32 * BAR_SIZE;
-        let dev = VirtioPci::new(
-            Box::new(VirtioBlk::new(Box::new(d))),
-            bar,
-            vm.clone(),
-            mem.clone(),
-        );
+        let dev = VirtioPci::new(Box::new(VirtioBlk::new(d)), bar, vm.clone(), mem.clone());
         root.lock().unwrap().add(Box::new(dev));
     }
     pio.insert(
@@ -470,21 +492,12 @@ fn setup_err_chain(e: impl std::error::Error) -> VmError {
     VmError::Config(fabric::client::error_chain(&e))
 }
 
-fn d_size(d: &FileBackend) -> u64 {
-    use crate::devices::virtio_blk::BlockBackend;
-    d.size()
-}
-
-fn d_ro(d: &FileBackend) -> bool {
-    use crate::devices::virtio_blk::BlockBackend;
-    d.read_only()
-}
-
 impl DiskSpec {
     /// For logs.
     pub fn describe(&self) -> String {
         match self {
             DiskSpec::File { path, .. } => format!("file {}", path.display()),
+            DiskSpec::Nbd { url, .. } => format!("storage node {url}"),
         }
     }
 }
@@ -503,8 +516,16 @@ mod tests {
             }
         );
         assert!("file:".parse::<DiskSpec>().is_err());
+        assert_eq!(
+            "nbd://h:1/x,ro".parse::<DiskSpec>().unwrap(),
+            DiskSpec::Nbd {
+                url: "nbd://h:1/x".parse().unwrap(),
+                read_only: true
+            }
+        );
+        assert!("nbd://h/x".parse::<DiskSpec>().is_err());
         assert!(
-            "nbd://h:1/x"
+            "iscsi://h:1/x"
                 .parse::<DiskSpec>()
                 .unwrap_err()
                 .contains("unsupported")
