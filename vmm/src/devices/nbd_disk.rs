@@ -19,6 +19,7 @@
 //! connect timeout. A reconnected export must have the same size.
 
 use super::virtio_blk::{BlockBackend, BlockOp, OpKind};
+use fabric::client::error_chain;
 use std::io;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -261,18 +262,6 @@ impl NbdBackend {
             };
         }
     }
-}
-
-/// An error with its sources, on one line.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 impl BlockBackend for NbdBackend {
