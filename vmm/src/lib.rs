@@ -21,6 +21,7 @@ pub mod arch;
 pub mod control;
 pub mod devices;
 pub mod excache;
+pub mod kvm_stats;
 pub mod linux;
 pub mod memory;
 pub mod vcpu;

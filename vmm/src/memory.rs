@@ -4,7 +4,7 @@
 //!   mailboxes, the shim image and stacks. It is ordinary anonymous memory,
 //!   always resident, KVM memslot 0.
 //! - The *arena* `[ARENA_BASE, ARENA_BASE + --mem)` is guest RAM proper: KVM memslot
-//!   1, with dirty logging, registered with userfaultfd and managed by the
+//!   1 (dirty-logged with `--dirty-log`), registered with userfaultfd and managed by the
 //!   [`crate::excache`]: at most `--local-cache` bytes of it are resident.
 
 use guest_shim::abi::{ARENA_BASE, DOORBELL_ADDR};
@@ -92,11 +92,12 @@ impl GuestRam {
         })
     }
 
-    /// Registers a [`GuestRam::linux`] arena as the dirty-logged arena slot.
-    pub fn register_linux(&self, vm: &VmFd) -> Result<(), MemoryError> {
+    /// Registers a [`GuestRam::linux`] arena as the arena slot, dirty-logged if
+    /// `dirty_log`.
+    pub fn register_linux(&self, vm: &VmFd, dirty_log: bool) -> Result<(), MemoryError> {
         let r = kvm_userspace_memory_region {
             slot: ARENA_SLOT,
-            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            flags: arena_flags(dirty_log),
             guest_phys_addr: 0,
             memory_size: self.arena_size,
             userspace_addr: self.arena_host as u64,
@@ -109,12 +110,12 @@ impl GuestRam {
         })
     }
 
-    /// Registers both regions with KVM; the arena logs dirty pages.
-    pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+    /// Registers both regions with KVM; the arena logs dirty pages if `dirty_log`.
+    pub fn register(&self, vm: &VmFd, dirty_log: bool) -> Result<(), MemoryError> {
         for (slot, region) in self.mem.iter().enumerate() {
             let slot = slot as u32;
             let flags = if slot == ARENA_SLOT {
-                KVM_MEM_LOG_DIRTY_PAGES
+                arena_flags(dirty_log)
             } else {
                 0
             };
@@ -131,5 +132,17 @@ impl GuestRam {
                 .map_err(|source| MemoryError::Memslot { slot, source })?;
         }
         Ok(())
+    }
+}
+
+/// Memslot flags of the arena. The dirty log is optional: with it on, KVM maps
+/// only the faulting page on each guest fault (its "prefetch" of neighbouring
+/// present pages is off for dirty-logged slots), which on a shadow-paging KVM
+/// costs the guest an exit for every page it touches (see [`crate::excache::evict`]).
+fn arena_flags(dirty_log: bool) -> u32 {
+    if dirty_log {
+        KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
     }
 }

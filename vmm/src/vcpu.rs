@@ -19,6 +19,42 @@ pub struct VcpuOutcome {
     pub exit_code: u32,
     /// The workload's result, if it reported one.
     pub result: Option<WorkloadResult>,
+    /// KVM's counters for this vCPU at its exit (None if the kernel has none).
+    pub kvm: Option<KvmCounters>,
+}
+
+/// What KVM counted for a vCPU: what a guest paid in exits, beside the cache's
+/// own figures (each page the guest first touches after it is installed costs
+/// an exit unless KVM mapped it along with a neighbour).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KvmCounters {
+    /// Guest exits to KVM.
+    pub exits: u64,
+    /// Guest page faults KVM handled.
+    pub page_faults: u64,
+    /// Of those, the ones that mapped a page.
+    pub page_faults_fixed: u64,
+}
+
+impl KvmCounters {
+    /// Reads a vCPU's counters (`KVM_GET_STATS_FD`); None, with a debug log
+    /// line, if the kernel does not provide them.
+    pub fn read(vcpu: &VcpuFd) -> Option<Self> {
+        match crate::kvm_stats::read(vcpu) {
+            Ok(m) => {
+                let get = |k: &str| m.get(k).copied().unwrap_or(0);
+                Some(KvmCounters {
+                    exits: get("exits"),
+                    page_faults: get("pf_taken"),
+                    page_faults_fixed: get("pf_fixed"),
+                })
+            }
+            Err(e) => {
+                log::debug!("no KVM statistics: {}", fabric::client::error_chain(&e));
+                None
+            }
+        }
+    }
 }
 
 /// vCPU failures.
@@ -111,6 +147,7 @@ pub fn run(
                         return Ok(VcpuOutcome {
                             exit_code: cfg.exit_code,
                             result,
+                            kvm: KvmCounters::read(vcpu),
                         });
                     }
                     other => {
@@ -133,6 +170,7 @@ pub fn run(
                 return Ok(VcpuOutcome {
                     exit_code: 0,
                     result,
+                    kvm: KvmCounters::read(vcpu),
                 });
             }
             Ok(other) => {

@@ -171,7 +171,7 @@ pub fn run(cfg: &VmConfig, interrupt: &AtomicBool) -> Result<RunReport, VmError>
         source,
     })?);
     let ram = GuestRam::new(cfg.mem)?;
-    ram.register(&vm)?;
+    ram.register(&vm, cfg.cache.dirty_log)?;
 
     let loaded =
         Elf::load(&ram.boot, None, &mut Cursor::new(&cfg.shim), None).map_err(VmError::Shim)?;

@@ -24,7 +24,7 @@ fn kvm_host_writes_survive_eviction_and_wait_for_batches() {
     let kvm = kvm_ioctls::Kvm::new().expect("these tests need read/write access to /dev/kvm");
     let vm = Arc::new(kvm.create_vm().unwrap());
     let ram = GuestRam::linux((PAGES * 4096) as u64).unwrap();
-    ram.register_linux(&vm).unwrap();
+    ram.register_linux(&vm, true).unwrap();
     let nodes = Placement::connect(
         std::slice::from_ref(&node.addr),
         &fabric::ClientConfig {
@@ -44,6 +44,7 @@ fn kvm_host_writes_survive_eviction_and_wait_for_batches() {
             handlers: 2,
             remove_events: false,
             host_writes: true,
+            dirty_log: true,
             rebalance: 0,
         },
         nodes,

@@ -130,9 +130,10 @@ fn kvm_seq_workload_zero_fills_fetches_evicts_and_writes_back() {
     require_kvm();
     let node = memnode(&["--capacity", "256M"]);
     // 32 MiB of data through a 2 MiB cache: the write pass evicts dirty pages, the
-    // read pass fetches them back and must see every byte as written.
-    let r = vmm_run(
-        &[
+    // read pass fetches them back and must see every byte as written. Dirty pages
+    // are found by content (the default) or from the KVM dirty log.
+    for dirty_log in [false, true] {
+        let mut args = vec![
             "--workload",
             "seq:size=32M",
             "--mem",
@@ -141,26 +142,35 @@ fn kvm_seq_workload_zero_fills_fetches_evicts_and_writes_back() {
             "2M",
             "--memnode",
             &node.addr,
-        ],
-        MIN,
-    );
-    assert_ok(&r);
-    assert!(
-        stat(&r, "faults_zero") + stat(&r, "prefetch_zero") >= 8192,
-        "{}",
-        r.json
-    );
-    assert!(
-        stat(&r, "faults_remote") + stat(&r, "prefetch_remote") >= 7000,
-        "{}",
-        r.json
-    );
-    assert!(stat(&r, "evict_dirty") >= 7000, "{}", r.json);
-    // Pages fetched back and only read are dropped without a write-back.
-    assert!(stat(&r, "evict_clean") >= 7000, "{}", r.json);
-    assert_eq!(stat(&r, "writeback_bytes"), stat(&r, "evict_dirty") * 4096);
-    assert!(stat(&r, "resident_pages") <= 512, "{}", r.json);
-    assert!(r.json["stats"]["fetch_p50_us"].as_f64().unwrap() > 0.0);
+        ];
+        if dirty_log {
+            args.push("--dirty-log");
+        }
+        let r = vmm_run(&args, MIN);
+        assert_ok(&r);
+        assert_eq!(r.json["dirty_log"], dirty_log);
+        assert!(
+            stat(&r, "faults_zero") + stat(&r, "prefetch_zero") >= 8192,
+            "{}",
+            r.json
+        );
+        assert!(
+            stat(&r, "faults_remote") + stat(&r, "prefetch_remote") >= 7000,
+            "{}",
+            r.json
+        );
+        assert!(stat(&r, "evict_dirty") >= 7000, "{}", r.json);
+        // Pages fetched back and only read are dropped without a write-back.
+        assert!(stat(&r, "evict_clean") >= 7000, "{}", r.json);
+        assert_eq!(stat(&r, "writeback_bytes"), stat(&r, "evict_dirty") * 4096);
+        assert!(stat(&r, "resident_pages") <= 512, "{}", r.json);
+        assert!(r.json["stats"]["fetch_p50_us"].as_f64().unwrap() > 0.0);
+        // KVM's own counters are reported: the guest exited at least once per
+        // 2 MiB it touched.
+        let exits = r.json["results"][0]["kvm"]["exits"].as_u64().unwrap_or(0);
+        assert!(exits >= 32, "{}", r.json);
+        assert!(r.stdout.contains("KVM exits"), "{}", r.stdout);
+    }
 }
 
 #[test]
@@ -280,8 +290,28 @@ fn kvm_checksums_match_an_all_local_run_and_fifo_agrees() {
             ],
             MIN,
         );
+        let clock_log = vmm_run(
+            &[
+                "--workload",
+                w,
+                "--mem",
+                "4M",
+                "--local-cache",
+                "256K",
+                "--dirty-log",
+                "--memnode",
+                &node.addr,
+            ],
+            MIN,
+        );
         assert_ok(&clock);
         assert_ok(&fifo);
+        assert_ok(&clock_log);
+        assert_eq!(
+            checksum(&clock_log),
+            checksum(&local),
+            "{w}: run with the dirty log differs"
+        );
         assert_eq!(
             checksum(&clock),
             checksum(&local),

@@ -1,13 +1,23 @@
 //! Fault handler threads: each polls the userfaultfd, takes one event at a time and
 //! resolves it; several threads give several fetches in flight on the shared
 //! (pipelined) memory node connections.
+//!
+//! A fault that continues a sequential stream is served as the first page of a
+//! *window*: the faulting page and the `prefetch` pages after it are claimed
+//! together, every remote read of the window is submitted before any is awaited
+//! (one round trip for all), never-written pages are installed while the reads
+//! are in flight, and pages are installed in runs (one `UFFDIO_COPY` per run of
+//! consecutive pages). A never-written page faulted by a write, or prefetched
+//! for a writing stream, is installed as a private zeroed page rather than the
+//! shared zero page: the guest's write then needs no copy-on-write fault, and
+//! KVM can map such pages several at a time (see [`uffd::zero_pages`]).
 
 use super::uffd::{self, Installed, PAGE};
 use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared, fingerprint};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
-use userfaultfd::{Event, FaultKind};
+use userfaultfd::{Event, FaultKind, ReadWrite};
 
 /// Recent stream heads for sequential detection (several vCPUs, several streams).
 const STREAMS: usize = 8;
@@ -43,7 +53,7 @@ impl Streams {
 }
 
 pub(crate) fn handler_loop(s: &Shared) {
-    let mut buf = vec![0u8; PAGE * s.cfg.prefetch.max(fabric::proto::MAX_BATCH)];
+    let mut buf = vec![0u8; PAGE * (s.cfg.prefetch + 1).max(fabric::proto::MAX_BATCH)];
     let mut fds = [
         libc::pollfd {
             fd: s.uffd.as_raw_fd(),
@@ -85,22 +95,24 @@ pub(crate) fn handler_loop(s: &Shared) {
                     let _ = s.uffd.wake(s.addr(p) as *mut _, PAGE);
                 }
             }
-            Event::Pagefault { addr, .. } => {
+            Event::Pagefault { addr, rw, .. } => {
                 let p = (addr as usize - s.host_base) / PAGE;
-                if let Err(e) = handle(s, p, &mut buf) {
-                    s.fail(e);
+                if p >= s.pages {
+                    s.fail(format!("fault outside guest memory (page {p})"));
                     return;
                 }
+                let write = rw == ReadWrite::Write;
                 // Sequential stream: the fault continues one seen by any handler
                 // (the faults of one stream are spread over all handler threads).
-                if s.cfg.prefetch > 0 && s.streams.continues(p as u64) {
-                    match prefetch(s, p, &mut buf) {
-                        Ok(last) => s.streams.advance(p as u64, last as u64),
-                        Err(e) => {
-                            s.fail(e);
-                            return;
-                        }
-                    }
+                let r = if s.cfg.prefetch > 0 && s.streams.continues(p as u64) {
+                    window(s, p, write, &mut buf)
+                        .map(|last| s.streams.advance(p as u64, last as u64))
+                } else {
+                    handle(s, p, write, &mut buf)
+                };
+                if let Err(e) = r {
+                    s.fail(e);
+                    return;
                 }
             }
             Event::Remove { .. } => {
@@ -111,11 +123,10 @@ pub(crate) fn handler_loop(s: &Shared) {
     }
 }
 
-/// Resolves a fault on page `p`.
-fn handle(s: &Shared, p: usize, buf: &mut [u8]) -> Result<(), String> {
-    if p >= s.pages {
-        return Err(format!("fault outside guest memory (page {p})"));
-    }
+/// Claims the faulting page `p` (`ABSENT -> FETCHING`). False if there is nothing
+/// to install: it is resident (its waiter is woken), another handler installs it
+/// (that install wakes every waiter), or the cache is stopping.
+fn claim_faulted(s: &Shared, p: usize) -> bool {
     loop {
         match s.state[p].load(Acquire) {
             RESIDENT => {
@@ -123,12 +134,11 @@ fn handle(s: &Shared, p: usize, buf: &mut [u8]) -> Result<(), String> {
                 // faulting thread may still sleep, so wake it.
                 s.stats.faults_spurious.fetch_add(1, Relaxed);
                 let _ = s.uffd.wake(s.addr(p) as *mut _, PAGE);
-                return Ok(());
+                return false;
             }
-            // Another handler installs it and its UFFDIO_COPY wakes every waiter.
             FETCHING => {
                 s.stats.faults_spurious.fetch_add(1, Relaxed);
-                return Ok(());
+                return false;
             }
             EVICTING => s.wait_for_evictions(),
             _ => {
@@ -136,75 +146,116 @@ fn handle(s: &Shared, p: usize, buf: &mut [u8]) -> Result<(), String> {
                     .compare_exchange(ABSENT, FETCHING, AcqRel, Acquire)
                     .is_ok()
                 {
-                    break;
+                    return true;
                 }
             }
         }
         if s.stopped() {
-            return Ok(());
+            return false;
         }
     }
-    if !s.reserve_frame() {
+}
+
+/// Resolves a fault on page `p` alone.
+fn handle(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<(), String> {
+    if !claim_faulted(s, p) || !s.reserve_frame() {
         return Ok(());
     }
     let t0 = Instant::now();
     let remote = s.remote[p].load(Acquire);
-    install(s, p, remote, &mut buf[..PAGE])?;
+    let installed = if remote {
+        let page = &mut buf[..PAGE];
+        let Some(i) = s.nodes.node_of(p as u64) else {
+            return Err(format!("page {p} has remote data but no memory node"));
+        };
+        let node = s.nodes.node(i);
+        node.client
+            .read_page(p as u64, page)
+            .map_err(|e| node_failed(&node.addr, &e))?;
+        s.set_installed_hash(p, fingerprint::page(page));
+        uffd::copy_pages(&s.uffd, s.addr(p), page, &s.retries)
+    } else {
+        s.set_installed_hash(p, fingerprint::zero_page());
+        uffd::zero_pages(&s.uffd, s.addr(p), 1, write, &s.retries)
+    };
+    report(installed)?;
+    mark_resident(s, &[p]);
     if remote {
         s.stats.faults_remote.fetch_add(1, Relaxed);
-        let _ = s
-            .stats
-            .fetch_ns
-            .lock()
-            .unwrap()
-            .record(t0.elapsed().as_nanos() as u64);
+        record_fetch(s, t0);
     } else {
         s.stats.faults_zero.fetch_add(1, Relaxed);
     }
     Ok(())
 }
 
-/// Fetches (or zero-fills) page `p`, installs it and marks it resident.
-fn install(s: &Shared, p: usize, remote: bool, page: &mut [u8]) -> Result<(), String> {
-    let addr = s.addr(p);
-    let installed = if remote {
-        let Some(i) = s.nodes.node_of(p as u64) else {
-            return Err(format!("page {p} has remote data but no memory node"));
-        };
-        let node = s.nodes.node(i);
-        match node.client.read_page(p as u64, page) {
-            Ok(_) => {
-                s.set_installed_hash(p, fingerprint::page(page));
-                uffd::copy_page(&s.uffd, addr, page, &s.retries)
-            }
-            Err(e) => {
-                return Err(format!(
-                    "memory node {} failed: {}",
-                    node.addr,
-                    fabric::client::error_chain(&e)
-                ));
-            }
-        }
-    } else {
-        s.set_installed_hash(p, fingerprint::zero_page());
-        uffd::zero_page(&s.uffd, addr, &s.retries)
-    };
+fn node_failed(addr: &str, e: &fabric::ClientError) -> String {
+    format!(
+        "memory node {addr} failed: {}",
+        fabric::client::error_chain(e)
+    )
+}
+
+fn report(installed: Result<Installed, uffd::UffdError>) -> Result<(), String> {
     match installed.map_err(|e| fabric::client::error_chain(&e))? {
         Installed::New => {}
-        Installed::AlreadyPresent => log::debug!("page {p} was already present"),
+        Installed::AlreadyPresent => log::debug!("a page was already present"),
     }
-    s.referenced[p].store(true, Relaxed);
-    s.state[p].store(RESIDENT, Release);
-    s.queue.lock().unwrap().push_back(p as u32);
     Ok(())
 }
 
-/// Installs up to `prefetch` pages after `p` that are absent, while frames are free.
-/// Remote pages of one node are fetched with one pipelined batch. Returns the last
-/// page covered.
-fn prefetch(s: &Shared, p: usize, buf: &mut [u8]) -> Result<usize, String> {
+fn record_fetch(s: &Shared, t0: Instant) {
+    let _ = s
+        .stats
+        .fetch_ns
+        .lock()
+        .unwrap()
+        .record(t0.elapsed().as_nanos() as u64);
+}
+
+/// Marks installed pages resident and queues them for eviction.
+fn mark_resident(s: &Shared, pages: &[usize]) {
+    for &q in pages {
+        s.referenced[q].store(true, Relaxed);
+        s.state[q].store(RESIDENT, Release);
+    }
+    s.queue
+        .lock()
+        .unwrap()
+        .extend(pages.iter().map(|&q| q as u32));
+}
+
+/// Calls `f(i, j)` for each maximal run `pages[i..j]` of consecutive page numbers.
+fn consecutive_runs(
+    pages: &[usize],
+    mut f: impl FnMut(usize, usize) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut i = 0;
+    while i < pages.len() {
+        let mut j = i + 1;
+        while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+            j += 1;
+        }
+        f(i, j)?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Serves a fault on `p` that continues a sequential stream: `p` (if no one else
+/// is installing it) and up to `prefetch` absent pages after it, while frames are
+/// free, as one window. Returns the last page covered.
+fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, String> {
+    let t0 = Instant::now();
+    let demand = claim_faulted(s, p);
+    if demand && !s.reserve_frame() {
+        return Ok(p);
+    }
     let end = (p + 1 + s.cfg.prefetch).min(s.pages);
-    let mut taken: Vec<usize> = Vec::with_capacity(s.cfg.prefetch);
+    let mut taken: Vec<usize> = Vec::with_capacity(s.cfg.prefetch + 1);
+    if demand {
+        taken.push(p);
+    }
     for q in p + 1..end {
         if s.state[q].load(Acquire) != ABSENT {
             continue;
@@ -221,22 +272,15 @@ fn prefetch(s: &Shared, p: usize, buf: &mut [u8]) -> Result<usize, String> {
         }
         taken.push(q);
     }
-    // Zero pages first (no network), then remote pages in per-node batches.
-    let mut remote: Vec<usize> = Vec::new();
-    for &q in &taken {
-        if s.remote[q].load(Acquire) {
-            remote.push(q);
-        } else {
-            install(s, q, false, &mut buf[..PAGE])?;
-            s.stats.prefetch_zero.fetch_add(1, Relaxed);
-        }
-    }
-    // Per-node runs of up to a batch each, all submitted before any is awaited,
-    // so a long window costs about one round trip, not one per batch.
+    let last = taken.last().copied().unwrap_or(p);
+    let (remote, zero): (Vec<usize>, Vec<usize>) =
+        taken.iter().partition(|&&q| s.remote[q].load(Acquire));
+    // Remote pages: per-node runs of up to a batch each, all submitted before any
+    // is awaited, so the whole window costs about one round trip.
+    let nodes = s.nodes.nodes();
+    let node_of = |q: usize| s.nodes.node_of(q as u64).unwrap_or(usize::MAX);
     let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (node, from, to)
     let mut i = 0;
-    let node_of = |q: usize| s.nodes.node_of(q as u64).unwrap_or(usize::MAX);
-    let nodes = s.nodes.nodes();
     while i < remote.len() {
         let node_i = node_of(remote[i]);
         let Some(node) = nodes.get(node_i) else {
@@ -253,13 +297,6 @@ fn prefetch(s: &Shared, p: usize, buf: &mut [u8]) -> Result<usize, String> {
         runs.push((node_i, i, j));
         i = j;
     }
-    let node_err = |n: usize, e: fabric::ClientError| {
-        format!(
-            "memory node {} failed: {}",
-            nodes[n].addr,
-            fabric::client::error_chain(&e)
-        )
-    };
     let mut pending = Vec::with_capacity(runs.len());
     for &(n, from, to) in &runs {
         let gpns: Vec<u64> = remote[from..to].iter().map(|&q| q as u64).collect();
@@ -267,24 +304,58 @@ fn prefetch(s: &Shared, p: usize, buf: &mut [u8]) -> Result<usize, String> {
             nodes[n]
                 .client
                 .submit_read(&gpns)
-                .map_err(|e| node_err(n, e))?,
+                .map_err(|e| node_failed(&nodes[n].addr, &e))?,
         );
     }
+    // Never-written pages meanwhile: no network.
+    consecutive_runs(&zero, |i, j| {
+        for &q in &zero[i..j] {
+            s.set_installed_hash(q, fingerprint::zero_page());
+        }
+        report(uffd::zero_pages(
+            &s.uffd,
+            s.addr(zero[i]),
+            j - i,
+            write,
+            &s.retries,
+        ))?;
+        mark_resident(s, &zero[i..j]);
+        Ok(())
+    })?;
     for ((n, from, to), read) in runs.into_iter().zip(pending) {
         let out = &mut buf[from * PAGE..to * PAGE];
-        read.wait(out).map_err(|e| node_err(n, e))?;
-        for (k, &q) in remote[from..to].iter().enumerate() {
-            let data = &out[k * PAGE..(k + 1) * PAGE];
-            s.set_installed_hash(q, fingerprint::page(data));
-            uffd::copy_page(&s.uffd, s.addr(q), data, &s.retries)
-                .map_err(|e| fabric::client::error_chain(&e))?;
-            s.referenced[q].store(true, Relaxed);
-            s.state[q].store(RESIDENT, Release);
-            s.queue.lock().unwrap().push_back(q as u32);
+        read.wait(out)
+            .map_err(|e| node_failed(&nodes[n].addr, &e))?;
+        let pages = &remote[from..to];
+        for (k, &q) in pages.iter().enumerate() {
+            s.set_installed_hash(q, fingerprint::page(&out[k * PAGE..(k + 1) * PAGE]));
         }
-        s.stats
-            .prefetch_remote
-            .fetch_add((to - from) as u64, Relaxed);
+        consecutive_runs(pages, |i, j| {
+            report(uffd::copy_pages(
+                &s.uffd,
+                s.addr(pages[i]),
+                &out[i * PAGE..j * PAGE],
+                &s.retries,
+            ))?;
+            mark_resident(s, &pages[i..j]);
+            Ok(())
+        })?;
     }
-    Ok(taken.last().copied().unwrap_or(p))
+    // The faulted page counts as a fault, the rest as prefetches.
+    let demand_remote = demand && s.remote[p].load(Acquire);
+    if demand {
+        if demand_remote {
+            s.stats.faults_remote.fetch_add(1, Relaxed);
+            record_fetch(s, t0);
+        } else {
+            s.stats.faults_zero.fetch_add(1, Relaxed);
+        }
+    }
+    let extra_remote = remote.len() - usize::from(demand_remote);
+    let extra_zero = zero.len() - usize::from(demand && !demand_remote);
+    s.stats
+        .prefetch_remote
+        .fetch_add(extra_remote as u64, Relaxed);
+    s.stats.prefetch_zero.fetch_add(extra_zero as u64, Relaxed);
+    Ok(last)
 }

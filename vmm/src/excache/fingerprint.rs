@@ -7,19 +7,39 @@ pub fn zero_page() -> [u64; 2] {
     *ZERO.get_or_init(|| page(&[0u8; 4096]))
 }
 
-/// Two independent multiply-rotate lanes over the page's 64-bit words.
+/// The page's XXH3 128-bit hash, as two 64-bit lanes. XXH3 (the `xxhash-rust`
+/// crate) works on independent lanes with SIMD, about ten times faster than a
+/// word-at-a-time multiply chain: a 4 KiB page costs a fraction of a
+/// microsecond, which matters because every page installed from a memory node and
+/// every logged-dirty victim is hashed once.
 pub fn page(data: &[u8]) -> [u64; 2] {
-    let (mut a, mut b) = (0x9e37_79b9_7f4a_7c15u64, 0xc2b2_ae3d_27d4_eb4fu64);
-    for (i, w) in data.chunks_exact(8).enumerate() {
-        let w = u64::from_le_bytes(w.try_into().expect("8-byte chunk")) ^ i as u64;
-        a = (a ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd).rotate_left(31);
-        b = b
-            .wrapping_add(w)
-            .wrapping_mul(0xc4ce_b9fe_1a85_ec53)
-            .rotate_left(29)
-            ^ (b >> 17);
+    let h = xxhash_rust::xxh3::xxh3_128(data);
+    [h as u64, (h >> 64) as u64]
+}
+
+/// True if the page still holds the content whose fingerprint is `installed`.
+/// A page installed as zeros is checked by scanning for a non-zero word, which
+/// stops at the first one: a page the guest wrote is told apart in nanoseconds.
+pub fn unchanged(data: &[u8], installed: [u64; 2]) -> bool {
+    if installed == zero_page() {
+        is_zero(data)
+    } else {
+        page(data) == installed
     }
-    [a ^ (a >> 33), b ^ (b >> 31)]
+}
+
+/// True if every byte is zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any byte pattern is a valid u128; align_to only reinterprets the
+        // aligned middle of the slice.
+        unsafe { data.align_to::<u128>() }
+    };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words
+            .chunks(4)
+            .all(|c| c.iter().fold(0, |a, &w| a | w) == 0)
 }
 
 #[cfg(test)]
@@ -42,5 +62,27 @@ mod tests {
         e[8] = 1;
         assert_ne!(page(&d), page(&e));
         assert_eq!(zero_page(), page(&[0u8; 4096]));
+    }
+
+    #[test]
+    fn unchanged_tells_written_pages_from_installed_ones() {
+        let zero = vec![0u8; 4096];
+        assert!(unchanged(&zero, zero_page()));
+        for i in [0, 1, 7, 8, 2047, 4088, 4095] {
+            let mut d = zero.clone();
+            d[i] = 0x80;
+            assert!(!is_zero(&d), "byte {i}");
+            assert!(!unchanged(&d, zero_page()), "byte {i}");
+            assert!(unchanged(&d, page(&d)), "byte {i}");
+            let mut e = d.clone();
+            e[i] = 0;
+            assert!(!unchanged(&e, page(&d)), "byte {i}");
+        }
+        // Unaligned slices are scanned whole.
+        let buf = vec![0u8; 4097];
+        assert!(is_zero(&buf[1..]));
+        let mut buf2 = buf.clone();
+        buf2[4096] = 1;
+        assert!(!is_zero(&buf2[1..]));
     }
 }

@@ -71,6 +71,11 @@ pub struct CacheConfig {
     /// VMM threads (loaders, devices) write guest RAM directly: check every
     /// victim's content, since the KVM dirty log only sees guest writes.
     pub host_writes: bool,
+    /// Log guest writes with KVM's dirty log: CLOCK then counts a page written
+    /// since the hand last passed as referenced, and only logged pages are
+    /// content-checked at eviction. Off, every victim's content is checked
+    /// against its fingerprint (see [`evict`], "Dirty pages").
+    pub dirty_log: bool,
     /// Move pages towards an even spread over the nodes at up to this many
     /// pages a second (0: off).
     pub rebalance: u64,

@@ -75,28 +75,75 @@ fn is(e: &UError, errno: i32) -> bool {
     }
 }
 
+/// Runs one install operation over `[addr, addr + len)` until every page is
+/// there: a partial copy (`EAGAIN` with progress) continues after the pages done;
+/// `EAGAIN` without progress is retried; a page already present (`EEXIST`) has
+/// its waiters woken and is skipped. `op(offset)` installs from `offset` to the end.
 fn install(
     uffd: &Uffd,
     addr: usize,
+    len: usize,
     counters: &RetryCounters,
-    mut op: impl FnMut() -> Result<usize, UError>,
+    mut op: impl FnMut(usize) -> Result<usize, UError>,
 ) -> Result<Installed, UffdError> {
-    loop {
-        match op() {
-            Ok(_) => return Ok(Installed::New),
+    let mut off = 0;
+    let mut outcome = Installed::New;
+    while off < len {
+        match op(off) {
+            Ok(n) if n > 0 && n <= len - off => off += n,
+            Ok(_) => {
+                counters.eagain.fetch_add(1, Relaxed);
+                std::thread::yield_now();
+            }
+            // (The crate reports a plain EAGAIN as a "partial copy" of the
+            // negative error code: only a count within the range is progress.)
+            Err(UError::PartiallyCopied(n)) if n > 0 && n <= len - off => off += n,
             Err(e) if is(&e, libc::EAGAIN) => {
                 counters.eagain.fetch_add(1, Relaxed);
                 std::thread::yield_now();
             }
             Err(e) if is(&e, libc::EEXIST) => {
                 counters.eexist.fetch_add(1, Relaxed);
-                uffd.wake(addr as *mut _, PAGE)
-                    .map_err(|source| UffdError::Install { addr, source })?;
-                return Ok(Installed::AlreadyPresent);
+                let at = addr + off;
+                uffd.wake(at as *mut _, PAGE)
+                    .map_err(|source| UffdError::Install { addr: at, source })?;
+                outcome = Installed::AlreadyPresent;
+                off += PAGE;
             }
-            Err(source) => return Err(UffdError::Install { addr, source }),
+            Err(source) => {
+                return Err(UffdError::Install {
+                    addr: addr + off,
+                    source,
+                });
+            }
         }
     }
+    Ok(outcome)
+}
+
+/// Installs `data` (a whole number of pages) at `addr` with one `UFFDIO_COPY`
+/// where possible, and wakes the threads waiting for those pages. If some were
+/// already present, the rest are installed and `AlreadyPresent` is returned.
+pub fn copy_pages(
+    uffd: &Uffd,
+    addr: usize,
+    data: &[u8],
+    counters: &RetryCounters,
+) -> Result<Installed, UffdError> {
+    assert!(!data.is_empty() && data.len() % PAGE == 0);
+    install(uffd, addr, data.len(), counters, |off| {
+        // SAFETY: `[addr, addr + data.len())` are pages of a range registered with
+        // this userfaultfd (the caller's contract) and `data` holds that many
+        // readable bytes.
+        unsafe {
+            uffd.copy(
+                data.as_ptr().add(off) as *const _,
+                (addr + off) as *mut _,
+                data.len() - off,
+                true,
+            )
+        }
+    })
 }
 
 /// Installs `data` (4 KiB) at `addr` and wakes the threads waiting for it.
@@ -107,10 +154,42 @@ pub fn copy_page(
     counters: &RetryCounters,
 ) -> Result<Installed, UffdError> {
     assert_eq!(data.len(), PAGE);
-    install(uffd, addr, counters, || {
-        // SAFETY: `addr` is a page of a range registered with this userfaultfd (the
-        // caller's contract) and `data` holds PAGE readable bytes.
-        unsafe { uffd.copy(data.as_ptr() as *const _, addr as *mut _, PAGE, true) }
+    copy_pages(uffd, addr, data, counters)
+}
+
+/// Zeros copied from for private zero pages.
+static ZEROS: [u8; 64 * PAGE] = [0; 64 * PAGE];
+
+/// Installs `n` pages of zeros at `addr` and wakes the threads waiting for them.
+///
+/// `private: false` maps the shared zero page (`UFFDIO_ZEROPAGE`): no memory is
+/// used until the page is written, but the first write then takes a second,
+/// copy-on-write fault. `private: true` installs private zeroed pages
+/// (`UFFDIO_COPY` from zeros), writable at once: the right choice for a page
+/// about to be written, and the only kind KVM maps several at a time.
+pub fn zero_pages(
+    uffd: &Uffd,
+    addr: usize,
+    n: usize,
+    private: bool,
+    counters: &RetryCounters,
+) -> Result<Installed, UffdError> {
+    let mut outcome = Installed::New;
+    if private {
+        for first in (0..n).step_by(64) {
+            let k = (n - first).min(64);
+            if copy_pages(uffd, addr + first * PAGE, &ZEROS[..k * PAGE], counters)?
+                == Installed::AlreadyPresent
+            {
+                outcome = Installed::AlreadyPresent;
+            }
+        }
+        return Ok(outcome);
+    }
+    install(uffd, addr, n * PAGE, counters, |off| {
+        // SAFETY: `[addr, addr + n pages)` are pages of a range registered with
+        // this userfaultfd (the caller's contract).
+        unsafe { uffd.zeropage((addr + off) as *mut _, n * PAGE - off, true) }
     })
 }
 
@@ -120,10 +199,7 @@ pub fn zero_page(
     addr: usize,
     counters: &RetryCounters,
 ) -> Result<Installed, UffdError> {
-    install(uffd, addr, counters, || {
-        // SAFETY: `addr` is a page of a range registered with this userfaultfd.
-        unsafe { uffd.zeropage(addr as *mut _, PAGE, true) }
-    })
+    zero_pages(uffd, addr, 1, false, counters)
 }
 
 #[cfg(test)]
@@ -178,6 +254,48 @@ mod tests {
         assert_eq!(c.eexist.load(Relaxed), 2);
         // SAFETY: the page is installed and the mapping live.
         assert_eq!(unsafe { *(r.0 as *const u8) }, 7);
+    }
+
+    #[test]
+    fn runs_install_around_a_page_already_present() {
+        let r = Region::new(8);
+        let u = uffd_over(&r, false);
+        let c = RetryCounters::default();
+        copy_page(&u, r.0 + 3 * PAGE, &vec![9u8; PAGE], &c).unwrap();
+        let data: Vec<u8> = (0..8 * PAGE).map(|i| (i / PAGE) as u8 + 1).collect();
+        assert_eq!(
+            copy_pages(&u, r.0, &data, &c).unwrap(),
+            Installed::AlreadyPresent
+        );
+        assert_eq!(c.eexist.load(Relaxed), 1);
+        for p in 0..8 {
+            // SAFETY: every page of the mapping is installed now.
+            let b = unsafe { *((r.0 + p * PAGE + 100) as *const u8) };
+            assert_eq!(b, if p == 3 { 9 } else { p as u8 + 1 }, "page {p}");
+        }
+        // Zero runs, private and shared, also skip present pages.
+        let z = Region::new(130);
+        let uz = uffd_over(&z, false);
+        copy_page(&uz, z.0 + 70 * PAGE, &vec![5u8; PAGE], &c).unwrap();
+        assert_eq!(
+            zero_pages(&uz, z.0, 100, true, &c).unwrap(),
+            Installed::AlreadyPresent
+        );
+        assert_eq!(
+            zero_pages(&uz, z.0 + 100 * PAGE, 30, false, &c).unwrap(),
+            Installed::New
+        );
+        for p in 0..130 {
+            // SAFETY: pages 0..130 are installed.
+            let b = unsafe { *((z.0 + p * PAGE + 8) as *const u8) };
+            assert_eq!(b, if p == 70 { 5 } else { 0 }, "page {p}");
+        }
+        // A private zero page is writable without a copy-on-write fault; writing
+        // it must not disturb its neighbours.
+        // SAFETY: page 1 is installed and the mapping writable.
+        unsafe { *((z.0 + PAGE) as *mut u8) = 1 };
+        // SAFETY: as above.
+        assert_eq!(unsafe { *((z.0 + 2 * PAGE) as *const u8) }, 0);
     }
 
     #[test]

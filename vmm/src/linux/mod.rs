@@ -290,7 +290,7 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     .map_err(kvm_call("create the in-kernel PIT"))?;
 
     let ram = GuestRam::linux(cfg.mem)?;
-    ram.register_linux(&vm)?;
+    ram.register_linux(&vm, cfg.cache.dirty_log)?;
     let client_cfg = ClientConfig {
         vm_id: cfg.vm_id,
         link_model: cfg.link,
