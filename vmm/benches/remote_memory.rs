@@ -7,7 +7,11 @@
 //! - the remote fault service time the VMM measures (fault event to page
 //!   installed, p50/p99), on a random workload with prefetching off;
 //! - each workload's run time at 100%, 50%, 25% and 12.5% of its working set
-//!   cached locally, as a slowdown relative to the 100% (all-local) run.
+//!   cached locally, as a slowdown relative to the 100% (all-local) run;
+//! - for the sequential workload, the fabric's own time to move the same pages
+//!   (the run's write-backs out, its fetches in; batches of 64 pages, 4 in
+//!   flight, from one thread): the floor of what eviction and prefetching can
+//!   add to the all-local time on this machine.
 //!
 //! Writes `$SPLITVISOR_BENCH_OUT` (default `target/bench/remote_memory.json`).
 
@@ -69,7 +73,7 @@ fn main() {
         let mut base = 0.0;
         for (label, frac) in [("100%", 1.0), ("50%", 0.5), ("25%", 0.25), ("12.5%", 0.125)] {
             let cache = ((*size as f64 * frac) as u64).max(64 << 10) & !4095;
-            let r = vmm(&node.addr, w, *size, cache, 64);
+            let r = vmm(&node.addr, w, *size, cache, 256);
             let t = r["elapsed_s"].as_f64().unwrap();
             if frac == 1.0 {
                 base = t;
@@ -87,6 +91,19 @@ fn main() {
         slowdowns.insert(name.to_string(), serde_json::Value::Object(row));
     }
     let seq25 = slowdowns["seq"]["25%"]["slowdown"].as_f64().unwrap();
+    // The fabric moving the 25% run's pages, measured now, on the same node.
+    let s25 = &slowdowns["seq"]["25%"];
+    let n = |k: &str| s25[k].as_u64().unwrap_or(0);
+    let (out_pages, in_pages) = (n("evict_dirty"), n("faults_remote") + n("prefetch_remote"));
+    let move_s = fabric_stream_s(&node.addr, out_pages, in_pages);
+    let local_s = slowdowns["seq"]["100%"]["elapsed_s"].as_f64().unwrap();
+    let t25 = s25["elapsed_s"].as_f64().unwrap();
+    table.push(format!(
+        "seq 25%: {t25:.3} s = all-local {local_s:.3} s + {:.3} s; the fabric alone moves its {out_pages} pages out and {in_pages} in in {move_s:.3} s; (all-local + fabric) = {:.3} s, ratio {:.2}",
+        t25 - local_s,
+        local_s + move_s,
+        t25 / (local_s + move_s)
+    ));
     let out = json!({
         "benchmark": "remote_memory",
         "command": "cargo bench -p vmm --bench remote_memory",
@@ -96,6 +113,11 @@ fn main() {
         "vmm_remote_fault_service_us": {"p50": fetch_p50, "p99": fetch_p99, "faults": fault_run["stats"]["faults_remote"]},
         "remote_fault_p50_over_floor": round3(fetch_p50 / us(floor_p50)),
         "slowdown_vs_all_local": slowdowns,
+        "seq_25pct_data_movement": {
+            "pages_out": out_pages, "pages_in": in_pages, "fabric_alone_s": round3(move_s),
+            "all_local_s": local_s, "run_s": t25,
+            "run_over_all_local_plus_fabric": round3(t25 / (local_s + move_s)),
+        },
         "targets": {
             "remote_fault_p50_within_1_3x_of_floor": fetch_p50 / us(floor_p50) <= 1.3,
             "seq_at_25pct_at_most_1_5x": seq25 <= 1.5,
@@ -145,6 +167,57 @@ fn vmm(memnode: &str, workload: &str, mem: u64, cache: u64, prefetch: usize) -> 
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(json);
     v
+}
+
+/// Seconds for one client to write `out` pages to the node and then read `inp`
+/// pages back: batches of 64, 4 in flight, as the evictor and prefetcher send them.
+fn fabric_stream_s(addr: &str, out: u64, inp: u64) -> f64 {
+    let c = PageClient::connect(
+        addr,
+        &ClientConfig {
+            vm_id: 0xbe0d,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let data = vec![0x5au8; 64 * 4096];
+    let t = Instant::now();
+    let mut writes = std::collections::VecDeque::new();
+    for first in (0..out).step_by(64) {
+        let batch: Vec<(u64, &[u8])> = (first..(first + 64).min(out))
+            .map(|g| (g, &data[..4096]))
+            .collect();
+        writes.push_back(c.submit_write(&batch).unwrap());
+        if writes.len() == 4 {
+            writes.pop_front().unwrap().wait().unwrap();
+        }
+    }
+    for w in writes {
+        w.wait().unwrap();
+    }
+    let mut buf = vec![0u8; 4 * 64 * 4096];
+    let mut reads = std::collections::VecDeque::new();
+    let mut slot = 0;
+    for first in (0..inp).step_by(64) {
+        let gpns: Vec<u64> = (first..(first + 64).min(inp))
+            .map(|g| g % out.max(1))
+            .collect();
+        reads.push_back((c.submit_read(&gpns).unwrap(), gpns.len()));
+        if reads.len() == 4 {
+            let (r, k) = reads.pop_front().unwrap();
+            r.wait(&mut buf[slot * 64 * 4096..][..k * 4096]).unwrap();
+            slot = (slot + 1) % 4;
+        }
+    }
+    for (r, k) in reads {
+        r.wait(&mut buf[slot * 64 * 4096..][..k * 4096]).unwrap();
+        slot = (slot + 1) % 4;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    for first in (0..out).step_by(64) {
+        let _ = c.free_pages(&(first..(first + 64).min(out)).collect::<Vec<_>>());
+    }
+    secs
 }
 
 fn percentiles(mut v: Vec<u64>) -> (u64, u64) {

@@ -242,6 +242,13 @@ fn consecutive_runs(
     Ok(())
 }
 
+/// Pages prefetched after a stream fault: `--prefetch`, but at most an eighth of
+/// the cache, so that a stream in a small cache does not push out the pages a
+/// workload reuses.
+fn prefetch_window(s: &Shared) -> usize {
+    s.cfg.prefetch.min(s.budget / 8).max(1)
+}
+
 /// Serves a fault on `p` that continues a sequential stream: `p` (if no one else
 /// is installing it) and up to `prefetch` absent pages after it, while frames are
 /// free, as one window. Returns the last page covered.
@@ -251,7 +258,7 @@ fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, St
     if demand && !s.reserve_frame() {
         return Ok(p);
     }
-    let end = (p + 1 + s.cfg.prefetch).min(s.pages);
+    let end = (p + 1 + prefetch_window(s)).min(s.pages);
     let mut taken: Vec<usize> = Vec::with_capacity(s.cfg.prefetch + 1);
     if demand {
         taken.push(p);
@@ -289,7 +296,13 @@ fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, St
                 remote[i]
             ));
         };
-        let max = node.client.node().max_batch;
+        // The faulted page travels alone, first: its small reply comes back
+        // (and the vCPU resumes) before the window's bulk arrives.
+        let max = if i == 0 && demand && remote[0] == p {
+            1
+        } else {
+            node.client.node().max_batch
+        };
         let mut j = i;
         while j < remote.len() && j - i < max && node_of(remote[j]) == node_i {
             j += 1;
