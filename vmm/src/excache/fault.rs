@@ -282,6 +282,9 @@ fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, St
     let last = taken.last().copied().unwrap_or(p);
     let (remote, zero): (Vec<usize>, Vec<usize>) =
         taken.iter().partition(|&&q| s.remote[q].load(Acquire));
+    // Decided now: once installed, the page may be evicted (and its `remote`
+    // flag set) before this function returns.
+    let demand_remote = demand && remote.first() == Some(&p);
     // Remote pages: per-node runs of up to a batch each, all submitted before any
     // is awaited, so the whole window costs about one round trip.
     let nodes = s.nodes.nodes();
@@ -298,7 +301,7 @@ fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, St
         };
         // The faulted page travels alone, first: its small reply comes back
         // (and the vCPU resumes) before the window's bulk arrives.
-        let max = if i == 0 && demand && remote[0] == p {
+        let max = if i == 0 && demand_remote {
             1
         } else {
             node.client.node().max_batch
@@ -355,7 +358,6 @@ fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, St
         })?;
     }
     // The faulted page counts as a fault, the rest as prefetches.
-    let demand_remote = demand && s.remote[p].load(Acquire);
     if demand {
         if demand_remote {
             s.stats.faults_remote.fetch_add(1, Relaxed);
