@@ -149,16 +149,7 @@ fn runs(
     pages: &[usize],
     mut f: impl FnMut(usize, usize) -> Result<(), String>,
 ) -> Result<(), String> {
-    let mut i = 0;
-    while i < pages.len() {
-        let mut j = i + 1;
-        while j < pages.len() && pages[j] == pages[j - 1] + 1 {
-            j += 1;
-        }
-        f(pages[i], j - i)?;
-        i = j;
-    }
-    Ok(())
+    super::consecutive_runs(pages, |i, j| f(pages[i], j - i))
 }
 
 /// Write-protects the victims with userfaultfd (`wp`), or lifts the protection

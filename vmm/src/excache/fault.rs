@@ -225,23 +225,6 @@ fn mark_resident(s: &Shared, pages: &[usize]) {
         .extend(pages.iter().map(|&q| q as u32));
 }
 
-/// Calls `f(i, j)` for each maximal run `pages[i..j]` of consecutive page numbers.
-fn consecutive_runs(
-    pages: &[usize],
-    mut f: impl FnMut(usize, usize) -> Result<(), String>,
-) -> Result<(), String> {
-    let mut i = 0;
-    while i < pages.len() {
-        let mut j = i + 1;
-        while j < pages.len() && pages[j] == pages[j - 1] + 1 {
-            j += 1;
-        }
-        f(i, j)?;
-        i = j;
-    }
-    Ok(())
-}
-
 /// Pages prefetched after a stream fault: `--prefetch`, but at most an eighth of
 /// the cache, so that a stream in a small cache does not push out the pages a
 /// workload reuses.
@@ -324,7 +307,7 @@ fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, St
         );
     }
     // Never-written pages meanwhile: no network.
-    consecutive_runs(&zero, |i, j| {
+    super::consecutive_runs(&zero, |i, j| {
         for &q in &zero[i..j] {
             s.set_installed_hash(q, fingerprint::zero_page());
         }
@@ -346,7 +329,7 @@ fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, St
         for (k, &q) in pages.iter().enumerate() {
             s.set_installed_hash(q, fingerprint::page(&out[k * PAGE..(k + 1) * PAGE]));
         }
-        consecutive_runs(pages, |i, j| {
+        super::consecutive_runs(pages, |i, j| {
             report(uffd::copy_pages(
                 &s.uffd,
                 s.addr(pages[i]),

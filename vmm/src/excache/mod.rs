@@ -461,6 +461,24 @@ impl ExCache {
     }
 }
 
+/// Calls `f(i, j)` for each maximal run `pages[i..j]` of consecutive page
+/// numbers (`pages` sorted).
+pub(crate) fn consecutive_runs(
+    pages: &[usize],
+    mut f: impl FnMut(usize, usize) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut i = 0;
+    while i < pages.len() {
+        let mut j = i + 1;
+        while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+            j += 1;
+        }
+        f(i, j)?;
+        i = j;
+    }
+    Ok(())
+}
+
 fn addr_for_err(s: &Shared, i: usize) -> String {
     s.nodes.node(i).addr.clone()
 }
