@@ -146,17 +146,6 @@ pub fn copy_pages(
     })
 }
 
-/// Installs `data` (4 KiB) at `addr` and wakes the threads waiting for it.
-pub fn copy_page(
-    uffd: &Uffd,
-    addr: usize,
-    data: &[u8],
-    counters: &RetryCounters,
-) -> Result<Installed, UffdError> {
-    assert_eq!(data.len(), PAGE);
-    copy_pages(uffd, addr, data, counters)
-}
-
 /// Zeros copied from for private zero pages.
 static ZEROS: [u8; 64 * PAGE] = [0; 64 * PAGE];
 
@@ -193,20 +182,29 @@ pub fn zero_pages(
     })
 }
 
-/// Installs a zero page at `addr` and wakes the threads waiting for it.
-pub fn zero_page(
-    uffd: &Uffd,
-    addr: usize,
-    counters: &RetryCounters,
-) -> Result<Installed, UffdError> {
-    zero_pages(uffd, addr, 1, false, counters)
-}
-
 #[cfg(test)]
 mod tests {
     //! The retry paths, on real userfaultfd-registered memory (no KVM needed).
     use super::*;
     use userfaultfd::Event;
+
+    fn copy_page(
+        uffd: &Uffd,
+        addr: usize,
+        data: &[u8],
+        counters: &RetryCounters,
+    ) -> Result<Installed, UffdError> {
+        assert_eq!(data.len(), PAGE);
+        copy_pages(uffd, addr, data, counters)
+    }
+
+    fn zero_page(
+        uffd: &Uffd,
+        addr: usize,
+        counters: &RetryCounters,
+    ) -> Result<Installed, UffdError> {
+        zero_pages(uffd, addr, 1, false, counters)
+    }
 
     struct Region(usize, usize);
     impl Region {
