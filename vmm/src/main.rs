@@ -106,6 +106,11 @@ struct RunArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Start with the vCPUs paused, until `PUT /vm/resume` on the API socket
+    /// (attach memory nodes or start measuring first). The run's elapsed time
+    /// includes the time paused.
+    #[arg(long, requires = "api_sock")]
+    paused: bool,
     /// Write the run's statistics as JSON to this file.
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -326,6 +331,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         vm_id,
         link: a.link,
         api_sock: a.api_sock.clone(),
+        start_paused: a.paused,
     };
     log::info!(
         "vm {vm_id:#x}: {} MiB guest RAM, {} MiB local cache ({:?}), {} vCPU(s), workload {}, memory nodes {}",
@@ -429,6 +435,7 @@ fn run_linux(
         vm_id,
         link: a.link,
         api_sock: a.api_sock.clone(),
+        start_paused: a.paused,
         kernel,
         initrd: a.initrd.clone(),
         cmdline: a.cmdline.clone(),

@@ -45,6 +45,8 @@ pub struct VmConfig {
     pub link: LinkModel,
     /// Serve the control API on this Unix socket.
     pub api_sock: Option<std::path::PathBuf>,
+    /// Start with the vCPUs paused (resumed through the API).
+    pub start_paused: bool,
 }
 
 /// What a run produced.
@@ -255,6 +257,7 @@ pub fn run(cfg: &VmConfig, interrupt: &AtomicBool) -> Result<RunReport, VmError>
     vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
         .map_err(|e| VmError::Config(format!("cannot install the vCPU kick signal handler: {e}")))?;
     let control = Arc::new(RunControl::default());
+    control.set_paused(cfg.start_paused);
     let running = Arc::new(AtomicUsize::new(cfg.vcpus));
     let cache = Arc::new(cache);
     let mem = Arc::new(ram.mem.clone());

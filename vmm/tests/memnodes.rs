@@ -252,6 +252,7 @@ fn kvm_a_full_node_sends_pages_elsewhere_and_all_full_is_a_clear_error() {
             &b.addr,
             "--api-sock",
             sock.to_str().unwrap(),
+            "--paused",
         ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -259,7 +260,8 @@ fn kvm_a_full_node_sends_pages_elsewhere_and_all_full_is_a_clear_error() {
         .spawn()
         .unwrap();
     wait_until("the API socket", Duration::from_secs(30), || sock.exists());
-    assert_eq!(api(&sock, "PUT", "/vm/pause").0, 200);
+    // The guest has not run yet: nothing of ours is on the nodes.
+    assert_eq!(api(&sock, "GET", "/vm").1["state"], "paused");
     let _other = fill(&a.addr, 2048);
     assert_eq!(api(&sock, "PUT", "/vm/resume").0, 200);
     let out = child.wait_with_output().unwrap();

@@ -96,6 +96,8 @@ pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), String> {
         if s.stopped() {
             return Err("the VM stopped during the drain".into());
         }
+        // Marks hold pages claimed: return them, so that those pages can move.
+        s.marks.drop_all(s);
         let on_node = s.nodes.pages_on(from);
         if on_node.is_empty() {
             return Ok(());

@@ -12,6 +12,7 @@
 //! shared zero page: the guest's write then needs no copy-on-write fault, and
 //! KVM can map such pages several at a time (see [`uffd::zero_pages`]).
 
+use super::readahead::Mark;
 use super::uffd::{self, Installed, PAGE};
 use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared, fingerprint};
 use std::os::fd::AsRawFd;
@@ -53,7 +54,7 @@ impl Streams {
 }
 
 pub(crate) fn handler_loop(s: &Shared) {
-    let mut buf = vec![0u8; PAGE * (s.cfg.prefetch + 1).max(fabric::proto::MAX_BATCH)];
+    let mut buf = vec![0u8; PAGE * (2 * s.cfg.prefetch + 1).max(fabric::proto::MAX_BATCH)];
     let mut fds = [
         libc::pollfd {
             fd: s.uffd.as_raw_fd(),
@@ -104,8 +105,10 @@ pub(crate) fn handler_loop(s: &Shared) {
                 let write = rw == ReadWrite::Write;
                 // Sequential stream: the fault continues one seen by any handler
                 // (the faults of one stream are spread over all handler threads).
-                let r = if s.cfg.prefetch > 0 && s.streams.continues(p as u64) {
-                    window(s, p, write, &mut buf)
+                let r = if let Some(m) = s.marks.take(p) {
+                    mark_fault(s, m, write, &mut buf)
+                } else if s.cfg.prefetch > 0 && s.streams.continues(p as u64) {
+                    stream_fault(s, p, write, &mut buf)
                         .map(|last| s.streams.advance(p as u64, last as u64))
                 } else {
                     handle(s, p, write, &mut buf)
@@ -225,28 +228,79 @@ fn mark_resident(s: &Shared, pages: &[usize]) {
         .extend(pages.iter().map(|&q| q as u32));
 }
 
-/// Pages prefetched after a stream fault: `--prefetch`, but at most an eighth of
-/// the cache, so that a stream in a small cache does not push out the pages a
-/// workload reuses.
-fn prefetch_window(s: &Shared) -> usize {
-    s.cfg.prefetch.min(s.budget / 8).max(1)
+/// Pages in a read-ahead window: `--prefetch`, but with the streams that have
+/// read-ahead under way sharing an eighth of the cache, so that streams in a
+/// small cache do not push out the pages a workload reuses, or each other's
+/// pages before they are used (a stream holds up to two windows ahead of the
+/// guest). Zero when prefetching is off.
+pub(crate) fn prefetch_window(s: &Shared) -> usize {
+    let streams = s.marks.len().max(1);
+    s.cfg.prefetch.min(s.budget / 8 / streams)
 }
 
-/// Serves a fault on `p` that continues a sequential stream: `p` (if no one else
-/// is installing it) and up to `prefetch` absent pages after it, while frames are
-/// free, as one window. Returns the last page covered.
-fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, String> {
+/// Serves a fault on `p` that continues a sequential stream: `p` itself (if no
+/// one else is installing it), the window after it, and the next window with its
+/// first page kept as a read-ahead mark ([`readahead`]). Returns the last page
+/// covered.
+fn stream_fault(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, String> {
+    let w = prefetch_window(s);
+    let end = (p + 1 + 2 * w).min(s.pages);
+    let last = window(s, p, end, true, Some(p + 1 + w), write, buf)?;
+    Ok(last.unwrap_or(p))
+}
+
+/// Serves the guest's fault on a read-ahead mark: installs the page, which was
+/// fetched with its window, then fetches the next window of the stream, whose
+/// first page becomes the next mark.
+fn mark_fault(s: &Shared, m: Mark, write: bool, buf: &mut [u8]) -> Result<(), String> {
+    let p = m.page;
+    let installed = match &m.data {
+        Some(data) => {
+            s.set_installed_hash(p, fingerprint::page(data));
+            uffd::copy_pages(&s.uffd, s.addr(p), data, &s.retries)
+        }
+        None => {
+            s.set_installed_hash(p, fingerprint::zero_page());
+            uffd::zero_pages(&s.uffd, s.addr(p), 1, write, &s.retries)
+        }
+    };
+    report(installed)?;
+    mark_resident(s, &[p]);
+    s.stats.readahead_hits.fetch_add(1, Relaxed);
+    let first = m.stream_end + 1;
+    if first < s.pages {
+        let end = (first + prefetch_window(s)).min(s.pages);
+        if let Some(last) = window(s, first, end, false, Some(first), write, buf)? {
+            s.streams.advance(m.stream_end as u64, last as u64);
+        }
+    }
+    Ok(())
+}
+
+/// Fetches and installs the absent pages of `[first, end)` while frames are free,
+/// as one window. With `demand`, `first` is the faulted page: it is claimed even
+/// if that means waiting for a frame, and it travels alone and first. Page
+/// `mark`, if claimed, is kept as a read-ahead mark instead of installed.
+/// Returns the last page claimed.
+fn window(
+    s: &Shared,
+    first: usize,
+    end: usize,
+    demand: bool,
+    mark: Option<usize>,
+    write: bool,
+    buf: &mut [u8],
+) -> Result<Option<usize>, String> {
     let t0 = Instant::now();
-    let demand = claim_faulted(s, p);
+    let demand = demand && claim_faulted(s, first);
     if demand && !s.reserve_frame() {
-        return Ok(p);
+        return Ok(None);
     }
-    let end = (p + 1 + prefetch_window(s)).min(s.pages);
-    let mut taken: Vec<usize> = Vec::with_capacity(s.cfg.prefetch + 1);
+    let mut taken: Vec<usize> = Vec::with_capacity(end.saturating_sub(first));
     if demand {
-        taken.push(p);
+        taken.push(first);
     }
-    for q in p + 1..end {
+    for q in first + usize::from(demand)..end {
         if s.state[q].load(Acquire) != ABSENT {
             continue;
         }
@@ -262,12 +316,13 @@ fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, St
         }
         taken.push(q);
     }
-    let last = taken.last().copied().unwrap_or(p);
+    let last = taken.last().copied();
+    let mark = mark.filter(|m| taken.contains(m));
     let (remote, zero): (Vec<usize>, Vec<usize>) =
         taken.iter().partition(|&&q| s.remote[q].load(Acquire));
     // Decided now: once installed, the page may be evicted (and its `remote`
     // flag set) before this function returns.
-    let demand_remote = demand && remote.first() == Some(&p);
+    let demand_remote = demand && remote.first() == Some(&first);
     // Remote pages: per-node runs of up to a batch each, all submitted before any
     // is awaited, so the whole window costs about one round trip.
     let nodes = s.nodes.nodes();
@@ -306,48 +361,69 @@ fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, St
                 .map_err(|e| node_failed(&nodes[n].addr, &e))?,
         );
     }
+    let mut staged = None;
     // Never-written pages meanwhile: no network.
     super::consecutive_runs(&zero, |i, j| {
-        for &q in &zero[i..j] {
-            s.set_installed_hash(q, fingerprint::zero_page());
-        }
-        report(uffd::zero_pages(
-            &s.uffd,
-            s.addr(zero[i]),
-            j - i,
-            write,
-            &s.retries,
-        ))?;
-        mark_resident(s, &zero[i..j]);
-        Ok(())
+        except_mark(&zero, i, j, mark, |i, j| {
+            for &q in &zero[i..j] {
+                s.set_installed_hash(q, fingerprint::zero_page());
+            }
+            report(uffd::zero_pages(
+                &s.uffd,
+                s.addr(zero[i]),
+                j - i,
+                write,
+                &s.retries,
+            ))?;
+            mark_resident(s, &zero[i..j]);
+            Ok(())
+        })
     })?;
+    if mark.is_some_and(|m| zero.contains(&m)) {
+        staged = mark.map(|page| (page, None));
+    }
     for ((n, from, to), read) in runs.into_iter().zip(pending) {
         let out = &mut buf[from * PAGE..to * PAGE];
         read.wait(out)
             .map_err(|e| node_failed(&nodes[n].addr, &e))?;
         let pages = &remote[from..to];
         for (k, &q) in pages.iter().enumerate() {
-            s.set_installed_hash(q, fingerprint::page(&out[k * PAGE..(k + 1) * PAGE]));
+            if Some(q) == mark {
+                staged = Some((q, Some(out[k * PAGE..(k + 1) * PAGE].into())));
+            } else {
+                s.set_installed_hash(q, fingerprint::page(&out[k * PAGE..(k + 1) * PAGE]));
+            }
         }
         super::consecutive_runs(pages, |i, j| {
-            report(uffd::copy_pages(
-                &s.uffd,
-                s.addr(pages[i]),
-                &out[i * PAGE..j * PAGE],
-                &s.retries,
-            ))?;
-            mark_resident(s, &pages[i..j]);
-            Ok(())
+            except_mark(pages, i, j, mark, |i, j| {
+                report(uffd::copy_pages(
+                    &s.uffd,
+                    s.addr(pages[i]),
+                    &out[i * PAGE..j * PAGE],
+                    &s.retries,
+                ))?;
+                mark_resident(s, &pages[i..j]);
+                Ok(())
+            })
         })?;
-    }
-    // The faulted page counts as a fault, the rest as prefetches.
-    if demand {
-        if demand_remote {
+        if demand_remote && from == 0 {
             s.stats.faults_remote.fetch_add(1, Relaxed);
             record_fetch(s, t0);
-        } else {
-            s.stats.faults_zero.fetch_add(1, Relaxed);
         }
+    }
+    if let (Some((page, data)), Some(stream_end)) = (staged, last) {
+        s.marks.stage(
+            s,
+            Mark {
+                page,
+                data,
+                stream_end,
+            },
+        );
+    }
+    // The faulted page counts as a fault, the rest as prefetches.
+    if demand && !demand_remote {
+        s.stats.faults_zero.fetch_add(1, Relaxed);
     }
     let extra_remote = remote.len() - usize::from(demand_remote);
     let extra_zero = zero.len() - usize::from(demand && !demand_remote);
@@ -356,4 +432,26 @@ fn window(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, St
         .fetch_add(extra_remote as u64, Relaxed);
     s.stats.prefetch_zero.fetch_add(extra_zero as u64, Relaxed);
     Ok(last)
+}
+
+/// Calls `f` on the parts of the run `pages[i..j]` that are not page `mark`.
+fn except_mark(
+    pages: &[usize],
+    i: usize,
+    j: usize,
+    mark: Option<usize>,
+    mut f: impl FnMut(usize, usize) -> Result<(), String>,
+) -> Result<(), String> {
+    match mark.and_then(|m| pages[i..j].iter().position(|&q| q == m)) {
+        Some(k) => {
+            if k > 0 {
+                f(i, i + k)?;
+            }
+            if i + k + 1 < j {
+                f(i + k + 1, j)?;
+            }
+            Ok(())
+        }
+        None => f(i, j),
+    }
 }

@@ -22,6 +22,7 @@ pub mod evict;
 pub mod fault;
 pub mod fingerprint;
 pub mod placement;
+pub mod readahead;
 pub mod stats;
 pub mod uffd;
 
@@ -130,6 +131,8 @@ pub(crate) struct Shared {
     pub(crate) dirty: Mutex<Vec<u64>>,
     /// Sequential fault streams, for prefetching.
     pub(crate) streams: fault::Streams,
+    /// Read-ahead marks of sequential streams.
+    pub(crate) marks: readahead::Marks,
     /// The first fatal error (a memory node failed); the VM stops on it.
     pub(crate) fatal: Mutex<Option<String>>,
     pub(crate) fatal_cv: Condvar,
@@ -186,11 +189,14 @@ impl Shared {
         }
     }
 
-    /// True when the evictor should free frames: fewer than the low watermark are
-    /// free. Never when the whole arena fits in the budget (an all-local run).
+    /// True when the evictor should free frames: fewer are free than the low
+    /// watermark (kept for demand faults) plus what read-ahead takes at once
+    /// (two windows), so that prefetching finds frames free instead of being cut
+    /// short. Never when the whole arena fits in the budget (an all-local run).
     pub(crate) fn wants_eviction(&self, resident: usize) -> bool {
         self.budget < self.pages
-            && self.budget - resident.min(self.budget) < evict::low_watermark(self.budget)
+            && self.budget - resident.min(self.budget)
+                < evict::low_watermark(self.budget) + 2 * fault::prefetch_window(self)
     }
 
     /// Takes a frame only if one is free now without dipping below the watermark.
@@ -279,6 +285,7 @@ impl ExCache {
             vm,
             stats: CacheStats::new(),
             streams: fault::Streams::new(),
+            marks: readahead::Marks::new(),
             dirty: Mutex::new(vec![0u64; pages.div_ceil(64)]),
             fatal: Mutex::new(None),
             fatal_cv: Condvar::new(),
@@ -348,6 +355,8 @@ impl ExCache {
             faults_spurious: load(&st.faults_spurious),
             prefetch_remote: load(&st.prefetch_remote),
             prefetch_zero: load(&st.prefetch_zero),
+            readahead_hits: load(&st.readahead_hits),
+            readahead_dropped: load(&st.readahead_dropped),
             evict_clean: load(&st.evict_clean),
             evict_dirty: load(&st.evict_dirty),
             writeback_bytes: load(&st.writeback_bytes),

@@ -18,6 +18,11 @@ pub struct CacheStats {
     pub prefetch_remote: AtomicU64,
     /// Zero pages installed ahead of a sequential stream.
     pub prefetch_zero: AtomicU64,
+    /// Faults on read-ahead marks: served from the page fetched with its
+    /// window, each starting the fetch of the next window.
+    pub readahead_hits: AtomicU64,
+    /// Read-ahead marks dropped before the guest reached them.
+    pub readahead_dropped: AtomicU64,
     /// Clean pages dropped.
     pub evict_clean: AtomicU64,
     /// Dirty pages written back, then dropped.
@@ -45,6 +50,8 @@ impl CacheStats {
             faults_spurious: AtomicU64::new(0),
             prefetch_remote: AtomicU64::new(0),
             prefetch_zero: AtomicU64::new(0),
+            readahead_hits: AtomicU64::new(0),
+            readahead_dropped: AtomicU64::new(0),
             evict_clean: AtomicU64::new(0),
             evict_dirty: AtomicU64::new(0),
             writeback_bytes: AtomicU64::new(0),
@@ -76,6 +83,12 @@ pub struct StatsSnapshot {
     pub prefetch_remote: u64,
     /// Prefetched zero pages.
     pub prefetch_zero: u64,
+    /// Faults on read-ahead marks.
+    #[serde(default)]
+    pub readahead_hits: u64,
+    /// Read-ahead marks dropped unreached.
+    #[serde(default)]
+    pub readahead_dropped: u64,
     /// Clean evictions.
     pub evict_clean: u64,
     /// Dirty evictions.
@@ -110,7 +123,7 @@ impl StatsSnapshot {
     /// One human-readable paragraph.
     pub fn summary(&self) -> String {
         format!(
-            "resident {}/{} pages; faults: {} zero-fill, {} remote ({} spurious); prefetched {} remote + {} zero; \
+            "resident {}/{} pages; faults: {} zero-fill, {} remote ({} spurious); prefetched {} remote + {} zero ({} read-ahead mark faults, {} marks dropped); \
 evictions: {} clean, {} dirty ({} MiB written back); remote fetch p50 {:.1} us, p99 {:.1} us over {} fetches; \
 writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; pages per node: {}",
             self.resident_pages,
@@ -120,6 +133,8 @@ writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; 
             self.faults_spurious,
             self.prefetch_remote,
             self.prefetch_zero,
+            self.readahead_hits,
+            self.readahead_dropped,
             self.evict_clean,
             self.evict_dirty,
             self.writeback_bytes >> 20,

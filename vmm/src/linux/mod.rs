@@ -129,6 +129,8 @@ pub struct LinuxConfig {
     pub link: LinkModel,
     /// Control API socket.
     pub api_sock: Option<PathBuf>,
+    /// Start with the vCPUs paused (resumed through the API).
+    pub start_paused: bool,
     /// bzImage or ELF vmlinux.
     pub kernel: PathBuf,
     /// Initial ramdisk.
@@ -391,6 +393,7 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
         .map_err(|e| VmError::Config(format!("cannot install the vCPU kick signal handler: {e}")))?;
     let control = Arc::new(RunControl::default());
+    control.set_paused(cfg.start_paused);
     let running = Arc::new(AtomicUsize::new(cfg.vcpus));
     let cache = Arc::new(cache);
     let errors: Arc<Mutex<Option<vcpu::LinuxVcpuError>>> = Arc::new(Mutex::new(None));
