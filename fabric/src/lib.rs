@@ -12,8 +12,10 @@
 //! - [`transport`]: the `Link` abstraction and its TCP implementation.
 //! - [`link_model`]: latency and bandwidth emulation.
 //! - [`client`]: the pipelined, thread-safe page client.
+//! - [`acceptor`]: the node daemons' accept loop, connection limit and shutdown.
 //! - [`units`]: parsing of sizes, durations and bandwidths for command lines.
 
+pub mod acceptor;
 pub mod client;
 pub mod link_model;
 pub mod proto;

@@ -2,7 +2,6 @@
 
 use clap::Parser;
 use memnode::{Server, ServerConfig};
-use signal_hook::consts::{SIGINT, SIGTERM};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -54,16 +53,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let bound = memnode::metrics::serve(m, server.store().clone(), server.state().clone())?;
         log::info!("metrics on http://{bound}/metrics");
     }
-    let handle = server.shutdown_handle();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                log::info!("signal {sig}: shutting down");
-                handle.shutdown();
-            }
-        })?;
+    server.shutdown_handle().on_termination_signals()?;
     log::info!(
         "capacity {} pages ({} MiB)",
         server.store().capacity_pages(),
@@ -77,10 +67,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "stopped: {} pages stored for {} VMs, {} connections served, {} errors",
         s.node_pages,
         s.node_vms,
-        server
-            .state()
-            .accepted
-            .load(std::sync::atomic::Ordering::Relaxed),
+        server.state().accepted(),
         s.node_errors
     );
     Ok(())

@@ -65,7 +65,7 @@ pub fn render(store: &PageStore, state: &NodeState) -> String {
         "connections_accepted_total",
         "counter",
         "Connections accepted.",
-        &mut one(state.accepted.load(Relaxed)),
+        &mut one(state.accepted()),
     );
     metric(
         "errors_total",

@@ -8,6 +8,8 @@
 //! closed; other connections are unaffected.
 
 use crate::store::{PageStore, StoreError, VmStats};
+pub use fabric::acceptor::ShutdownHandle;
+use fabric::acceptor::{Acceptor, Connections};
 use fabric::proto::{
     self, DecodeError, ErrorCode, FrameHeader, MAX_BATCH, MAX_FRAME, Message, PAGE_SIZE,
     PROTOCOL_VERSION, ReadReplyBuilder, Role, StatsReply,
@@ -16,12 +18,10 @@ use fabric::ratelimit::RateLimiter;
 use fabric::transport::tcp::TcpLink;
 use fabric::transport::{Link, TransportError};
 use fabric::warn_limited;
-use std::collections::HashMap;
 use std::io::IoSlice;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 static PEER_ERRORS: RateLimiter = RateLimiter::new(10);
@@ -74,55 +74,31 @@ impl Default for ServerConfig {
     }
 }
 
-/// Node-wide counters and the registry of open connections.
-#[derive(Default)]
+/// Node-wide counters and the open connections.
 pub struct NodeState {
-    shutting_down: AtomicBool,
-    conns: Mutex<HashMap<u64, TcpStream>>,
-    next_conn: AtomicU64,
     /// Requests answered with an error.
     pub errors: AtomicU64,
-    /// Connections accepted since start.
-    pub accepted: AtomicU64,
+    conns: Arc<Connections>,
 }
 
 impl NodeState {
     /// Open connections.
     pub fn connections(&self) -> u64 {
-        self.conns.lock().unwrap().len() as u64
+        self.conns.open()
+    }
+
+    /// Connections accepted since start.
+    pub fn accepted(&self) -> u64 {
+        self.conns.accepted()
     }
 }
 
 /// A bound memory node server.
 pub struct Server {
-    listener: TcpListener,
+    acceptor: Acceptor,
     store: Arc<PageStore>,
     state: Arc<NodeState>,
     config: ServerConfig,
-}
-
-/// Stops a running server from another thread (a signal handler thread, a test).
-#[derive(Clone)]
-pub struct ShutdownHandle {
-    state: Arc<NodeState>,
-    listener_fd: i32,
-}
-
-impl ShutdownHandle {
-    /// Stops accepting, closes every connection; `Server::run` then returns.
-    pub fn shutdown(&self) {
-        if self.state.shutting_down.swap(true, Relaxed) {
-            return;
-        }
-        // SAFETY: shutdown(2) on the listener's fd, which `Server` keeps open until
-        // `run` returns; on Linux it makes the blocked accept(2) return.
-        unsafe {
-            libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
-        }
-        for s in self.state.conns.lock().unwrap().values() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
 }
 
 impl Server {
@@ -132,23 +108,28 @@ impl Server {
         if capacity_pages == 0 {
             return Err(ServerError::TooSmall(config.capacity_bytes));
         }
-        let listener = TcpListener::bind(&config.listen).map_err(|source| ServerError::Bind {
-            addr: config.listen.clone(),
-            source,
-        })?;
+        // A shutdown closes connections at once: a memory node's replies are
+        // only useful to a VMM that is still running.
+        let acceptor = Acceptor::bind(&config.listen, config.max_connections, Shutdown::Both)
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        let state = Arc::new(NodeState {
+            errors: AtomicU64::new(0),
+            conns: acceptor.connections().clone(),
+        });
         Ok(Server {
-            listener,
+            acceptor,
             store: Arc::new(PageStore::new(capacity_pages)),
-            state: Arc::new(NodeState::default()),
+            state,
             config,
         })
     }
 
     /// The bound address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.acceptor.local_addr()
     }
 
     /// The page store.
@@ -163,86 +144,34 @@ impl Server {
 
     /// A handle that stops the server.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            state: self.state.clone(),
-            listener_fd: self.listener.as_raw_fd(),
-        }
+        self.acceptor.shutdown_handle()
     }
 
     /// Accepts and serves connections until shut down; returns once every
     /// connection thread has finished.
     pub fn run(&self) {
-        let mut threads = Vec::new();
-        loop {
-            let (stream, peer) = match self.listener.accept() {
-                Ok(x) => x,
-                Err(e) => {
-                    if self.state.shutting_down.load(Relaxed) {
-                        break;
-                    }
-                    log::warn!("accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-            };
-            if self.state.shutting_down.load(Relaxed) {
-                break;
-            }
-            threads.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
-            self.state.accepted.fetch_add(1, Relaxed);
-            let id = self.state.next_conn.fetch_add(1, Relaxed);
-            {
-                let mut conns = self.state.conns.lock().unwrap();
-                if conns.len() >= self.config.max_connections {
-                    drop(conns);
-                    self.state.errors.fetch_add(1, Relaxed);
-                    warn_limited!(
-                        PEER_ERRORS,
-                        "{peer}: refused, {} connections open",
-                        self.config.max_connections
-                    );
-                    refuse(stream, ErrorCode::BadRequest, "too many connections");
-                    continue;
-                }
-                match stream.try_clone() {
-                    Ok(s) => {
-                        conns.insert(id, s);
-                    }
-                    Err(e) => {
-                        log::warn!("{peer}: cannot register connection: {e}");
-                        continue;
-                    }
-                }
-            }
-            let conn = Connection {
-                store: self.store.clone(),
-                state: self.state.clone(),
-                handshake_timeout: self.config.handshake_timeout,
-                send_timeout: self.config.send_timeout,
+        let (store, state, config) = (self.store.clone(), self.state.clone(), &self.config);
+        let (handshake_timeout, send_timeout) = (config.handshake_timeout, config.send_timeout);
+        let serve = move |stream: TcpStream, peer: SocketAddr| {
+            Connection {
+                store: store.clone(),
+                state: state.clone(),
+                handshake_timeout,
+                send_timeout,
                 session: None,
-            };
-            let state = self.state.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("conn-{peer}"))
-                .spawn(move || {
-                    conn.serve(stream, peer);
-                    state.conns.lock().unwrap().remove(&id);
-                });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    log::error!("{peer}: cannot start a connection thread: {e}");
-                    self.state.conns.lock().unwrap().remove(&id);
-                }
             }
-        }
-        // Connections registered after the handle's sweep are closed here.
-        for s in self.state.conns.lock().unwrap().values() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-        for t in threads {
-            let _ = t.join();
-        }
+            .serve(stream, peer)
+        };
+        let threads = self.acceptor.run(serve, |stream, peer| {
+            self.state.errors.fetch_add(1, Relaxed);
+            warn_limited!(
+                PEER_ERRORS,
+                "{peer}: refused, {} connections open",
+                self.config.max_connections
+            );
+            refuse(stream, ErrorCode::BadRequest, "too many connections");
+        });
+        self.acceptor.finish(threads, None);
     }
 
     /// The node's statistics, with the VM part for `vm`.
@@ -342,7 +271,7 @@ impl Connection {
                     return self.handshake_timed_out(&link, &mut out);
                 }
                 Err(e) => {
-                    if !self.state.shutting_down.load(Relaxed) {
+                    if !self.state.conns.shutting_down() {
                         log::debug!("{peer}: {}", fabric::client::error_chain(&e));
                     }
                     break;

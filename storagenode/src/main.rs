@@ -1,7 +1,6 @@
 //! `storagenode`: the storage node daemon.
 
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -114,16 +113,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         volumes,
     )?;
-    let handle = server.shutdown_handle();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                log::info!("signal {sig}: shutting down");
-                handle.shutdown();
-            }
-        })?;
+    server.shutdown_handle().on_termination_signals()?;
     let names = server.volumes().list()?;
     log::info!(
         "serving {} volumes from {}: {}",

@@ -14,15 +14,15 @@ pub(crate) mod pool;
 
 use crate::volume::VolumeDir;
 use conn::ConnLimits;
+use fabric::acceptor::Acceptor;
+pub use fabric::acceptor::ShutdownHandle;
 use fabric::ratelimit::RateLimiter;
 use fabric::warn_limited;
 use handshake::Negotiated;
 use pool::Pool;
-use std::collections::HashMap;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// Warnings a peer can trigger.
@@ -111,62 +111,29 @@ pub struct NodeStats {
     pub protocol_errors: AtomicU64,
 }
 
-#[derive(Default)]
-struct NodeState {
-    shutting_down: AtomicBool,
-    conns: Mutex<HashMap<u64, TcpStream>>,
-    next_conn: AtomicU64,
-}
-
 /// A bound storage node.
 pub struct Server {
-    listener: TcpListener,
+    acceptor: Acceptor,
     volumes: Arc<VolumeDir>,
-    state: Arc<NodeState>,
     stats: Arc<NodeStats>,
     pool: Arc<Pool>,
     config: ServerConfig,
 }
 
-/// Stops a running server from another thread (the signal thread, a test).
-#[derive(Clone)]
-pub struct ShutdownHandle {
-    state: Arc<NodeState>,
-    listener_fd: i32,
-}
-
-impl ShutdownHandle {
-    /// Stops accepting and ends every connection once its outstanding requests are
-    /// answered; [`Server::run`] then returns.
-    pub fn shutdown(&self) {
-        if self.state.shutting_down.swap(true, Relaxed) {
-            return;
-        }
-        // SAFETY: shutdown(2) on the listener's fd, which `Server` keeps open until
-        // it is dropped; on Linux it makes the blocked accept(2) return.
-        unsafe {
-            libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
-        }
-        // Closing the read side ends each request loop at its next `recv`; the
-        // replies still due are sent before the connection closes.
-        for s in self.state.conns.lock().unwrap().values() {
-            let _ = s.shutdown(Shutdown::Read);
-        }
-    }
-}
-
 impl Server {
     /// Binds the listen address and starts the worker pool.
     pub fn bind(config: ServerConfig, volumes: VolumeDir) -> Result<Self, ServerError> {
-        let listener = TcpListener::bind(&config.listen).map_err(|source| ServerError::Bind {
-            addr: config.listen.clone(),
-            source,
-        })?;
+        // A shutdown closes the read side only: each connection's request loop
+        // ends at its next `recv`, and the replies still due are sent first.
+        let acceptor = Acceptor::bind(&config.listen, config.max_connections, Shutdown::Read)
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
         let pool = Pool::start(config.io_threads).map_err(ServerError::Threads)?;
         Ok(Server {
-            listener,
+            acceptor,
             volumes: Arc::new(volumes),
-            state: Arc::new(NodeState::default()),
             stats: Arc::new(NodeStats::default()),
             pool: Arc::new(pool),
             config,
@@ -175,9 +142,7 @@ impl Server {
 
     /// The bound address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.acceptor.local_addr()
     }
 
     /// The volumes served.
@@ -190,95 +155,39 @@ impl Server {
         &self.stats
     }
 
-    /// A handle that stops the server.
+    /// A handle that stops the server: no new connections; each open one ends
+    /// once its outstanding requests are answered, and [`Server::run`] returns.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            state: self.state.clone(),
-            listener_fd: self.listener.as_raw_fd(),
-        }
+        self.acceptor.shutdown_handle()
     }
 
     /// Accepts and serves connections until shut down; returns once every
     /// connection has ended, the workers have stopped and the volumes are synced.
     pub fn run(&self) {
-        let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
-        loop {
-            let (stream, peer) = match self.listener.accept() {
-                Ok(x) => x,
-                Err(e) => {
-                    if self.state.shutting_down.load(Relaxed) {
-                        break;
-                    }
-                    log::warn!("accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-            };
-            if self.state.shutting_down.load(Relaxed) {
-                break;
-            }
-            threads.retain(|t| !t.is_finished());
-            self.stats.accepted.fetch_add(1, Relaxed);
-            let id = self.state.next_conn.fetch_add(1, Relaxed);
-            {
-                let mut conns = self.state.conns.lock().unwrap();
-                if conns.len() >= self.config.max_connections {
-                    drop(conns);
-                    warn_limited!(
-                        PEER_ERRORS,
-                        "{peer}: refused, {} connections open",
-                        self.config.max_connections
-                    );
-                    continue;
-                }
-                match stream.try_clone() {
-                    Ok(s) => {
-                        conns.insert(id, s);
-                    }
-                    Err(e) => {
-                        log::warn!("{peer}: cannot register connection: {e}");
-                        continue;
-                    }
-                }
-            }
-            let ctx = ConnContext {
-                volumes: self.volumes.clone(),
-                stats: self.stats.clone(),
-                pool: self.pool.clone(),
-                config: self.config.clone(),
-            };
-            let state = self.state.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("conn-{peer}"))
-                .spawn(move || {
-                    ctx.serve(stream, peer);
-                    state.conns.lock().unwrap().remove(&id);
-                });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    log::error!("{peer}: cannot start a connection thread: {e}");
-                    self.state.conns.lock().unwrap().remove(&id);
-                }
-            }
-        }
-        // Connections registered after the handle's sweep get the same treatment.
-        for s in self.state.conns.lock().unwrap().values() {
-            let _ = s.shutdown(Shutdown::Read);
-        }
-        let grace_end = Instant::now() + SHUTDOWN_GRACE;
-        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < grace_end {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let stuck = self.state.conns.lock().unwrap().len();
+        let ctx = ConnContext {
+            volumes: self.volumes.clone(),
+            stats: self.stats.clone(),
+            pool: self.pool.clone(),
+            config: self.config.clone(),
+        };
+        let stats = self.stats.clone();
+        let threads = self.acceptor.run(
+            move |stream, peer| {
+                stats.accepted.fetch_add(1, Relaxed);
+                ctx.clone().serve(stream, peer)
+            },
+            |_, peer| {
+                self.stats.accepted.fetch_add(1, Relaxed);
+                warn_limited!(
+                    PEER_ERRORS,
+                    "{peer}: refused, {} connections open",
+                    self.config.max_connections
+                );
+            },
+        );
+        let stuck = self.acceptor.finish(threads, Some(SHUTDOWN_GRACE));
         if stuck > 0 {
-            log::warn!("closing {stuck} connections that did not finish in {SHUTDOWN_GRACE:?}");
-            for s in self.state.conns.lock().unwrap().values() {
-                let _ = s.shutdown(Shutdown::Both);
-            }
-        }
-        for t in threads {
-            let _ = t.join();
+            log::warn!("closed {stuck} connections that did not finish in {SHUTDOWN_GRACE:?}");
         }
         self.pool.stop();
         let synced = self.volumes.sync_all();
@@ -286,6 +195,7 @@ impl Server {
     }
 }
 
+#[derive(Clone)]
 struct ConnContext {
     volumes: Arc<VolumeDir>,
     stats: Arc<NodeStats>,
