@@ -25,6 +25,7 @@ pub mod kvm_stats;
 pub mod linux;
 pub mod memory;
 pub mod vcpu;
+mod vcpu_threads;
 pub mod vm;
 pub mod workload;
 

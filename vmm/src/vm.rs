@@ -2,7 +2,6 @@
 //! nodes, the shim image, vCPUs; then waiting for the vCPUs or a fatal error.
 
 use crate::arch;
-use crate::control::RunControl;
 use crate::excache::placement::Placement;
 use crate::excache::stats::StatsSnapshot;
 use crate::excache::{CacheConfig, CacheError, ExCache};
@@ -18,10 +17,9 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use linux_loader::loader::{KernelLoader, elf::Elf};
 use std::io::Cursor;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::Duration;
 use vm_memory::GuestAddress;
 
 /// Everything a run needs.
@@ -160,8 +158,6 @@ fn validate(cfg: &VmConfig) -> Result<u64, VmError> {
     Ok(share)
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
 /// Builds the VM, runs the workload on every vCPU and returns the report. Setting
 /// `interrupt` (from a signal handler thread) stops the vCPUs and ends the run
 /// with [`VmError::Interrupted`].
@@ -253,85 +249,38 @@ pub fn run(cfg: &VmConfig, interrupt: &AtomicBool) -> Result<RunReport, VmError>
         vcpus.push(vcpu);
     }
 
-    // A no-op signal handler lets us interrupt KVM_RUN to stop a vCPU.
-    vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
-        .map_err(|e| VmError::Config(format!("cannot install the vCPU kick signal handler: {e}")))?;
-    let control = Arc::new(RunControl::default());
-    control.set_paused(cfg.start_paused);
-    let running = Arc::new(AtomicUsize::new(cfg.vcpus));
     let cache = Arc::new(cache);
     let mem = Arc::new(ram.mem.clone());
-    let t0 = Instant::now();
-    let mut threads = Vec::new();
-    for (i, mut vcpu) in vcpus.into_iter().enumerate() {
-        let (cache, ctl, running, mem) =
-            (cache.clone(), control.clone(), running.clone(), mem.clone());
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu-{i}"))
-            .spawn(move || {
-                let r = vcpu::run(i, &mut vcpu, &mem, &cache, &ctl);
-                if r.is_err() {
-                    ctl.stop.store(true, SeqCst);
-                }
-                running.fetch_sub(1, SeqCst);
-                r
-            })
-            .map_err(|e| VmError::Config(format!("cannot start a vCPU thread: {e}")))?;
-        control.add_thread(t.as_pthread_t());
-        threads.push(t);
-    }
-    let api = match &cfg.api_sock {
-        Some(path) => {
-            let info = crate::api::VmInfo {
-                id: cfg.vm_id,
-                vcpus: cfg.vcpus,
-                mem_bytes: cfg.mem,
-                local_cache_bytes: cfg.cache.budget_pages as u64 * 4096,
-                workload: cfg.workload.name.clone(),
-            };
-            match crate::api::serve(path, info, cache.clone(), control.clone()) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    control.stop.store(true, SeqCst);
-                    control.kick_all();
-                    return Err(VmError::Config(e.to_string()));
-                }
-            }
-        }
-        None => None,
+    let info = crate::api::VmInfo {
+        id: cfg.vm_id,
+        vcpus: cfg.vcpus,
+        mem_bytes: cfg.mem,
+        local_cache_bytes: cfg.cache.budget_pages as u64 * 4096,
+        workload: cfg.workload.name.clone(),
     };
-    while running.load(SeqCst) > 0 {
-        if interrupt.load(SeqCst) {
-            control.stop.store(true, SeqCst);
-        }
-        if control.stop.load(SeqCst) {
-            // One vCPU failed, or the user interrupted: stop the others. Kick
-            // until they notice (a kick can land just before KVM_RUN).
-            control.set_paused(false);
-            control.kick_all();
-            std::thread::sleep(Duration::from_millis(10));
-            if let Some(why) = cache.fatal() {
-                return Err(VmError::Fatal(why));
+    let vcpu_cache = cache.clone();
+    let mut run = crate::vcpu_threads::start(
+        vcpus,
+        cfg.start_paused,
+        &cache,
+        cfg.api_sock.as_deref().map(|p| (p, info)),
+        move |i, mut vcpu, ctl| {
+            let r = vcpu::run(i, &mut vcpu, &mem, &vcpu_cache, ctl);
+            if r.is_err() {
+                ctl.stop.store(true, SeqCst);
             }
-            continue;
-        }
-        if let Some(why) = cache.wait_fatal_or(|| {
-            running.load(SeqCst) == 0 || control.stop.load(SeqCst) || interrupt.load(SeqCst)
-        }) {
-            // vCPUs may be stuck in a fault that can never be served: do not join them.
-            control.stop.store(true, SeqCst);
-            control.kick_all();
-            return Err(VmError::Fatal(why));
-        }
-    }
+            r
+        },
+    )?;
+    run.wait(&cache, interrupt)?;
     if interrupt.load(SeqCst) {
         return Err(VmError::Interrupted);
     }
-    drop(api);
-    let elapsed = t0.elapsed();
+    run.close_api();
+    let elapsed = run.started.elapsed();
     let mut outcomes = Vec::new();
     let mut first_err = None;
-    for t in threads {
+    for t in run.threads {
         match t.join() {
             Ok(Ok(o)) => outcomes.push(o),
             Ok(Err(VcpuError::Stopped(_))) => {}

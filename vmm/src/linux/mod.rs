@@ -13,7 +13,6 @@ pub mod cpu;
 pub mod layout;
 pub mod vcpu;
 
-use crate::control::RunControl;
 use crate::devices::nbd_disk::NbdBackend;
 pub use crate::devices::nbd_disk::NbdUrl;
 use crate::devices::pci::{CONFIG_ADDRESS_PORT, PciConfigIo, PciMmio, PciRoot};
@@ -32,11 +31,10 @@ use crate::vm::VmError;
 use fabric::{ClientConfig, LinkModel};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::Kvm;
-use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 pub use vcpu::GuestExit;
 
 /// Where the serial console goes.
@@ -249,8 +247,6 @@ impl From<OverlapError> for VmError {
     }
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
 /// Boots the kernel and runs until the guest powers off or resets, the user
 /// interrupts, or a fatal error.
 pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmError> {
@@ -390,82 +386,35 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
         cpu::setup(&v, i, cfg.vcpus, &cpuid, loaded.entry).map_err(setup_err_chain)?;
         vcpus.push(v);
     }
-    vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
-        .map_err(|e| VmError::Config(format!("cannot install the vCPU kick signal handler: {e}")))?;
-    let control = Arc::new(RunControl::default());
-    control.set_paused(cfg.start_paused);
-    let running = Arc::new(AtomicUsize::new(cfg.vcpus));
     let cache = Arc::new(cache);
     let errors: Arc<Mutex<Option<vcpu::LinuxVcpuError>>> = Arc::new(Mutex::new(None));
-    let t0 = Instant::now();
-    let mut threads = Vec::new();
-    for (i, mut v) in vcpus.into_iter().enumerate() {
-        let (cache, ctl, running, m, errors) = (
-            cache.clone(),
-            control.clone(),
-            running.clone(),
-            machine.clone(),
-            errors.clone(),
-        );
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu-{i}"))
-            .spawn(move || {
-                if let Err(e) = vcpu::run(i, &mut v, &m, &cache, &ctl) {
-                    errors.lock().unwrap().get_or_insert(e);
-                    ctl.stop.store(true, SeqCst);
-                    ctl.kick_all();
-                }
-                running.fetch_sub(1, SeqCst);
-            })
-            .map_err(|e| VmError::Config(format!("cannot start a vCPU thread: {e}")))?;
-        control.add_thread(t.as_pthread_t());
-        threads.push(t);
-    }
-    let _api = match &cfg.api_sock {
-        Some(path) => {
-            let info = crate::api::VmInfo {
-                id: cfg.vm_id,
-                vcpus: cfg.vcpus,
-                mem_bytes: cfg.mem,
-                local_cache_bytes: cfg.cache.budget_pages as u64 * 4096,
-                workload: format!("linux {}", cfg.kernel.display()),
-            };
-            Some(
-                crate::api::serve(path, info, cache.clone(), control.clone()).map_err(|e| {
-                    control.stop.store(true, SeqCst);
-                    control.kick_all();
-                    VmError::Config(e.to_string())
-                })?,
-            )
-        }
-        None => None,
+    let info = crate::api::VmInfo {
+        id: cfg.vm_id,
+        vcpus: cfg.vcpus,
+        mem_bytes: cfg.mem,
+        local_cache_bytes: cfg.cache.budget_pages as u64 * 4096,
+        workload: format!("linux {}", cfg.kernel.display()),
     };
-    // Wait for the guest to end, a vCPU to fail, the user, or the cache.
-    while running.load(SeqCst) > 0 {
-        if interrupt.load(SeqCst) {
-            control.stop.store(true, SeqCst);
-        }
-        if control.stop.load(SeqCst) {
-            control.set_paused(false);
-            control.kick_all();
-            if let Some(why) = cache.fatal() {
-                return Err(VmError::Fatal(why));
+    let (vcpu_cache, m, errs) = (cache.clone(), machine.clone(), errors.clone());
+    let mut run = crate::vcpu_threads::start(
+        vcpus,
+        cfg.start_paused,
+        &cache,
+        cfg.api_sock.as_deref().map(|p| (p, info)),
+        move |i, mut v, ctl| {
+            if let Err(e) = vcpu::run(i, &mut v, &m, &vcpu_cache, ctl) {
+                errs.lock().unwrap().get_or_insert(e);
+                ctl.stop.store(true, SeqCst);
+                ctl.kick_all();
             }
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
-        }
-        if let Some(why) = cache.wait_fatal_or(|| {
-            running.load(SeqCst) == 0 || control.stop.load(SeqCst) || interrupt.load(SeqCst)
-        }) {
-            control.stop.store(true, SeqCst);
-            control.kick_all();
-            return Err(VmError::Fatal(why));
-        }
-    }
-    for t in threads {
+        },
+    )?;
+    // Wait for the guest to end, a vCPU to fail, the user, or the cache.
+    run.wait(&cache, interrupt)?;
+    let elapsed = run.started.elapsed();
+    for t in std::mem::take(&mut run.threads) {
         let _ = t.join();
     }
-    let elapsed = t0.elapsed();
     if let Some(e) = errors.lock().unwrap().take() {
         return Err(VmError::Config(fabric::client::error_chain(&e)));
     }
@@ -480,7 +429,7 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
         }
     };
     let stats = cache.snapshot();
-    drop(_api);
+    run.close_api(); // it holds the cache
     if let Ok(c) = Arc::try_unwrap(cache) {
         c.shutdown();
     }

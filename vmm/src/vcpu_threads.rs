@@ -1,0 +1,123 @@
+//! A run's vCPU threads: starting them (paused or not) with the control API
+//! beside them, and waiting for the run to end. Shared by the guest-shim VM
+//! ([`crate::vm`]) and the Linux VM ([`crate::linux`]); what a vCPU thread runs is
+//! theirs.
+
+use crate::api::{self, ApiServer, VmInfo};
+use crate::control::RunControl;
+use crate::excache::ExCache;
+use crate::vm::VmError;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The running vCPU threads, their run control and the API server.
+pub(crate) struct VcpuThreads<T> {
+    /// Pause, resume, stop and kicks.
+    pub(crate) control: Arc<RunControl>,
+    running: Arc<AtomicUsize>,
+    /// One per vCPU, in vCPU order.
+    pub(crate) threads: Vec<JoinHandle<T>>,
+    api: Option<ApiServer>,
+    /// When the first vCPU thread started.
+    pub(crate) started: Instant,
+}
+
+/// Starts one thread per vCPU (`vcpu-N`) running `body(N, vcpu, control)`,
+/// paused if asked, then the control API if a socket is given.
+pub(crate) fn start<V, T, F>(
+    vcpus: Vec<V>,
+    start_paused: bool,
+    cache: &Arc<ExCache>,
+    api_on: Option<(&Path, VmInfo)>,
+    body: F,
+) -> Result<VcpuThreads<T>, VmError>
+where
+    V: Send + 'static,
+    T: Send + 'static,
+    F: Fn(usize, V, &RunControl) -> T + Clone + Send + 'static,
+{
+    // A no-op signal handler lets us interrupt KVM_RUN to stop a vCPU.
+    vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
+        .map_err(|e| VmError::Config(format!("cannot install the vCPU kick signal handler: {e}")))?;
+    let control = Arc::new(RunControl::default());
+    control.set_paused(start_paused);
+    let running = Arc::new(AtomicUsize::new(vcpus.len()));
+    let started = Instant::now();
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for (i, vcpu) in vcpus.into_iter().enumerate() {
+        let (ctl, running, body) = (control.clone(), running.clone(), body.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu-{i}"))
+            .spawn(move || {
+                let r = body(i, vcpu, &ctl);
+                running.fetch_sub(1, SeqCst);
+                r
+            })
+            .map_err(|e| VmError::Config(format!("cannot start a vCPU thread: {e}")))?;
+        control.add_thread(t.as_pthread_t());
+        threads.push(t);
+    }
+    let api = match api_on {
+        Some((path, info)) => Some(
+            api::serve(path, info, cache.clone(), control.clone()).map_err(|e| {
+                control.stop.store(true, SeqCst);
+                control.kick_all();
+                VmError::Config(e.to_string())
+            })?,
+        ),
+        None => None,
+    };
+    Ok(VcpuThreads {
+        control,
+        running,
+        threads,
+        api,
+        started,
+    })
+}
+
+impl<T> VcpuThreads<T> {
+    /// Waits until every vCPU thread has returned. A stop (a vCPU failed, or
+    /// `interrupt` was set) lifts any pause and kicks the vCPUs until they return.
+    /// A cache failure ends the wait with [`VmError::Fatal`] at once: vCPUs may be
+    /// stuck in a fault that can never be served, so they are kicked, not joined.
+    pub(crate) fn wait(&self, cache: &ExCache, interrupt: &AtomicBool) -> Result<(), VmError> {
+        let control = &self.control;
+        while self.running.load(SeqCst) > 0 {
+            if interrupt.load(SeqCst) {
+                control.stop.store(true, SeqCst);
+            }
+            if control.stop.load(SeqCst) {
+                // Kick until they notice (a kick can land just before KVM_RUN).
+                control.set_paused(false);
+                control.kick_all();
+                if let Some(why) = cache.fatal() {
+                    return Err(VmError::Fatal(why));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            if let Some(why) = cache.wait_fatal_or(|| {
+                self.running.load(SeqCst) == 0
+                    || control.stop.load(SeqCst)
+                    || interrupt.load(SeqCst)
+            }) {
+                control.stop.store(true, SeqCst);
+                control.kick_all();
+                return Err(VmError::Fatal(why));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops serving the control API.
+    pub(crate) fn close_api(&mut self) {
+        self.api = None;
+    }
+}
