@@ -19,6 +19,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
 use userfaultfd::{Event, FaultKind, ReadWrite};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// Recent stream heads for sequential detection (several vCPUs, several streams).
 const STREAMS: usize = 8;
@@ -53,24 +54,49 @@ impl Streams {
     }
 }
 
+/// Epoll tokens.
+const UFFD: u64 = 0;
+const STOP: u64 = 1;
+
+/// An epoll set with the userfaultfd (exclusive wake-ups) and the stop eventfd.
+fn exclusive_waiter(s: &Shared) -> std::io::Result<Epoll> {
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        s.uffd.as_raw_fd(),
+        EpollEvent::new(EventSet::IN | EventSet::EXCLUSIVE, UFFD),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        s.stop_fd.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, STOP),
+    )?;
+    Ok(epoll)
+}
+
 pub(crate) fn handler_loop(s: &Shared) {
     let mut buf = vec![0u8; PAGE * (2 * s.cfg.prefetch + 1).max(fabric::proto::MAX_BATCH)];
-    let mut fds = [
-        libc::pollfd {
-            fd: s.uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: s.stop_fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+    // Each handler waits in its own epoll set, the userfaultfd added with
+    // EPOLLEXCLUSIVE: a fault event wakes one idle handler, not all of them
+    // (with poll(2) every idle handler woke, and all but one found nothing).
+    let epoll = match exclusive_waiter(s) {
+        Ok(e) => e,
+        Err(e) => {
+            s.fail(format!("cannot wait on the userfaultfd: {e}"));
+            return;
+        }
+    };
+    let mut ready = [EpollEvent::default(); 2];
     while !s.stopped() {
-        // SAFETY: polling two fds we own, with a correctly sized array.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-        if n <= 0 || fds[1].revents != 0 {
+        let n = match epoll.wait(1000, &mut ready) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                s.fail(format!("waiting on the userfaultfd failed: {e}"));
+                return;
+            }
+        };
+        if n == 0 || ready[..n].iter().any(|e| e.data() == STOP) {
             continue;
         }
         let event = match s.uffd.read_event() {
