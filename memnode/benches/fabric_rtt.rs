@@ -17,10 +17,11 @@
 use fabric::proto::PAGE_SIZE;
 use fabric::{ClientConfig, PageClient};
 use serde_json::json;
+use splitvisor_tests::Daemon;
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const ROLE_ENV: &str = "SPLITVISOR_BENCH_ROLE";
@@ -79,15 +80,13 @@ fn suite(pin: bool, quick: bool) -> serde_json::Value {
     let tput_time = Duration::from_millis(if quick { 300 } else { 1500 });
     let stored_pages: u64 = if quick { 8192 } else { 65536 };
 
-    let mut echo = Proc::spawn(
+    let echo = Daemon::start(
         Command::new(std::env::current_exe().unwrap()).env(ROLE_ENV, "echo"),
         "echo listening on ",
     );
-    let mut node = Proc::spawn(
-        Command::new(env!("CARGO_BIN_EXE_memnode"))
-            .args(["--listen", "127.0.0.1:0", "--capacity", "2G"])
-            .env("RUST_LOG", "warn"),
-        "memnode listening on ",
+    let node = Daemon::memnode(
+        std::path::Path::new(env!("CARGO_BIN_EXE_memnode")),
+        &["--capacity", "2G"],
     );
     let rss_empty = rss_bytes(node.child.id());
     // Store pages with distinct contents.
@@ -180,8 +179,8 @@ fn suite(pin: bool, quick: bool) -> serde_json::Value {
     let shared_rate = threaded(&client, 4, tput_time, stored_pages);
     let base_rate = tput[0].1;
 
-    echo.kill();
-    node.kill();
+    drop(echo);
+    drop(node);
     json!({
         "samples_per_kind": raw_s.len(),
         "raw_tcp_echo_4k_rtt_us": {"p50": us(raw_p.0), "p99": us(raw_p.1)},
@@ -277,36 +276,6 @@ fn rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/PID/status");
     kb * 1024
-}
-
-/// A helper process that announces its address on its first stdout line.
-struct Proc {
-    child: Child,
-    addr: String,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, prefix: &str) -> Proc {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn helper process");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix(prefix)
-            .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-            .to_string();
-        Proc { child, addr }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The floor's server: reads 16-byte requests, answers each with 4 KiB.

@@ -18,10 +18,11 @@
 //! table; `SPLITVISOR_BENCH_QUICK=1` makes a short smoke run.
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
+use splitvisor_tests::Daemon;
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use storagenode::nbd::client::{ClientConfig, NbdClient, Request};
@@ -117,9 +118,10 @@ fn main() {
     let pool_dir = work.join("storagenode-pool");
     std::fs::create_dir_all(&pool_dir).unwrap();
     fill(&pool_dir.join("disk0"), file_size);
-    let mut sn = Proc::storagenode(&sn_dir, &[]);
-    let mut qemu = Proc::qemu_nbd(&qemu_nbd, &qemu_file);
-    let mut pool = Proc::storagenode(&pool_dir, &["--no-fast-path"]);
+    let storagenode = Path::new(env!("CARGO_BIN_EXE_storagenode"));
+    let sn = Daemon::storagenode(storagenode, &sn_dir, &[]);
+    let qemu = start_qemu_nbd(&qemu_nbd, &qemu_file);
+    let pool = Daemon::storagenode(storagenode, &pool_dir, &["--no-fast-path"]);
     let config = ClientConfig {
         max_in_flight: 64,
         ..ClientConfig::default()
@@ -172,9 +174,9 @@ fn main() {
         }
     }
     drop(clients);
-    sn.kill();
-    qemu.kill();
-    pool.kill();
+    drop(sn);
+    drop(qemu);
+    drop(pool);
     let _ = std::fs::remove_dir_all(&work);
 
     let mut results = serde_json::Map::new();
@@ -366,74 +368,35 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A server process, killed when done.
-struct Proc {
-    child: Child,
-    addr: String,
-}
-
-impl Proc {
-    fn storagenode(dir: &Path, extra: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_storagenode"))
-            .args(["--listen", "127.0.0.1:0", "--dir"])
-            .arg(dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
+/// Starts qemu-nbd serving `file` as export `disk0` on a free port.
+fn start_qemu_nbd(bin: &Path, file: &Path) -> Daemon {
+    for _ in 0..5 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(bin)
+            .args(["-f", "raw", "-x", "disk0", "-b", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .args(["-t", "--shared=8", "--cache=writeback"])
+            .arg(file)
+            .stdout(Stdio::null())
             .spawn()
-            .expect("start storagenode");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("storagenode listening on ")
-            .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-            .to_string();
-        Proc { child, addr }
-    }
-
-    fn qemu_nbd(bin: &Path, file: &Path) -> Proc {
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut child = Command::new(bin)
-                .args(["-f", "raw", "-x", "disk0", "-b", "127.0.0.1", "-p"])
-                .arg(port.to_string())
-                .args(["-t", "--shared=8", "--cache=writeback"])
-                .arg(file)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("start qemu-nbd");
-            let addr = format!("127.0.0.1:{port}");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if NbdClient::connect(&addr, "disk0").is_ok() {
-                    return Proc { child, addr };
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            .expect("start qemu-nbd");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            if NbdClient::connect(&addr, "disk0").is_ok() {
+                return Daemon { child, addr };
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("qemu-nbd did not start");
+        let _ = child.kill();
+        let _ = child.wait();
     }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    panic!("qemu-nbd did not start");
 }

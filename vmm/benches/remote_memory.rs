@@ -45,9 +45,8 @@ fn main() {
     let best = |a: (u64, u64), b: (u64, u64)| if b.0 < a.0 { b } else { a };
     for _ in 0..4 {
         idle_rtt = best(idle_rtt, fabric_rtt_ns(&node.addr, n / 4));
-        let (f, r) = with_cpus_awake(|| {
-            (local_uffd_fault_ns(n / 4), fabric_rtt_ns(&node.addr, n / 4))
-        });
+        let (f, r) =
+            with_cpus_awake(|| (local_uffd_fault_ns(n / 4), fabric_rtt_ns(&node.addr, n / 4)));
         local_fault = best(local_fault, f);
         rtt = best(rtt, r);
     }
