@@ -45,16 +45,32 @@ fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Starts `vmm run ARGS --api-sock SOCK` (stdout and stderr piped, `RUST_LOG` =
+/// `log`) and waits for its API socket.
+fn start_vm(tag: &str, args: &[&str], log: &str) -> (std::process::Child, PathBuf) {
+    let sock = sock_path(tag);
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(VMM)
+        .arg("run")
+        .args(args)
+        .arg("--api-sock")
+        .arg(&sock)
+        .env("RUST_LOG", log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the API socket", Duration::from_secs(30), || sock.exists());
+    (child, sock)
+}
+
 #[test]
 fn kvm_attach_then_detach_mid_run_keeps_every_page() {
     let (a, b) = (memnode(), memnode());
-    let sock = sock_path("main");
-    let _ = std::fs::remove_file(&sock);
-    let sock_s = sock.to_str().unwrap();
     let vm_id = 0x5eed_0000_0000_0000u64 | u64::from(std::process::id());
-    let mut child = Command::new(VMM)
-        .args([
-            "run",
+    let (mut child, sock) = start_vm(
+        "main",
+        &[
             "--workload",
             "rand:size=256M,ops=120000",
             "--mem",
@@ -63,17 +79,12 @@ fn kvm_attach_then_detach_mid_run_keeps_every_page() {
             "8M",
             "--memnode",
             &a.addr,
-            "--api-sock",
-            sock_s,
             "--vm-id",
             &vm_id.to_string(),
-        ])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("the API socket", Duration::from_secs(30), || sock.exists());
+        ],
+        "info",
+    );
+    let sock_s = sock.to_str().unwrap();
     // Hold the guest while the second node joins, so most pages are new after it.
     assert_eq!(api(&sock, "PUT", "/vm/pause").0, 200);
     let (ok, out) = cli(&["attach-memnode", "--api-sock", sock_s, &b.addr]);
@@ -135,12 +146,9 @@ fn kvm_attach_then_detach_mid_run_keeps_every_page() {
 #[test]
 fn kvm_bad_attach_and_detach_requests_change_nothing() {
     let (a, b) = (memnode(), memnode());
-    let sock = sock_path("bad");
-    let _ = std::fs::remove_file(&sock);
-    let sock_s = sock.to_str().unwrap();
-    let mut child = Command::new(VMM)
-        .args([
-            "run",
+    let (mut child, sock) = start_vm(
+        "bad",
+        &[
             "--workload",
             "rand:size=64M,ops=100000000",
             "--mem",
@@ -149,15 +157,10 @@ fn kvm_bad_attach_and_detach_requests_change_nothing() {
             "8M",
             "--memnode",
             &a.addr,
-            "--api-sock",
-            sock_s,
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the API socket", Duration::from_secs(30), || sock.exists());
+        ],
+        "warn",
+    );
+    let sock_s = sock.to_str().unwrap();
     let expect_err = |args: &[&str], needle: &str| {
         let (ok, out) = cli(args);
         assert!(!ok && out.contains(needle), "{args:?}: {out}");
@@ -235,11 +238,9 @@ fn kvm_a_full_node_sends_pages_elsewhere_and_all_full_is_a_clear_error() {
     // the first node behind our back, so it answers "out of capacity" and the
     // rest of our pages must go to the second node.
     let (a, b) = (memnode_cap("16M"), memnode_cap("16M"));
-    let sock = sock_path("full");
-    let _ = std::fs::remove_file(&sock);
-    let child = Command::new(VMM)
-        .args([
-            "run",
+    let (child, sock) = start_vm(
+        "full",
+        &[
             "--workload",
             "seq:size=24M",
             "--mem",
@@ -250,16 +251,10 @@ fn kvm_a_full_node_sends_pages_elsewhere_and_all_full_is_a_clear_error() {
             &a.addr,
             "--memnode",
             &b.addr,
-            "--api-sock",
-            sock.to_str().unwrap(),
             "--paused",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("the API socket", Duration::from_secs(30), || sock.exists());
+        ],
+        "warn",
+    );
     // The guest has not run yet: nothing of ours is on the nodes.
     assert_eq!(api(&sock, "GET", "/vm").1["state"], "paused");
     let _other = fill(&a.addr, 2048);
@@ -306,12 +301,9 @@ fn kvm_a_full_node_sends_pages_elsewhere_and_all_full_is_a_clear_error() {
 #[test]
 fn kvm_rebalance_spreads_existing_pages_to_a_new_node() {
     let (a, b) = (memnode(), memnode());
-    let sock = sock_path("rebalance");
-    let _ = std::fs::remove_file(&sock);
-    let sock_s = sock.to_str().unwrap();
-    let child = Command::new(VMM)
-        .args([
-            "run",
+    let (child, sock) = start_vm(
+        "rebalance",
+        &[
             "--workload",
             "rand:size=64M,ops=150000",
             "--mem",
@@ -320,17 +312,12 @@ fn kvm_rebalance_spreads_existing_pages_to_a_new_node() {
             "4M",
             "--memnode",
             &a.addr,
-            "--api-sock",
-            sock_s,
             "--rebalance",
             "50000",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("the API socket", Duration::from_secs(30), || sock.exists());
+        ],
+        "warn",
+    );
+    let sock_s = sock.to_str().unwrap();
     // Every page placed on the first node, then the second joins.
     wait_until(
         "the fill on the first node",
