@@ -117,22 +117,7 @@ fn validate(cfg: &VmConfig) -> Result<u64, VmError> {
             MAX_MAPPED >> 30
         ));
     }
-    let pages = cfg.mem / 4096;
-    if cfg.cache.budget_pages == 0 {
-        return c("--local-cache must be at least 64K (16 pages), got 0".into());
-    }
-    if cfg.cache.budget_pages < crate::excache::evict::MIN_BUDGET {
-        return c(format!(
-            "--local-cache must be at least 64K (16 pages), got {} pages",
-            cfg.cache.budget_pages
-        ));
-    }
-    if cfg.cache.budget_pages as u64 > pages {
-        return c(format!(
-            "--local-cache ({} pages) is larger than --mem ({pages} pages)",
-            cfg.cache.budget_pages
-        ));
-    }
+    cfg.cache.check_budget(cfg.mem).map_err(VmError::Config)?;
     if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS as usize {
         return c(format!(
             "--vcpus must be 1 to {MAX_VCPUS}, got {}",

@@ -82,6 +82,28 @@ pub struct CacheConfig {
     pub rebalance: u64,
 }
 
+impl CacheConfig {
+    /// Checks the budget against `mem` bytes of guest RAM; the error names the
+    /// command-line options.
+    pub fn check_budget(&self, mem: u64) -> Result<(), String> {
+        let pages = mem / PAGE as u64;
+        if self.budget_pages < evict::MIN_BUDGET {
+            return Err(format!(
+                "--local-cache must be at least 64K ({} pages), got {} pages",
+                evict::MIN_BUDGET,
+                self.budget_pages
+            ));
+        }
+        if self.budget_pages as u64 > pages {
+            return Err(format!(
+                "--local-cache ({} pages) is larger than --mem ({pages} pages)",
+                self.budget_pages
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Cache failures.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

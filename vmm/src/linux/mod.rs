@@ -175,19 +175,7 @@ fn validate(cfg: &LinuxConfig) -> Result<(), VmError> {
             layout::MAX_RAM >> 30
         ));
     }
-    let pages = cfg.mem / 4096;
-    if (cfg.cache.budget_pages as u64) < crate::excache::evict::MIN_BUDGET as u64 {
-        return c(format!(
-            "--local-cache must be at least 64K (16 pages), got {} pages",
-            cfg.cache.budget_pages
-        ));
-    }
-    if cfg.cache.budget_pages as u64 > pages {
-        return c(format!(
-            "--local-cache ({} pages) is larger than --mem ({pages} pages)",
-            cfg.cache.budget_pages
-        ));
-    }
+    cfg.cache.check_budget(cfg.mem).map_err(VmError::Config)?;
     if cfg.vcpus == 0 || cfg.vcpus > 254 {
         return c(format!("--vcpus must be 1 to 254, got {}", cfg.vcpus));
     }
