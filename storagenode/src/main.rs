@@ -127,7 +127,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let s = server.stats();
     log::info!(
         "stopped: {} connections, {} requests ({} on the fast path), {} MiB read, {} MiB written, {} flushes, {} error replies, {} protocol violations",
-        s.accepted.load(Relaxed),
+        server.accepted(),
         s.requests.load(Relaxed),
         s.fast_path.load(Relaxed),
         s.read_bytes.load(Relaxed) >> 20,

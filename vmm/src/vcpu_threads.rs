@@ -59,7 +59,13 @@ where
                 running.fetch_sub(1, SeqCst);
                 r
             })
-            .map_err(|e| VmError::Config(format!("cannot start a vCPU thread: {e}")))?;
+            .map_err(|e| {
+                // The threads already started must not wait for a resume.
+                control.stop.store(true, SeqCst);
+                control.set_paused(false);
+                control.kick_all();
+                VmError::Config(format!("cannot start a vCPU thread: {e}"))
+            })?;
         control.add_thread(t.as_pthread_t());
         threads.push(t);
     }

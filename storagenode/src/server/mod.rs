@@ -91,8 +91,6 @@ impl Default for ServerConfig {
 /// Node-wide counters.
 #[derive(Debug, Default)]
 pub struct NodeStats {
-    /// Connections accepted.
-    pub accepted: AtomicU64,
     /// Connections that reached transmission.
     pub sessions: AtomicU64,
     /// Requests received.
@@ -155,6 +153,11 @@ impl Server {
         &self.stats
     }
 
+    /// Connections accepted since start (refused ones included).
+    pub fn accepted(&self) -> u64 {
+        self.acceptor.connections().accepted()
+    }
+
     /// A handle that stops the server: no new connections; each open one ends
     /// once its outstanding requests are answered, and [`Server::run`] returns.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
@@ -170,14 +173,9 @@ impl Server {
             pool: self.pool.clone(),
             config: self.config.clone(),
         };
-        let stats = self.stats.clone();
         let threads = self.acceptor.run(
-            move |stream, peer| {
-                stats.accepted.fetch_add(1, Relaxed);
-                ctx.clone().serve(stream, peer)
-            },
+            move |stream, peer| ctx.clone().serve(stream, peer),
             |_, peer| {
-                self.stats.accepted.fetch_add(1, Relaxed);
                 warn_limited!(
                     PEER_ERRORS,
                     "{peer}: refused, {} connections open",

@@ -96,8 +96,10 @@ pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), String> {
         if s.stopped() {
             return Err("the VM stopped during the drain".into());
         }
-        // Marks hold pages claimed: return them, so that those pages can move.
-        s.marks.drop_all(s);
+        // Marks hold pages claimed: return those of this node, so they can move.
+        s.marks.drop_where(s, |p| {
+            s.remote[p].load(Acquire) && s.nodes.node_of(p as u64) == Some(from)
+        });
         let on_node = s.nodes.pages_on(from);
         if on_node.is_empty() {
             return Ok(());

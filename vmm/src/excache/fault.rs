@@ -260,8 +260,11 @@ fn mark_resident(s: &Shared, pages: &[usize]) {
 /// pages before they are used (a stream holds up to two windows ahead of the
 /// guest). Zero when prefetching is off.
 pub(crate) fn prefetch_window(s: &Shared) -> usize {
+    if s.cfg.prefetch == 0 {
+        return 0;
+    }
     let streams = s.marks.len().max(1);
-    s.cfg.prefetch.min(s.budget / 8 / streams)
+    s.cfg.prefetch.min(s.budget / 8 / streams).max(1)
 }
 
 /// Serves a fault on `p` that continues a sequential stream: `p` itself (if no
@@ -269,6 +272,7 @@ pub(crate) fn prefetch_window(s: &Shared) -> usize {
 /// first page kept as a read-ahead mark ([`readahead`]). Returns the last page
 /// covered.
 fn stream_fault(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, String> {
+    s.marks.expire(s);
     let w = prefetch_window(s);
     let end = (p + 1 + 2 * w).min(s.pages);
     let last = window(s, p, end, true, Some(p + 1 + w), write, buf)?;

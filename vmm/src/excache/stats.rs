@@ -21,7 +21,8 @@ pub struct CacheStats {
     /// Faults on read-ahead marks: served from the page fetched with its
     /// window, each starting the fetch of the next window.
     pub readahead_hits: AtomicU64,
-    /// Read-ahead marks dropped before the guest reached them.
+    /// Read-ahead marks dropped before the guest reached them (each was counted
+    /// as prefetched when fetched; the page is fetched again if the guest needs it).
     pub readahead_dropped: AtomicU64,
     /// Clean pages dropped.
     pub evict_clean: AtomicU64,

@@ -399,6 +399,9 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     )?;
     // Wait for the guest to end, a vCPU to fail, the user, or the cache.
     run.wait(&cache, interrupt)?;
+    // No pause or kick may reach a vCPU thread once it is joined: the API goes
+    // first (it also holds the cache).
+    run.close_api();
     let elapsed = run.started.elapsed();
     for t in std::mem::take(&mut run.threads) {
         let _ = t.join();
@@ -417,7 +420,6 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
         }
     };
     let stats = cache.snapshot();
-    run.close_api(); // it holds the cache
     if let Ok(c) = Arc::try_unwrap(cache) {
         c.shutdown();
     }
