@@ -233,13 +233,13 @@ fn fill(addr: &str, pages: u64) -> fabric::PageClient {
 fn kvm_a_full_node_sends_pages_elsewhere_and_all_full_is_a_clear_error() {
     let memnode_cap =
         |cap: &str| Daemon::memnode(&sibling_bin(VMM, "memnode"), &["--capacity", cap]);
-    // 16 and 20 MiB nodes for 24 MiB of guest data: placement spreads it by the
-    // free room the nodes reported at connect. Another VM then takes half of the
-    // first node behind our back, so it answers "out of capacity" and the rest
-    // of our pages must go to the second node. (The second node has room to
-    // spare: a node marked full may keep less than a write-back batch unused, so
-    // exactly enough room in total would not always be enough.)
-    let (a, b) = (memnode_cap("16M"), memnode_cap("20M"));
+    // Two 16 MiB nodes for 24 MiB of guest data: placement spreads it evenly by
+    // the free room the nodes reported at connect. Another VM then takes half of
+    // the first node behind our back, so it answers "out of capacity" and the
+    // rest of our pages must go to the second node. The two nodes' room is then
+    // exactly what the guest writes: the first node's last pages must be used
+    // too, by batches cut to the room it reports after refusing a full one.
+    let (a, b) = (memnode_cap("16M"), memnode_cap("16M"));
     let (child, sock) = start_vm(
         "full",
         &[
@@ -273,6 +273,12 @@ fn kvm_a_full_node_sends_pages_elsewhere_and_all_full_is_a_clear_error() {
     assert!(
         stderr.contains(&format!("memory node {} is full", a.addr)),
         "{stderr}"
+    );
+    // Every page the other VM left room for on the first node is ours.
+    assert!(
+        stdout.contains(&format!("{}=2048", a.addr))
+            && stdout.contains(&format!("{}=4096", b.addr)),
+        "{stdout}"
     );
 
     // Both nodes too small: a clear error, not a silent failure.

@@ -270,11 +270,16 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), String> {
 /// moved off a node (one being drained) are freed there.
 pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
     let mut todo: Vec<usize> = pages.to_vec();
+    // A node's room as it reported after refusing a batch (a batch that does not
+    // fit fails whole): later batches to it are cut to that size, so that a
+    // nearly full node's last pages are used before it counts as full.
+    let mut room: Vec<Option<usize>> = Vec::new();
     for _attempt in 0..=super::placement::MAX_NODES {
         if todo.is_empty() {
             return Ok(());
         }
         let nodes = s.nodes.nodes();
+        room.resize(nodes.len(), None);
         let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
         for &p in &todo {
             match s.nodes.target(p as u64) {
@@ -301,7 +306,10 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
                     fabric::client::error_chain(e)
                 )
             };
-            let chunks: Vec<&[usize]> = list.chunks(node.client.node().max_batch).collect();
+            let batch = room[i].map_or(node.client.node().max_batch, |r| {
+                r.clamp(1, node.client.node().max_batch)
+            });
+            let chunks: Vec<&[usize]> = list.chunks(batch).collect();
             let mut pending = Vec::new();
             for chunk in &chunks {
                 let batch: Vec<(u64, &[u8])> = chunk
@@ -328,7 +336,12 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
                         }
                     }
                     Err(e) if super::placement::is_out_of_capacity(&e) => {
-                        node.mark_full();
+                        match node.refresh() {
+                            Ok(()) if node.free_pages() > 0 && room[i] != Some(1) => {
+                                room[i] = Some(node.free_pages() as usize);
+                            }
+                            _ => node.mark_full(),
+                        }
                         todo.extend_from_slice(chunk);
                     }
                     Err(e) => return Err(fail(&e)),
