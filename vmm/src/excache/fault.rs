@@ -191,8 +191,7 @@ fn handle(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<(), Strin
         return Ok(());
     }
     let t0 = Instant::now();
-    let remote = s.remote[p].load(Acquire);
-    let installed = if remote {
+    if s.remote[p].load(Acquire) {
         let page = &mut buf[..PAGE];
         let Some(i) = s.nodes.node_of(p as u64) else {
             return Err(format!("page {p} has remote data but no memory node"));
@@ -201,20 +200,31 @@ fn handle(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<(), Strin
         node.client
             .read_page(p as u64, page)
             .map_err(|e| node_failed(&node.addr, &e))?;
-        s.set_installed_hash(p, fingerprint::page(page));
-        uffd::copy_pages(&s.uffd, s.addr(p), page, &s.retries)
-    } else {
-        s.set_installed_hash(p, fingerprint::zero_page());
-        uffd::zero_pages(&s.uffd, s.addr(p), 1, write, &s.retries)
-    };
-    report(installed)?;
-    mark_resident(s, &[p]);
-    if remote {
+        install(s, p, Some(page), write)?;
         s.stats.faults_remote.fetch_add(1, Relaxed);
         record_fetch(s, t0);
     } else {
+        install(s, p, None, write)?;
         s.stats.faults_zero.fetch_add(1, Relaxed);
     }
+    Ok(())
+}
+
+/// Installs page `p` alone, with `data` or (`None`) as a never-written page, and
+/// marks it resident.
+fn install(s: &Shared, p: usize, data: Option<&[u8]>, write: bool) -> Result<(), String> {
+    let installed = match data {
+        Some(data) => {
+            s.set_installed_hash(p, fingerprint::page(data));
+            uffd::copy_pages(&s.uffd, s.addr(p), data, &s.retries)
+        }
+        None => {
+            s.set_installed_hash(p, fingerprint::zero_page());
+            uffd::zero_pages(&s.uffd, s.addr(p), 1, write, &s.retries)
+        }
+    };
+    report(installed)?;
+    mark_resident(s, &[p]);
     Ok(())
 }
 
@@ -283,19 +293,7 @@ fn stream_fault(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usi
 /// fetched with its window, then fetches the next window of the stream, whose
 /// first page becomes the next mark.
 fn mark_fault(s: &Shared, m: Mark, write: bool, buf: &mut [u8]) -> Result<(), String> {
-    let p = m.page;
-    let installed = match &m.data {
-        Some(data) => {
-            s.set_installed_hash(p, fingerprint::page(data));
-            uffd::copy_pages(&s.uffd, s.addr(p), data, &s.retries)
-        }
-        None => {
-            s.set_installed_hash(p, fingerprint::zero_page());
-            uffd::zero_pages(&s.uffd, s.addr(p), 1, write, &s.retries)
-        }
-    };
-    report(installed)?;
-    mark_resident(s, &[p]);
+    install(s, m.page, m.data.as_deref(), write)?;
     s.stats.readahead_hits.fetch_add(1, Relaxed);
     let first = m.stream_end + 1;
     if first < s.pages {
