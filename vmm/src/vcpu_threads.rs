@@ -9,8 +9,8 @@ use crate::excache::ExCache;
 use crate::vm::VmError;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,9 @@ pub(crate) struct VcpuThreads<T> {
     pub(crate) threads: Vec<JoinHandle<T>>,
     api: Option<ApiServer>,
     /// When the first vCPU thread started.
-    pub(crate) started: Instant,
+    started: Instant,
+    /// When the last vCPU thread to return so far returned.
+    last_exit: Arc<Mutex<Option<Instant>>>,
 }
 
 /// Starts one thread per vCPU (`vcpu-N`) running `body(N, vcpu, control)`,
@@ -49,14 +51,22 @@ where
     control.set_paused(start_paused);
     let running = Arc::new(AtomicUsize::new(vcpus.len()));
     let started = Instant::now();
+    let last_exit = Arc::new(Mutex::new(None::<Instant>));
     let mut threads = Vec::with_capacity(vcpus.len());
     for (i, vcpu) in vcpus.into_iter().enumerate() {
         let (ctl, running, body) = (control.clone(), running.clone(), body.clone());
+        let (cache, last_exit) = (cache.clone(), last_exit.clone());
         let t = std::thread::Builder::new()
             .name(format!("vcpu-{i}"))
             .spawn(move || {
                 let r = body(i, vcpu, &ctl);
-                running.fetch_sub(1, SeqCst);
+                let now = Instant::now();
+                let mut last = last_exit.lock().unwrap();
+                *last = Some(last.map_or(now, |t: Instant| t.max(now)));
+                drop(last);
+                if running.fetch_sub(1, SeqCst) == 1 {
+                    cache.wake_waiters();
+                }
                 r
             })
             .map_err(|e| {
@@ -85,6 +95,7 @@ where
         threads,
         api,
         started,
+        last_exit,
     })
 }
 
@@ -120,6 +131,16 @@ impl<T> VcpuThreads<T> {
             }
         }
         Ok(())
+    }
+
+    /// The run's time: from the first vCPU's start to the last one's return (to
+    /// now while one still runs).
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.last_exit
+            .lock()
+            .unwrap()
+            .unwrap_or_else(Instant::now)
+            .duration_since(self.started)
     }
 
     /// Stops serving the control API.

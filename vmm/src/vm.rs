@@ -262,7 +262,7 @@ pub fn run(cfg: &VmConfig, interrupt: &AtomicBool) -> Result<RunReport, VmError>
         return Err(VmError::Interrupted);
     }
     run.close_api();
-    let elapsed = run.started.elapsed();
+    let elapsed = run.elapsed();
     let mut outcomes = Vec::new();
     let mut first_err = None;
     for t in run.threads {

@@ -364,6 +364,12 @@ impl ExCache {
         }
     }
 
+    /// Wakes [`ExCache::wait_fatal_or`] to check its condition now.
+    pub fn wake_waiters(&self) {
+        let _f = self.shared.fatal.lock().unwrap();
+        self.shared.fatal_cv.notify_all();
+    }
+
     /// The statistics now.
     pub fn snapshot(&self) -> StatsSnapshot {
         let s = &self.shared;

@@ -402,7 +402,7 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     // No pause or kick may reach a vCPU thread once it is joined: the API goes
     // first (it also holds the cache).
     run.close_api();
-    let elapsed = run.started.elapsed();
+    let elapsed = run.elapsed();
     for t in std::mem::take(&mut run.threads) {
         let _ = t.join();
     }
