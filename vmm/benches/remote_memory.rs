@@ -14,7 +14,10 @@
 //! - for the sequential workload, the fabric's own time to move the same pages
 //!   (the run's write-backs out, its fetches in; batches of 64 pages, 4 in
 //!   flight, from one thread): the floor of what eviction and prefetching can
-//!   add to the all-local time on this machine.
+//!   add to the all-local time on this machine;
+//! - the sequential workload at 25% over the ideal fabric (`--memnode ideal`, an
+//!   in-process store: no network, no node), in the same rounds: what the VMM
+//!   and the kernel alone add to the all-local time.
 //!
 //! Writes `$SPLITVISOR_BENCH_OUT` (default `target/bench/remote_memory.json`).
 
@@ -89,6 +92,7 @@ fn main() {
         ]
     };
     let mut slowdowns = serde_json::Map::new();
+    let mut ideal_runs: Vec<serde_json::Value> = Vec::new();
     let mut table = Vec::new();
     const FRACTIONS: [(&str, f64); 4] =
         [("100%", 1.0), ("50%", 0.5), ("25%", 0.25), ("12.5%", 0.125)];
@@ -98,10 +102,13 @@ fn main() {
         // each size reports its median run. The other workloads run once.
         let rounds = if *name == "seq" && !quick { 5 } else { 1 };
         let mut runs: Vec<Vec<serde_json::Value>> = vec![Vec::new(); FRACTIONS.len()];
+        let cache_of = |frac: f64| ((*size as f64 * frac) as u64).max(64 << 10) & !4095;
         for _ in 0..rounds {
             for (k, (_, frac)) in FRACTIONS.iter().enumerate() {
-                let cache = ((*size as f64 * frac) as u64).max(64 << 10) & !4095;
-                runs[k].push(vmm(&node.addr, w, *size, cache, 256));
+                runs[k].push(vmm(&node.addr, w, *size, cache_of(*frac), 256));
+            }
+            if *name == "seq" {
+                ideal_runs.push(vmm("ideal", w, *size, cache_of(0.25), 256));
             }
         }
         let mut row = serde_json::Map::new();
@@ -141,6 +148,14 @@ fn main() {
         local_s + move_s,
         t25 / (local_s + move_s)
     ));
+    let t_of = |r: &serde_json::Value| r["elapsed_s"].as_f64().unwrap();
+    ideal_runs.sort_by(|a, b| t_of(a).total_cmp(&t_of(b)));
+    let ideal_s = t_of(&ideal_runs[ideal_runs.len() / 2]);
+    let ideal_all: Vec<f64> = ideal_runs.iter().map(|r| round3(t_of(r))).collect();
+    table.push(format!(
+        "seq 25% over the ideal fabric (no network, no node): {ideal_s:.3} s, x{:.2} all-local (runs {ideal_all:?})",
+        ideal_s / local_s
+    ));
     let out = json!({
         "benchmark": "remote_memory",
         "command": "cargo bench -p vmm --bench remote_memory",
@@ -155,6 +170,9 @@ fn main() {
             "pages_out": out_pages, "pages_in": in_pages, "fabric_alone_s": round3(move_s),
             "all_local_s": local_s, "run_s": t25,
             "run_over_all_local_plus_fabric": round3(t25 / (local_s + move_s)),
+        },
+        "seq_25pct_ideal_fabric": {
+            "elapsed_s": round3(ideal_s), "runs_s": ideal_all, "slowdown": round3(ideal_s / local_s),
         },
         "targets": {
             "remote_fault_p50_within_1_3x_of_floor": fetch_p50 / us(floor_p50) <= 1.3,

@@ -71,7 +71,9 @@ struct RunArgs {
     local_cache: u64,
     /// A memory node (repeat for several; pages are striped over them). Without
     /// one, vmm starts a `memnode` process from beside its own binary on a free
-    /// loopback port for the run.
+    /// loopback port for the run. `ideal` (or `ideal:TAG`) is an in-process node
+    /// standing for a perfect interconnect: the baseline that shows what the
+    /// fabric costs (see docs/fabric.md).
     #[arg(long = "memnode", value_name = "ADDR")]
     memnodes: Vec<String>,
     /// vCPUs.

@@ -247,6 +247,60 @@ fn kvm_two_vcpus_two_memnodes_random_workload() {
     assert!(stat(&r, "faults_remote") > 1000);
 }
 
+/// The ideal (in-process) fabric is a node like any other: pages stripe over it
+/// and a real memory node, every write reads back, and the workload's checksum
+/// is the one it has over memory nodes alone. With a link model, its fetches
+/// take at least the modelled latency.
+#[test]
+fn kvm_ideal_fabric_stripes_with_a_memnode_and_models_the_link() {
+    require_kvm();
+    // As large as the ideal node (which holds the guest's RAM), so that new
+    // stripes go to both.
+    let node = memnode(&["--capacity", "32M"]);
+    let args = |nodes: &[&str]| {
+        let mut a: Vec<String> = [
+            "--workload",
+            "rand:size=8M",
+            "--mem",
+            "32M",
+            "--local-cache",
+            "1M",
+            "--prefetch",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec();
+        for n in nodes {
+            a.extend(["--memnode".to_string(), n.to_string()]);
+        }
+        a
+    };
+    let run = |a: Vec<String>| vmm_run(&a.iter().map(String::as_str).collect::<Vec<_>>(), MIN);
+    let mixed = run(args(&["ideal", &node.addr]));
+    assert_ok(&mixed);
+    let nodes = mixed.json["stats"]["node_pages"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert_eq!(nodes[0][0], "ideal");
+    for n in nodes {
+        assert!(
+            n[1].as_u64().unwrap() > 100,
+            "pages on both nodes: {nodes:?}"
+        );
+    }
+    assert!(stat(&mixed, "faults_remote") > 1000);
+    let real = run(args(&[&node.addr]));
+    assert_ok(&real);
+    let checksum = |r: &Run| r.json["results"][0]["checksum"].as_u64().unwrap();
+    assert_eq!(checksum(&mixed), checksum(&real));
+
+    let mut slow = args(&["ideal"]);
+    slow.extend(["--link".to_string(), "latency=300us".to_string()]);
+    let slow = run(slow);
+    assert_ok(&slow);
+    let p50 = slow.json["stats"]["fetch_p50_us"].as_f64().unwrap();
+    assert!(p50 >= 300.0, "a fetch over a 300 us link took {p50} us");
+}
+
 #[test]
 fn kvm_chase_and_hash_workloads_verify_under_eviction() {
     require_kvm();

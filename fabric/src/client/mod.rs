@@ -14,6 +14,7 @@
 //! requests in flight (prefetch), and [`PageClient::read_page`] is the blocking call
 //! a fault handler makes.
 
+pub mod ideal;
 mod slots;
 
 use crate::link_model::{LinkModel, Shaper, wait_until};
@@ -23,6 +24,7 @@ use crate::proto::{
 };
 use crate::transport::tcp::TcpLink;
 use crate::transport::{Link, TransportError};
+use ideal::{IdealError, IdealStore};
 use slots::{Reply, SlotTable};
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex};
@@ -69,6 +71,15 @@ pub enum ClientError {
     /// The call's arguments break the protocol's limits.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// An ideal (in-process) node could not be made or refused a request.
+    #[error("ideal memory node {addr}")]
+    Ideal {
+        /// The node's name.
+        addr: String,
+        /// What was wrong.
+        #[source]
+        source: IdealError,
+    },
 }
 
 /// Connection options.
@@ -132,7 +143,43 @@ impl Presence {
 /// A connection to one node, shareable across threads.
 #[derive(Clone)]
 pub struct PageClient {
-    inner: Arc<Inner>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    /// A node across a link.
+    Remote(Arc<Inner>),
+    /// An in-process store ([`ideal`]).
+    Ideal(Arc<Ideal>),
+}
+
+struct Ideal {
+    node: NodeInfo,
+    store: IdealStore,
+    shaper: Option<Shaper>,
+}
+
+impl Ideal {
+    /// When a request of `sent` bytes answered with `reply` bytes would be seen
+    /// on the modelled link (`None` without a model).
+    fn visible_at(&self, sent: usize, reply: usize) -> Option<Instant> {
+        self.shaper
+            .as_ref()
+            .map(|s| s.on_recv(reply, s.on_send(sent)))
+    }
+
+    fn check(&self, gpns: impl IntoIterator<Item = u64>) -> Result<(), ClientError> {
+        self.store.check(gpns).map_err(|source| ClientError::Ideal {
+            addr: self.node.addr.clone(),
+            source,
+        })
+    }
+}
+
+/// Is `addr` the name of an ideal (in-process) node: `ideal` or `ideal:TAG`?
+pub fn is_ideal_addr(addr: &str) -> bool {
+    addr == "ideal" || addr.starts_with("ideal:")
 }
 
 struct Inner {
@@ -157,6 +204,9 @@ pub struct PendingRead<'c> {
     client: &'c PageClient,
     ticket: Option<slots::Ticket>,
     count: usize,
+    /// On an ideal node: the pages, read when waited for, and when the
+    /// modelled link delivers them.
+    ideal: Option<(Vec<u64>, Option<Instant>)>,
 }
 
 /// A submitted write; [`PendingWrite::wait`] collects it (dropping it waits too).
@@ -164,6 +214,8 @@ pub struct PendingRead<'c> {
 pub struct PendingWrite<'c> {
     client: &'c PageClient,
     ticket: Option<slots::Ticket>,
+    /// On an ideal node: when the modelled link acknowledges the write.
+    ideal_ack: Option<Instant>,
 }
 
 impl PageClient {
@@ -239,29 +291,66 @@ impl PageClient {
             }
         };
         Ok(PageClient {
-            inner: Arc::new(Inner {
+            backend: Backend::Remote(Arc::new(Inner {
                 node,
                 send: Mutex::new(Vec::with_capacity(HEADER_LEN + 8 + 8 * MAX_BATCH)),
                 slots: SlotTable::new(config.max_in_flight.max(1)),
                 shaper: Shaper::new(config.link_model),
                 link,
-            }),
+            })),
         })
+    }
+
+    /// An ideal memory node of `capacity_pages` pages in this process, named
+    /// `addr` ([`ideal`]): no network and no node process; the config's link
+    /// model, if any, delays its replies as a link would.
+    pub fn ideal(
+        addr: &str,
+        capacity_pages: u64,
+        config: &ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let store = IdealStore::new(capacity_pages).map_err(|source| ClientError::Ideal {
+            addr: addr.to_string(),
+            source,
+        })?;
+        Ok(PageClient {
+            backend: Backend::Ideal(Arc::new(Ideal {
+                node: NodeInfo {
+                    addr: addr.to_string(),
+                    role: Role::MemNode,
+                    capacity_pages: store.capacity(),
+                    max_batch: MAX_BATCH,
+                },
+                store,
+                shaper: Shaper::new(config.link_model),
+            })),
+        })
+    }
+
+    /// The node across a link; `None` for an ideal node.
+    fn remote(&self) -> Option<&Inner> {
+        match &self.backend {
+            Backend::Remote(r) => Some(r),
+            Backend::Ideal(_) => None,
+        }
     }
 
     /// What the node said about itself.
     pub fn node(&self) -> &NodeInfo {
-        &self.inner.node
+        match &self.backend {
+            Backend::Remote(r) => &r.node,
+            Backend::Ideal(i) => &i.node,
+        }
     }
 
     /// The node's address.
     pub fn addr(&self) -> &str {
-        &self.inner.node.addr
+        &self.node().addr
     }
 
     /// Why the connection failed, if it has.
     pub fn failure(&self) -> Option<String> {
-        self.inner.slots.failure()
+        self.remote().and_then(|r| r.slots.failure())
     }
 
     /// Reads one page into `buf` (4096 bytes): one round trip. Returns whether the
@@ -278,8 +367,23 @@ impl PageClient {
 
     /// Sends a read request and returns without waiting for the reply.
     pub fn submit_read(&self, gpns: &[u64]) -> Result<PendingRead<'_>, ClientError> {
-        check_batch(gpns.len(), self.inner.node.max_batch)?;
+        check_batch(gpns.len(), self.node().max_batch)?;
+        let inner = match &self.backend {
+            Backend::Remote(r) => r,
+            Backend::Ideal(i) => {
+                i.check(gpns.iter().copied())?;
+                let n = gpns.len();
+                let at = i.visible_at(HEADER_LEN + 8 * n, HEADER_LEN + 8 + n * PAGE_SIZE);
+                return Ok(PendingRead {
+                    client: self,
+                    ticket: None,
+                    count: n,
+                    ideal: Some((gpns.to_vec(), at)),
+                });
+            }
+        };
         let ticket = self.submit(
+            inner,
             Opcode::ReadPagesOk,
             gpns.len(),
             |rid, buf| {
@@ -292,6 +396,7 @@ impl PageClient {
             client: self,
             ticket: Some(ticket),
             count: gpns.len(),
+            ideal: None,
         })
     }
 
@@ -303,7 +408,7 @@ impl PageClient {
 
     /// Sends a write request and returns without waiting for the acknowledgement.
     pub fn submit_write(&self, pages: &[(u64, &[u8])]) -> Result<PendingWrite<'_>, ClientError> {
-        check_batch(pages.len(), self.inner.node.max_batch)?;
+        check_batch(pages.len(), self.node().max_batch)?;
         let mut gpns = [0u64; MAX_BATCH];
         let mut data: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
         for (i, (gpn, page)) in pages.iter().enumerate() {
@@ -317,7 +422,22 @@ impl PageClient {
             data[i] = page;
         }
         let n = pages.len();
+        let inner = match &self.backend {
+            Backend::Remote(r) => r,
+            Backend::Ideal(i) => {
+                i.check(gpns[..n].iter().copied())?;
+                for (gpn, page) in pages {
+                    i.store.write(*gpn, page);
+                }
+                return Ok(PendingWrite {
+                    client: self,
+                    ticket: None,
+                    ideal_ack: i.visible_at(HEADER_LEN + n * (8 + PAGE_SIZE), HEADER_LEN + 8),
+                });
+            }
+        };
         let ticket = self.submit(
+            inner,
             Opcode::WritePagesOk,
             n,
             |rid, buf| {
@@ -329,17 +449,29 @@ impl PageClient {
         Ok(PendingWrite {
             client: self,
             ticket: Some(ticket),
+            ideal_ack: None,
         })
     }
 
     /// Frees pages on the node (they read as zeros afterwards); returns how many were stored.
     pub fn free_pages(&self, gpns: &[u64]) -> Result<u32, ClientError> {
-        check_batch(gpns.len(), self.inner.node.max_batch)?;
+        check_batch(gpns.len(), self.node().max_batch)?;
+        let inner = match &self.backend {
+            Backend::Remote(r) => r,
+            Backend::Ideal(i) => {
+                i.check(gpns.iter().copied())?;
+                let freed = gpns.iter().filter(|&&g| i.store.free(g)).count();
+                if let Some(at) = i.visible_at(HEADER_LEN + 8 * gpns.len(), HEADER_LEN + 8) {
+                    wait_until(at);
+                }
+                return Ok(freed as u32);
+            }
+        };
         let raw: Vec<u8> = gpns.iter().flat_map(|g| g.to_le_bytes()).collect();
         let msg = Message::FreePages {
             gpns: Message::gpn_list(&raw),
         };
-        match self.call(&msg, Opcode::FreePagesOk)? {
+        match self.call(inner, &msg, Opcode::FreePagesOk)? {
             Reply::Count(n) => Ok(n as u32),
             other => Err(self.unexpected(other)),
         }
@@ -347,7 +479,11 @@ impl PageClient {
 
     /// Asks the node for its statistics.
     pub fn stats(&self) -> Result<StatsReply, ClientError> {
-        match self.call(&Message::Stats, Opcode::StatsOk)? {
+        let inner = match &self.backend {
+            Backend::Remote(r) => r,
+            Backend::Ideal(i) => return Ok(i.store.stats()),
+        };
+        match self.call(inner, &Message::Stats, Opcode::StatsOk)? {
             Reply::Stats(s) => Ok(s),
             other => Err(self.unexpected(other)),
         }
@@ -356,8 +492,17 @@ impl PageClient {
     /// Round-trips a ping; returns the time it took.
     pub fn ping(&self) -> Result<Duration, ClientError> {
         let t = Instant::now();
+        let inner = match &self.backend {
+            Backend::Remote(r) => r,
+            Backend::Ideal(i) => {
+                if let Some(at) = i.visible_at(HEADER_LEN + 8, HEADER_LEN + 8) {
+                    wait_until(at);
+                }
+                return Ok(t.elapsed());
+            }
+        };
         let nonce = t.elapsed().as_nanos() as u64 ^ 0x5a5a_5a5a;
-        match self.call(&Message::Ping { nonce }, Opcode::Pong)? {
+        match self.call(inner, &Message::Ping { nonce }, Opcode::Pong)? {
             Reply::Count(n) if n == nonce => Ok(t.elapsed()),
             Reply::Count(n) => Err(ClientError::ConnectionLost {
                 addr: self.addr().to_string(),
@@ -367,10 +512,13 @@ impl PageClient {
         }
     }
 
-    /// Closes the connection; pending and later requests fail.
+    /// Closes the connection; pending and later requests fail. (An ideal node
+    /// has no connection: its pages live as long as its last client.)
     pub fn close(&self) {
-        self.inner.slots.fail("closed by the client".into());
-        self.inner.link.shutdown();
+        if let Some(r) = self.remote() {
+            r.slots.fail("closed by the client".into());
+            r.link.shutdown();
+        }
     }
 
     fn unexpected(&self, r: Reply) -> ClientError {
@@ -381,8 +529,9 @@ impl PageClient {
     }
 
     /// Sends a small request encoded by `Message::encode` and waits for its reply.
-    fn call(&self, msg: &Message<'_>, expect: Opcode) -> Result<Reply, ClientError> {
+    fn call(&self, inner: &Inner, msg: &Message<'_>, expect: Opcode) -> Result<Reply, ClientError> {
         let t = self.submit(
+            inner,
             expect,
             0,
             |rid, buf| {
@@ -391,19 +540,19 @@ impl PageClient {
             },
             &[],
         )?;
-        self.finish(t, |done| done.reply.take())
+        self.finish(inner, t, |done| done.reply.take())
     }
 
     /// Takes a slot, encodes the frame head with `encode` (which returns how many bulk
     /// bytes follow in `bulk`), and sends head and bulk in one vectored write.
     fn submit(
         &self,
+        inner: &Inner,
         expect: Opcode,
         count: usize,
         encode: impl FnOnce(u64, &mut Vec<u8>) -> usize,
         bulk: &[&[u8]],
     ) -> Result<slots::Ticket, ClientError> {
-        let inner = &*self.inner;
         let ticket = inner
             .slots
             .acquire(expect, count, &*inner.link, inner.shaper.as_ref())
@@ -438,10 +587,10 @@ impl PageClient {
     /// Waits for `ticket`'s reply, hands it to `take`, and releases the slot.
     fn finish<T>(
         &self,
+        inner: &Inner,
         ticket: slots::Ticket,
         take: impl FnOnce(&mut slots::Delivered<'_>) -> T,
     ) -> Result<T, ClientError> {
-        let inner = &*self.inner;
         let result = inner
             .slots
             .wait(&ticket, &*inner.link, inner.shaper.as_ref());
@@ -480,24 +629,39 @@ impl PageClient {
 impl PendingRead<'_> {
     /// Waits for the pages and copies them into `out` (`count` × 4096 bytes).
     pub fn wait(mut self, out: &mut [u8]) -> Result<Presence, ClientError> {
-        let ticket = self.ticket.take().expect("pending read already waited");
         if out.len() != self.count * PAGE_SIZE {
-            // Still collect the reply so the slot is released.
-            let _ = self.client.finish(ticket, |_| ());
+            // Dropping `self` still collects the reply, so the slot is released.
             return Err(ClientError::InvalidRequest(format!(
                 "read buffer is {} bytes, need {}",
                 out.len(),
                 self.count * PAGE_SIZE
             )));
         }
-        self.client.finish(ticket, |done| done.copy_pages(out))
+        match (&self.client.backend, self.ticket.take(), self.ideal.take()) {
+            (Backend::Remote(r), Some(t), _) => self.client.finish(r, t, |d| d.copy_pages(out)),
+            (Backend::Ideal(i), _, Some((gpns, at))) => {
+                if let Some(at) = at {
+                    wait_until(at);
+                }
+                let mut present = 0u64;
+                for (k, (&gpn, page)) in
+                    gpns.iter().zip(out.chunks_exact_mut(PAGE_SIZE)).enumerate()
+                {
+                    if i.store.read(gpn, page) {
+                        present |= 1 << k;
+                    }
+                }
+                Ok(Presence(present))
+            }
+            _ => unreachable!("a pending read is made with its backend's state"),
+        }
     }
 }
 
 impl Drop for PendingRead<'_> {
     fn drop(&mut self) {
-        if let Some(t) = self.ticket.take() {
-            let _ = self.client.finish(t, |_| ());
+        if let (Some(t), Backend::Remote(r)) = (self.ticket.take(), &self.client.backend) {
+            let _ = self.client.finish(r, t, |_| ());
         }
     }
 }
@@ -505,19 +669,27 @@ impl Drop for PendingRead<'_> {
 impl PendingWrite<'_> {
     /// Waits until the node has stored the pages.
     pub fn wait(mut self) -> Result<(), ClientError> {
-        let ticket = self.ticket.take().expect("pending write already waited");
         let client = self.client;
-        match client.finish(ticket, |done| done.reply.take())? {
-            Reply::Count(_) => Ok(()),
-            other => Err(client.unexpected(other)),
+        match (&client.backend, self.ticket.take()) {
+            (Backend::Remote(r), Some(t)) => match client.finish(r, t, |d| d.reply.take())? {
+                Reply::Count(_) => Ok(()),
+                other => Err(client.unexpected(other)),
+            },
+            (Backend::Ideal(_), _) => {
+                if let Some(at) = self.ideal_ack.take() {
+                    wait_until(at);
+                }
+                Ok(())
+            }
+            (Backend::Remote(_), None) => unreachable!("a remote write is made with its ticket"),
         }
     }
 }
 
 impl Drop for PendingWrite<'_> {
     fn drop(&mut self) {
-        if let Some(t) = self.ticket.take() {
-            let _ = self.client.finish(t, |_| ());
+        if let (Some(t), Backend::Remote(r)) = (self.ticket.take(), &self.client.backend) {
+            let _ = self.client.finish(r, t, |_| ());
         }
     }
 }

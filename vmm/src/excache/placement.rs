@@ -184,7 +184,7 @@ impl Placement {
                     "memory node {a} is given twice"
                 )));
             }
-            nodes.push(Arc::new(Self::open(a, config)?));
+            nodes.push(Arc::new(Self::open(a, config, pages)?));
         }
         Ok(Placement {
             nodes: RwLock::new(nodes),
@@ -198,8 +198,14 @@ impl Placement {
         })
     }
 
-    fn open(addr: &str, config: &ClientConfig) -> Result<Node, ClientError> {
-        let client = PageClient::connect(addr, config)?;
+    /// Connects to the node at `addr`, or makes the ideal (in-process) node it
+    /// names, sized to hold all `pages` of the guest.
+    fn open(addr: &str, config: &ClientConfig, pages: usize) -> Result<Node, ClientError> {
+        let client = if fabric::client::is_ideal_addr(addr) {
+            PageClient::ideal(addr, pages as u64, config)?
+        } else {
+            PageClient::connect(addr, config)?
+        };
         let node = Node {
             client,
             addr: addr.to_string(),
@@ -297,9 +303,11 @@ impl Placement {
                 return Err(PlacementError::TooMany);
             }
         }
-        let node = Self::open(addr, &self.config).map_err(|source| PlacementError::Connect {
-            addr: addr.to_string(),
-            source,
+        let node = Self::open(addr, &self.config, self.page_node.len()).map_err(|source| {
+            PlacementError::Connect {
+                addr: addr.to_string(),
+                source,
+            }
         })?;
         let mut nodes = self.nodes.write().unwrap();
         nodes.push(Arc::new(node));
