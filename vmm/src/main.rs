@@ -73,7 +73,7 @@ struct RunArgs {
     /// one, vmm starts a `memnode` process from beside its own binary on a free
     /// loopback port for the run. `ideal` (or `ideal:TAG`) is an in-process node
     /// standing for a perfect interconnect: the baseline that shows what the
-    /// fabric costs (see docs/fabric.md).
+    /// fabric costs (see docs/architecture.md, "The fabric").
     #[arg(long = "memnode", value_name = "ADDR")]
     memnodes: Vec<String>,
     /// vCPUs.
