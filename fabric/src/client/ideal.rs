@@ -263,4 +263,44 @@ mod tests {
         assert!(s.check([0, 99]).is_ok());
         assert!(matches!(IdealStore::new(0), Err(IdealError::ZeroCapacity)));
     }
+
+    #[test]
+    fn a_client_of_an_ideal_node_moves_pages_names_bad_ones_and_models_the_link() {
+        use crate::client::{ClientConfig, ClientError, PageClient, error_chain};
+        let c = PageClient::ideal("ideal:t", 64, &ClientConfig::default()).unwrap();
+        assert_eq!(c.node().capacity_pages, 64);
+        let a = vec![0xa5u8; PAGE_SIZE];
+        let b = vec![0x5au8; PAGE_SIZE];
+        c.write_pages(&[(3, &a), (4, &b)]).unwrap();
+        let mut out = vec![0u8; 3 * PAGE_SIZE];
+        let present = c.read_pages(&[4, 3, 5], &mut out).unwrap();
+        assert_eq!(present.0, 0b011, "pages 4 and 3 present, 5 never written");
+        assert_eq!(&out[..PAGE_SIZE], &b[..]);
+        assert_eq!(&out[PAGE_SIZE..2 * PAGE_SIZE], &a[..]);
+        assert!(out[2 * PAGE_SIZE..].iter().all(|&x| x == 0));
+        assert_eq!(c.free_pages(&[3, 5]).unwrap(), 1);
+        assert_eq!(c.stats().unwrap().vm_pages, 1);
+        let e = c.write_pages(&[(64, &a)]).unwrap_err();
+        assert!(matches!(e, ClientError::Ideal { .. }), "{e:?}");
+        let msg = error_chain(&e);
+        assert!(msg.contains("ideal:t") && msg.contains("page 64"), "{msg}");
+        let mut wrong = vec![0u8; PAGE_SIZE];
+        assert!(
+            c.read_pages(&[1, 2], &mut wrong).is_err(),
+            "a short buffer is refused"
+        );
+
+        let config = ClientConfig {
+            link_model: "latency=2ms".parse().unwrap(),
+            ..ClientConfig::default()
+        };
+        let slow = PageClient::ideal("ideal", 8, &config).unwrap();
+        let t = std::time::Instant::now();
+        slow.read_page(1, &mut wrong).unwrap();
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(4),
+            "a read crosses a 2 ms link twice: {:?}",
+            t.elapsed()
+        );
+    }
 }
