@@ -113,12 +113,9 @@ fn main() {
         }
         let mut row = serde_json::Map::new();
         let mut base = 0.0;
-        for ((label, frac), mut rs) in FRACTIONS.iter().zip(runs) {
-            let t_of = |r: &serde_json::Value| r["elapsed_s"].as_f64().unwrap();
-            rs.sort_by(|a, b| t_of(a).total_cmp(&t_of(b)));
-            let all: Vec<f64> = rs.iter().map(|r| round3(t_of(r))).collect();
-            let r = &rs[rs.len() / 2];
-            let t = t_of(r);
+        for ((label, frac), rs) in FRACTIONS.iter().zip(runs) {
+            let (r, all) = median_run(rs);
+            let t = r["elapsed_s"].as_f64().unwrap();
             if *frac == 1.0 {
                 base = t;
             }
@@ -148,10 +145,8 @@ fn main() {
         local_s + move_s,
         t25 / (local_s + move_s)
     ));
-    let t_of = |r: &serde_json::Value| r["elapsed_s"].as_f64().unwrap();
-    ideal_runs.sort_by(|a, b| t_of(a).total_cmp(&t_of(b)));
-    let ideal_s = t_of(&ideal_runs[ideal_runs.len() / 2]);
-    let ideal_all: Vec<f64> = ideal_runs.iter().map(|r| round3(t_of(r))).collect();
+    let (ideal_run, ideal_all) = median_run(ideal_runs);
+    let ideal_s = ideal_run["elapsed_s"].as_f64().unwrap();
     table.push(format!(
         "seq 25% over the ideal fabric (no network, no node): {ideal_s:.3} s, x{:.2} all-local (runs {ideal_all:?})",
         ideal_s / local_s
@@ -194,6 +189,16 @@ fn main() {
         println!("{l}");
     }
     println!("wrote {path}");
+}
+
+/// The run with the median elapsed time, and every run's time (s, rounded),
+/// fastest first.
+fn median_run(mut runs: Vec<serde_json::Value>) -> (serde_json::Value, Vec<f64>) {
+    let t_of = |r: &serde_json::Value| r["elapsed_s"].as_f64().unwrap();
+    runs.sort_by(|a, b| t_of(a).total_cmp(&t_of(b)));
+    let all = runs.iter().map(|r| round3(t_of(r))).collect();
+    let mid = runs.len() / 2;
+    (runs.swap_remove(mid), all)
 }
 
 /// Runs the vmm binary and returns its stats JSON.
