@@ -19,14 +19,29 @@ use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared, evict};
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
-/// Moves `pages` (claimed: each `FETCHING`) off node `from`, to `to` or else
-/// wherever placement sends them. Releases them all, moved or not, before
-/// returning.
-fn move_claimed(s: &Shared, from: usize, pages: &[usize], to: Option<usize>) -> Result<(), String> {
+/// Moves `pages` (claimed: each `FETCHING`) off node `from`, to `to` if it
+/// still takes pages, else wherever placement sends them. Releases them all,
+/// moved or not, before returning; returns how many moved.
+///
+/// The pages were picked from a snapshot of the page map and claimed one by one
+/// after it: a page may have been faulted in, rewritten and evicted to another
+/// node in between, its old copy on `from` freed (read as zeros) or stale. Only
+/// the pages still on `from` once claimed are moved; while claimed, nobody else
+/// can re-point a page, so that check stays true until the move is done.
+fn move_claimed(
+    s: &Shared,
+    from: usize,
+    pages: &[usize],
+    to: Option<usize>,
+) -> Result<usize, String> {
+    let (still, gone): (Vec<usize>, Vec<usize>) = pages
+        .iter()
+        .partition(|&&p| s.nodes.node_of(p as u64) == Some(from));
+    release(s, &gone);
     let node = s.nodes.node(from);
     let result = (|| {
-        let mut buf = vec![0u8; PAGE * pages.len()];
-        let gpns: Vec<u64> = pages.iter().map(|&p| p as u64).collect();
+        let mut buf = vec![0u8; PAGE * still.len()];
+        let gpns: Vec<u64> = still.iter().map(|&p| p as u64).collect();
         for (chunk, out) in gpns
             .chunks(node.client.node().max_batch)
             .zip(buf.chunks_mut(node.client.node().max_batch * PAGE))
@@ -39,26 +54,29 @@ fn move_claimed(s: &Shared, from: usize, pages: &[usize], to: Option<usize>) -> 
                 )
             })?;
         }
-        write_copies(s, pages, &buf, to)
+        write_copies(s, &still, &buf, to)
     })();
+    release(s, &still);
+    result.map(|()| still.len())
+}
+
+/// Returns claimed pages to `ABSENT` and wakes any vCPU that faulted on them
+/// meanwhile (it faults again and is served from the page's node).
+fn release(s: &Shared, pages: &[usize]) {
     for &p in pages {
         s.state[p].store(ABSENT, Release);
         let _ = s.uffd.wake(s.addr(p) as *mut _, PAGE);
     }
-    result
 }
 
 /// Writes copies of `pages` (content in `buf`) to their targets, re-points them
 /// and frees them on their old nodes.
 fn write_copies(s: &Shared, pages: &[usize], buf: &[u8], to: Option<usize>) -> Result<(), String> {
-    let nodes = s.nodes.nodes();
-    let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
-    for (k, &p) in pages.iter().enumerate() {
-        match to.or_else(|| s.nodes.target(p as u64)) {
-            Some(i) => per_node[i].push(k),
-            None => return Err("no memory node has room for the pages being moved".into()),
-        }
-    }
+    // In flight on their nodes until re-pointed (see `placement::Reservations`).
+    let mut reserved = s.nodes.reservations();
+    let (nodes, per_node) = reserved
+        .assign(pages, to)
+        .ok_or("no memory node has room for the pages being moved")?;
     let mut moved: Vec<Vec<u64>> = vec![Vec::new(); nodes.len()];
     for (i, ks) in per_node.iter().enumerate() {
         for chunk in ks.chunks(nodes[i].client.node().max_batch) {
@@ -85,6 +103,7 @@ fn write_copies(s: &Shared, pages: &[usize], buf: &[u8], to: Option<usize>) -> R
             }
         }
     }
+    drop(reserved);
     evict::free_moved(s, &nodes, &moved);
     Ok(())
 }
@@ -102,7 +121,17 @@ pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), String> {
         });
         let on_node = s.nodes.pages_on(from);
         if on_node.is_empty() {
-            return Ok(());
+            // A write chosen for this node before it started draining may still
+            // be in flight: wait for it, then look again (its page is then on
+            // the node, and the next pass moves it).
+            let node = s.nodes.node(from);
+            while node.writes_in_flight() > 0 && !s.stopped() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if s.nodes.pages_on(from).is_empty() {
+                return Ok(());
+            }
+            continue;
         }
         let mut claimed = Vec::with_capacity(batch);
         let mut resident = Vec::new();
@@ -188,12 +217,21 @@ pub(crate) fn rebalance_loop(s: &Shared, rate: u64) {
         if claimed.is_empty() {
             continue;
         }
-        for chunk in claimed.chunks(64) {
-            if let Err(e) = move_claimed(s, hi, chunk, Some(lo)) {
-                log::warn!("rebalancing: {e}");
-                break;
+        let mut chunks = claimed.chunks(64);
+        for chunk in chunks.by_ref() {
+            match move_claimed(s, hi, chunk, Some(lo)) {
+                Ok(n) => {
+                    s.stats.rebalanced.fetch_add(n as u64, Relaxed);
+                }
+                Err(e) => {
+                    log::warn!("rebalancing: {e}");
+                    break;
+                }
             }
         }
-        s.stats.rebalanced.fetch_add(claimed.len() as u64, Relaxed);
+        // After a failure, the pages not tried are still claimed: give them back.
+        for chunk in chunks {
+            release(s, chunk);
+        }
     }
 }

@@ -278,20 +278,20 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
         if todo.is_empty() {
             return Ok(());
         }
-        let nodes = s.nodes.nodes();
+        // Each write counts as in flight on its node until its page is re-pointed
+        // (a drain waits for it; see `placement::Reservations`).
+        let mut reserved = s.nodes.reservations();
+        let Some((nodes, per_node)) = reserved.assign(&todo, None) else {
+            return Err(
+                "every memory node is full (or leaving): cannot write back guest pages; attach a memory node with free capacity"
+                    .to_string(),
+            );
+        };
         room.resize(nodes.len(), None);
-        let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
-        for &p in &todo {
-            match s.nodes.target(p as u64) {
-                Some(i) => per_node[i].push(p),
-                None => {
-                    return Err(
-                        "every memory node is full (or leaving): cannot write back guest pages; attach a memory node with free capacity"
-                            .to_string(),
-                    );
-                }
-            }
-        }
+        let per_node: Vec<Vec<usize>> = per_node
+            .into_iter()
+            .map(|ks| ks.into_iter().map(|k| todo[k]).collect())
+            .collect();
         todo.clear();
         let mut moved: Vec<Vec<u64>> = vec![Vec::new(); nodes.len()];
         for (i, list) in per_node.iter().enumerate() {
@@ -348,6 +348,7 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
                 }
             }
         }
+        drop(reserved);
         free_moved(s, &nodes, &moved);
     }
     Err("cannot place guest pages on any memory node".to_string())

@@ -11,6 +11,15 @@
 //! pages go elsewhere; only when every node is full does the VM stop, saying so.
 //!
 //! Node indexes are never reused: a detached node keeps its slot, marked gone.
+//!
+//! A page's entry in the map changes only while the page is owned by whoever
+//! moves its remote copy (an evictor holding it `EVICTING`, a drain or the
+//! rebalancer holding it `FETCHING`), after the new node acknowledged the write.
+//! Every write to a node is chosen through a [`Reservations`], which counts it as
+//! in flight on that node until its page is re-pointed; a drain ends only when
+//! its node holds none of the VM's pages *and* has no write in flight, so no
+//! write chosen before the node started draining can land after it left (see
+//! docs/vmm.md, "Moving pages between nodes").
 
 use fabric::proto::ErrorCode;
 use fabric::{ClientConfig, ClientError, PageClient};
@@ -49,6 +58,9 @@ pub struct Node {
     pub pages: AtomicU64,
     free_estimate: AtomicU64,
     capacity: AtomicU64,
+    /// Writes chosen for this node whose pages are not yet re-pointed to it
+    /// (see [`Reservations`]).
+    in_flight: AtomicU64,
 }
 
 impl Node {
@@ -62,7 +74,13 @@ impl Node {
     }
 
     fn set_state(&self, s: NodeState) {
-        self.state.store(s as u8, Release);
+        // SeqCst: ordered against the in-flight count (see `Reservations::take`).
+        self.state.store(s as u8, SeqCst);
+    }
+
+    /// Writes chosen for this node and not yet recorded in the page map.
+    pub fn writes_in_flight(&self) -> u64 {
+        self.in_flight.load(SeqCst)
     }
 
     /// True if it answered "out of capacity" (until its stats say otherwise).
@@ -214,6 +232,7 @@ impl Placement {
             pages: AtomicU64::new(0),
             free_estimate: AtomicU64::new(u64::MAX),
             capacity: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
         };
         node.refresh()?;
         Ok(node)
@@ -250,10 +269,18 @@ impl Placement {
         None
     }
 
+    /// Starts choosing nodes for a set of writes; see [`Reservations`].
+    pub fn reservations(&self) -> Reservations<'_> {
+        Reservations {
+            placement: self,
+            held: Vec::new(),
+        }
+    }
+
     /// Where page `p` should be written: its node if that still takes pages,
     /// else its stripe's, else a new choice. `None` if every node is full or
-    /// leaving.
-    pub fn target(&self, p: u64) -> Option<usize> {
+    /// leaving. Writes go through [`Reservations::target`], which calls this.
+    fn choose(&self, p: u64) -> Option<usize> {
         let nodes = self.nodes.read().unwrap();
         let cur = self.page_node[p as usize].load(Acquire);
         if cur != UNPLACED && nodes[cur as usize].accepts() {
@@ -374,6 +401,85 @@ impl Placement {
     /// Puts a draining node back (the drain failed).
     pub fn abort_detach(&self, i: usize) {
         self.node(i).set_state(NodeState::Active);
+    }
+}
+
+/// The nodes chosen for a set of page writes, each counted as in flight on its
+/// node until this is dropped. Drop it only after the written pages have been
+/// re-pointed ([`Placement::set_node`]) or given up.
+///
+/// Why: a drain must not end while a write chosen before its node started
+/// draining can still land there. [`Reservations::take`] counts the write on the
+/// node and only then checks that the node still takes pages; `begin_detach`
+/// marks it draining and the drain later reads the count, all `SeqCst`. So
+/// either the choice sees the node draining and picks another, or the drain sees
+/// the write in flight and waits for it, and then finds its page on the node.
+pub struct Reservations<'a> {
+    placement: &'a Placement,
+    /// (node, writes counted on it), by node index.
+    held: Vec<Option<(Arc<Node>, u64)>>,
+}
+
+impl Reservations<'_> {
+    /// Where page `p` should be written (see [`Placement::choose`]), reserved.
+    /// `None` if every node is full or leaving.
+    pub fn target(&mut self, p: u64) -> Option<usize> {
+        for _ in 0..=MAX_NODES {
+            let i = self.placement.choose(p)?;
+            if self.take(i) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Chooses and reserves a node for each of `pages`: `prefer` if it still
+    /// takes pages, else where [`Reservations::target`] sends the page. Returns
+    /// the nodes (taken after the choices, so every chosen index is in it) and,
+    /// per node index, the positions in `pages` of the pages it takes. `None` if
+    /// some page has nowhere to go.
+    pub fn assign(
+        &mut self,
+        pages: &[usize],
+        prefer: Option<usize>,
+    ) -> Option<(Vec<Arc<Node>>, Vec<Vec<usize>>)> {
+        let mut chosen = Vec::with_capacity(pages.len());
+        for &p in pages {
+            let i = match prefer {
+                Some(i) if self.take(i) => i,
+                _ => self.target(p as u64)?,
+            };
+            chosen.push(i);
+        }
+        let nodes = self.placement.nodes();
+        let mut per_node = vec![Vec::new(); nodes.len()];
+        for (k, i) in chosen.into_iter().enumerate() {
+            per_node[i].push(k);
+        }
+        Some((nodes, per_node))
+    }
+
+    /// Reserves a write to node `i` if it still takes pages.
+    pub fn take(&mut self, i: usize) -> bool {
+        let node = self.placement.node(i);
+        node.in_flight.fetch_add(1, SeqCst);
+        if node.state.load(SeqCst) != NodeState::Active as u8 || node.is_full() {
+            node.in_flight.fetch_sub(1, SeqCst);
+            return false;
+        }
+        if self.held.len() <= i {
+            self.held.resize(i + 1, None);
+        }
+        self.held[i].get_or_insert((node, 0)).1 += 1;
+        true
+    }
+}
+
+impl Drop for Reservations<'_> {
+    fn drop(&mut self) {
+        for (node, n) in self.held.iter().flatten() {
+            node.in_flight.fetch_sub(*n, SeqCst);
+        }
     }
 }
 
