@@ -404,6 +404,10 @@ impl Placement {
     }
 }
 
+/// What [`Reservations::assign`] chose: the nodes, and per node index the
+/// positions of the pages it takes.
+pub type Assignment = (Vec<Arc<Node>>, Vec<Vec<usize>>);
+
 /// The nodes chosen for a set of page writes, each counted as in flight on its
 /// node until this is dropped. Drop it only after the written pages have been
 /// re-pointed ([`Placement::set_node`]) or given up.
@@ -442,7 +446,7 @@ impl Reservations<'_> {
         &mut self,
         pages: &[usize],
         prefer: Option<usize>,
-    ) -> Option<(Vec<Arc<Node>>, Vec<Vec<usize>>)> {
+    ) -> Option<Assignment> {
         let mut chosen = Vec::with_capacity(pages.len());
         for &p in pages {
             let i = match prefer {
