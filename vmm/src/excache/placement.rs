@@ -442,11 +442,7 @@ impl Reservations<'_> {
     /// the nodes (taken after the choices, so every chosen index is in it) and,
     /// per node index, the positions in `pages` of the pages it takes. `None` if
     /// some page has nowhere to go.
-    pub fn assign(
-        &mut self,
-        pages: &[usize],
-        prefer: Option<usize>,
-    ) -> Option<Assignment> {
+    pub fn assign(&mut self, pages: &[usize], prefer: Option<usize>) -> Option<Assignment> {
         let mut chosen = Vec::with_capacity(pages.len());
         for &p in pages {
             let i = match prefer {
