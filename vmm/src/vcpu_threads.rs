@@ -28,6 +28,21 @@ pub(crate) struct VcpuThreads<T> {
     started: Instant,
     /// When the last vCPU thread to return so far returned.
     last_exit: Arc<Mutex<Option<Instant>>>,
+    /// The first vCPU thread that panicked, and its message.
+    panicked: Arc<Mutex<Option<(usize, String)>>>,
+}
+
+/// Test hook: `SPLITVISOR_TEST_PANIC_VCPU=N` makes vCPU thread N panic 200 ms
+/// after it starts, while the others run their guest (for the test that a
+/// panicking vCPU stops the VM with an error).
+const PANIC_HOOK_ENV: &str = "SPLITVISOR_TEST_PANIC_VCPU";
+
+/// The text of a panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Starts one thread per vCPU (`vcpu-N`) running `body(N, vcpu, control)`,
@@ -52,14 +67,34 @@ where
     let running = Arc::new(AtomicUsize::new(vcpus.len()));
     let started = Instant::now();
     let last_exit = Arc::new(Mutex::new(None::<Instant>));
+    let panicked = Arc::new(Mutex::new(None::<(usize, String)>));
+    let panic_hook: Option<usize> = std::env::var(PANIC_HOOK_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok());
     let mut threads = Vec::with_capacity(vcpus.len());
     for (i, vcpu) in vcpus.into_iter().enumerate() {
         let (ctl, running, body) = (control.clone(), running.clone(), body.clone());
-        let (cache, last_exit) = (cache.clone(), last_exit.clone());
+        let (cache, last_exit, panicked) = (cache.clone(), last_exit.clone(), panicked.clone());
         let t = std::thread::Builder::new()
             .name(format!("vcpu-{i}"))
             .spawn(move || {
-                let r = body(i, vcpu, &ctl);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if panic_hook == Some(i) {
+                        std::thread::sleep(Duration::from_millis(200));
+                        panic!("test hook {PANIC_HOOK_ENV}={i}");
+                    }
+                    body(i, vcpu, &ctl)
+                }));
+                if let Err(p) = &r {
+                    // Recorded before this thread counts as returned, so the
+                    // waiter sees it; the other vCPUs are stopped.
+                    panicked
+                        .lock()
+                        .unwrap()
+                        .get_or_insert((i, panic_message(p.as_ref())));
+                    ctl.stop.store(true, SeqCst);
+                    ctl.kick_all();
+                }
                 let now = Instant::now();
                 let mut last = last_exit.lock().unwrap();
                 *last = Some(last.map_or(now, |t: Instant| t.max(now)));
@@ -67,7 +102,10 @@ where
                 if running.fetch_sub(1, SeqCst) == 1 {
                     cache.wake_waiters();
                 }
-                r
+                match r {
+                    Ok(r) => r,
+                    Err(p) => std::panic::resume_unwind(p),
+                }
             })
             .map_err(|e| {
                 // The threads already started must not wait for a resume.
@@ -96,6 +134,7 @@ where
         api,
         started,
         last_exit,
+        panicked,
     })
 }
 
@@ -104,7 +143,17 @@ impl<T> VcpuThreads<T> {
     /// `interrupt` was set) lifts any pause and kicks the vCPUs until they return.
     /// A cache failure ends the wait with [`VmError::Fatal`] at once: vCPUs may be
     /// stuck in a fault that can never be served, so they are kicked, not joined.
+    /// A vCPU thread that panicked stops the others; once they have returned the
+    /// wait ends with [`VmError::VcpuPanicked`].
     pub(crate) fn wait(&self, cache: &ExCache, interrupt: &AtomicBool) -> Result<(), VmError> {
+        self.wait_vcpus(cache, interrupt)?;
+        if let Some((vcpu, message)) = self.panicked.lock().unwrap().clone() {
+            return Err(VmError::VcpuPanicked { vcpu, message });
+        }
+        Ok(())
+    }
+
+    fn wait_vcpus(&self, cache: &ExCache, interrupt: &AtomicBool) -> Result<(), VmError> {
         let control = &self.control;
         while self.running.load(SeqCst) > 0 {
             if interrupt.load(SeqCst) {

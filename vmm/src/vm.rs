@@ -97,6 +97,14 @@ pub enum VmError {
     /// The run stopped on a fatal error (a memory node failed).
     #[error("{0}")]
     Fatal(String),
+    /// A vCPU thread panicked (a bug in the VMM); the VM was stopped.
+    #[error("vCPU {vcpu} panicked: {message}; the VM was stopped")]
+    VcpuPanicked {
+        /// Which vCPU.
+        vcpu: usize,
+        /// The panic's message.
+        message: String,
+    },
     /// The run was interrupted (SIGINT/SIGTERM).
     #[error("interrupted; the VM was stopped")]
     Interrupted,

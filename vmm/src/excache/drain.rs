@@ -78,34 +78,39 @@ fn write_copies(s: &Shared, pages: &[usize], buf: &[u8], to: Option<usize>) -> R
         .assign(pages, to)
         .ok_or("no memory node has room for the pages being moved")?;
     let mut moved: Vec<Vec<u64>> = vec![Vec::new(); nodes.len()];
-    for (i, ks) in per_node.iter().enumerate() {
-        for chunk in ks.chunks(nodes[i].client.node().max_batch) {
-            let batch: Vec<(u64, &[u8])> = chunk
-                .iter()
-                .map(|&k| (pages[k] as u64, &buf[k * PAGE..(k + 1) * PAGE]))
-                .collect();
-            nodes[i].client.write_pages(&batch).map_err(|e| {
-                if super::placement::is_out_of_capacity(&e) {
-                    nodes[i].mark_full();
-                }
-                format!(
-                    "memory node {} failed while taking moved pages: {}",
-                    nodes[i].addr,
-                    fabric::client::error_chain(&e)
-                )
-            })?;
-            for &k in chunk {
-                if let Some(old) = s.nodes.set_node(pages[k] as u64, i)
-                    && old != i
-                {
-                    moved[old].push(pages[k] as u64);
+    let result = (|| {
+        for (i, ks) in per_node.iter().enumerate() {
+            for chunk in ks.chunks(nodes[i].client.node().max_batch) {
+                let batch: Vec<(u64, &[u8])> = chunk
+                    .iter()
+                    .map(|&k| (pages[k] as u64, &buf[k * PAGE..(k + 1) * PAGE]))
+                    .collect();
+                nodes[i].client.write_pages(&batch).map_err(|e| {
+                    if super::placement::is_out_of_capacity(&e) {
+                        nodes[i].mark_full();
+                    }
+                    format!(
+                        "memory node {} failed while taking moved pages: {}",
+                        nodes[i].addr,
+                        fabric::client::error_chain(&e)
+                    )
+                })?;
+                for &k in chunk {
+                    if let Some(old) = s.nodes.set_node(pages[k] as u64, i)
+                        && old != i
+                    {
+                        moved[old].push(pages[k] as u64);
+                    }
                 }
             }
         }
-    }
+        Ok(())
+    })();
     drop(reserved);
+    // Also after a failure: the pages re-pointed so far are no longer needed
+    // on their old nodes.
     evict::free_moved(s, &nodes, &moved);
-    Ok(())
+    result
 }
 
 /// Empties node `from` of this VM's pages. Returns when it holds none.
