@@ -175,7 +175,7 @@ fn validate(cfg: &LinuxConfig) -> Result<(), VmError> {
             layout::MAX_RAM >> 30
         ));
     }
-    cfg.cache.check_budget(cfg.mem).map_err(VmError::Config)?;
+    cfg.cache.check_budget(cfg.mem)?;
     if cfg.vcpus == 0 || cfg.vcpus > 254 {
         return c(format!("--vcpus must be 1 to 254, got {}", cfg.vcpus));
     }
