@@ -194,7 +194,8 @@ fn detach(addr: &str, ctx: &Ctx) -> (u16, serde_json::Value) {
     errors.lock().unwrap().remove(addr);
     match ctx.cache.detach_node(addr, move |r| {
         if let Err(e) = r {
-            errors.lock().unwrap().insert(key, e);
+            let why = fabric::client::error_chain(&e);
+            errors.lock().unwrap().insert(key, why);
         }
     }) {
         Ok(()) => (202, json!({"addr": addr, "state": "draining"})),

@@ -151,7 +151,9 @@ fn main() -> ExitCode {
         Cmd::Run(a) => match run(*a) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("vmm: error: {e}");
+                // One line with the whole cause chain (a failed memory node's
+                // address and why it failed).
+                eprintln!("vmm: error: {}", fabric::client::error_chain(&*e));
                 ExitCode::FAILURE
             }
         },
@@ -282,7 +284,10 @@ fn start_local_memnode(capacity: u64) -> Result<(LocalMemnode, String), String> 
     Ok((node, addr))
 }
 
-fn run(mut a: RunArgs) -> Result<ExitCode, String> {
+/// Why `vmm run` failed: a VM error with its causes, or a message.
+type RunError = Box<dyn std::error::Error>;
+
+fn run(mut a: RunArgs) -> Result<ExitCode, RunError> {
     let _local_node = if a.memnodes.is_empty() {
         let (node, addr) = start_local_memnode(a.mem + (64 << 20))?;
         log::info!("no --memnode given: started a memory node at {addr} for this run");
@@ -344,7 +349,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, String> {
         a.workload.name,
         a.memnodes.join(", ")
     );
-    let report = vm::run(&cfg, &interrupt).map_err(|e| fabric::client::error_chain(&e))?;
+    let report = vm::run(&cfg, &interrupt)?;
     let mut ok = report.vcpus.len() == a.vcpus;
     let mut vcpus_json = Vec::new();
     for (i, o) in report.vcpus.iter().enumerate() {
@@ -428,7 +433,7 @@ fn run_linux(
     cache: CacheConfig,
     vm_id: u64,
     interrupt: &std::sync::atomic::AtomicBool,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, RunError> {
     let cfg = vmm::linux::LinuxConfig {
         mem: a.mem,
         vcpus: a.vcpus,
@@ -454,7 +459,7 @@ fn run_linux(
         a.disks.len(),
         a.memnodes.join(", ")
     );
-    let report = vmm::linux::run(&cfg, interrupt).map_err(|e| fabric::client::error_chain(&e))?;
+    let report = vmm::linux::run(&cfg, interrupt)?;
     let how = match report.exit {
         vmm::linux::GuestExit::PowerOff => "the guest powered off",
         vmm::linux::GuestExit::Reset => "the guest rebooted (vmm does not restart it)",

@@ -4,7 +4,7 @@
 use crate::arch;
 use crate::excache::placement::Placement;
 use crate::excache::stats::StatsSnapshot;
-use crate::excache::{CacheConfig, CacheError, ExCache};
+use crate::excache::{BudgetError, CacheConfig, CacheError, ExCache, PathError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{self, VcpuError, VcpuOutcome};
 use crate::workload::Workload;
@@ -64,6 +64,9 @@ pub enum VmError {
     /// The configuration is inconsistent.
     #[error("{0}")]
     Config(String),
+    /// `--local-cache` does not fit the guest RAM.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
     /// /dev/kvm could not be used.
     #[error("cannot use /dev/kvm (does this machine have KVM, and may this user open it?)")]
     Kvm(#[source] kvm_ioctls::Error),
@@ -94,9 +97,9 @@ pub enum VmError {
     /// A vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    /// The run stopped on a fatal error (a memory node failed).
-    #[error("{0}")]
-    Fatal(String),
+    /// The run stopped on a fatal error of the cache (a memory node failed).
+    #[error(transparent)]
+    Fatal(Arc<PathError>),
     /// A vCPU thread panicked (a bug in the VMM); the VM was stopped.
     #[error("vCPU {vcpu} panicked: {message}; the VM was stopped")]
     VcpuPanicked {
@@ -125,7 +128,7 @@ fn validate(cfg: &VmConfig) -> Result<u64, VmError> {
             MAX_MAPPED >> 30
         ));
     }
-    cfg.cache.check_budget(cfg.mem).map_err(VmError::Config)?;
+    cfg.cache.check_budget(cfg.mem)?;
     if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS as usize {
         return c(format!(
             "--vcpus must be 1 to {MAX_VCPUS}, got {}",

@@ -44,23 +44,35 @@ pub struct NbdUrl {
     pub export: String,
 }
 
+/// Why an `nbd://` address was refused. Each names the address as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NbdUrlError {
+    /// Not an `nbd://` address.
+    #[error("{0:?} is not an nbd://HOST:PORT/EXPORT address")]
+    NotNbd(String),
+    /// The storage node is not `HOST:PORT`.
+    #[error("{0:?}: the storage node must be given as HOST:PORT (nbd://HOST:PORT/EXPORT)")]
+    NotHostPort(String),
+    /// The export name is too long.
+    #[error("{0:?}: export name longer than 4096 bytes")]
+    ExportTooLong(String),
+}
+
 impl std::str::FromStr for NbdUrl {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = NbdUrlError;
+    fn from_str(s: &str) -> Result<Self, NbdUrlError> {
         let rest = s
             .strip_prefix("nbd://")
-            .ok_or_else(|| format!("{s:?} is not an nbd://HOST:PORT/EXPORT address"))?;
+            .ok_or_else(|| NbdUrlError::NotNbd(s.into()))?;
         let (addr, export) = rest.split_once('/').unwrap_or((rest, ""));
         let port_ok = addr
             .rsplit_once(':')
             .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
         if !port_ok {
-            return Err(format!(
-                "{s:?}: the storage node must be given as HOST:PORT (nbd://HOST:PORT/EXPORT)"
-            ));
+            return Err(NbdUrlError::NotHostPort(s.into()));
         }
         if export.len() > 4096 {
-            return Err(format!("{s:?}: export name longer than 4096 bytes"));
+            return Err(NbdUrlError::ExportTooLong(s.into()));
         }
         Ok(NbdUrl {
             addr: addr.into(),
@@ -329,7 +341,7 @@ mod tests {
             "nbd://h:0/x",
             "http://h:1/x",
         ] {
-            let e = bad.parse::<NbdUrl>().unwrap_err();
+            let e = bad.parse::<NbdUrl>().unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
     }

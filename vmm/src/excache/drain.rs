@@ -15,7 +15,7 @@
 //! Passes repeat until the node holds none of this VM's pages.
 
 use super::uffd::PAGE;
-use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared, evict};
+use super::{ABSENT, EVICTING, FETCHING, PathError, RESIDENT, Shared, evict};
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ fn move_claimed(
     from: usize,
     pages: &[usize],
     to: Option<usize>,
-) -> Result<usize, String> {
+) -> Result<usize, PathError> {
     let (still, gone): (Vec<usize>, Vec<usize>) = pages
         .iter()
         .partition(|&&p| s.nodes.node_of(p as u64) == Some(from));
@@ -46,13 +46,12 @@ fn move_claimed(
             .chunks(node.client.node().max_batch)
             .zip(buf.chunks_mut(node.client.node().max_batch * PAGE))
         {
-            node.client.read_pages(chunk, out).map_err(|e| {
-                format!(
-                    "memory node {} failed while draining: {}",
-                    node.addr,
-                    fabric::client::error_chain(&e)
-                )
-            })?;
+            node.client
+                .read_pages(chunk, out)
+                .map_err(|source| PathError::Drain {
+                    addr: node.addr.clone(),
+                    source,
+                })?;
         }
         write_copies(s, &still, &buf, to)
     })();
@@ -71,12 +70,15 @@ fn release(s: &Shared, pages: &[usize]) {
 
 /// Writes copies of `pages` (content in `buf`) to their targets, re-points them
 /// and frees them on their old nodes.
-fn write_copies(s: &Shared, pages: &[usize], buf: &[u8], to: Option<usize>) -> Result<(), String> {
+fn write_copies(
+    s: &Shared,
+    pages: &[usize],
+    buf: &[u8],
+    to: Option<usize>,
+) -> Result<(), PathError> {
     // In flight on their nodes until re-pointed (see `placement::Reservations`).
     let mut reserved = s.nodes.reservations();
-    let (nodes, per_node) = reserved
-        .assign(pages, to)
-        .ok_or("no memory node has room for the pages being moved")?;
+    let (nodes, per_node) = reserved.assign(pages, to).ok_or(PathError::NoRoomToMove)?;
     let mut moved: Vec<Vec<u64>> = vec![Vec::new(); nodes.len()];
     let result = (|| {
         for (i, ks) in per_node.iter().enumerate() {
@@ -85,15 +87,14 @@ fn write_copies(s: &Shared, pages: &[usize], buf: &[u8], to: Option<usize>) -> R
                     .iter()
                     .map(|&k| (pages[k] as u64, &buf[k * PAGE..(k + 1) * PAGE]))
                     .collect();
-                nodes[i].client.write_pages(&batch).map_err(|e| {
-                    if super::placement::is_out_of_capacity(&e) {
+                nodes[i].client.write_pages(&batch).map_err(|source| {
+                    if super::placement::is_out_of_capacity(&source) {
                         nodes[i].mark_full();
                     }
-                    format!(
-                        "memory node {} failed while taking moved pages: {}",
-                        nodes[i].addr,
-                        fabric::client::error_chain(&e)
-                    )
+                    PathError::TakeMoved {
+                        addr: nodes[i].addr.clone(),
+                        source,
+                    }
                 })?;
                 for &k in chunk {
                     if let Some(old) = s.nodes.set_node(pages[k] as u64, i)
@@ -114,11 +115,11 @@ fn write_copies(s: &Shared, pages: &[usize], buf: &[u8], to: Option<usize>) -> R
 }
 
 /// Empties node `from` of this VM's pages. Returns when it holds none.
-pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), String> {
+pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), PathError> {
     let batch = 64;
     loop {
         if s.stopped() {
-            return Err("the VM stopped during the drain".into());
+            return Err(PathError::Stopped);
         }
         // Marks hold pages claimed: return those of this node, so they can move.
         s.marks.drop_where(s, |p| {
@@ -229,7 +230,7 @@ pub(crate) fn rebalance_loop(s: &Shared, rate: u64) {
                     s.stats.rebalanced.fetch_add(n as u64, Relaxed);
                 }
                 Err(e) => {
-                    log::warn!("rebalancing: {e}");
+                    log::warn!("rebalancing: {}", fabric::client::error_chain(&e));
                     break;
                 }
             }

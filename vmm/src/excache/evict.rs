@@ -54,7 +54,7 @@
 //! passed as referenced.
 
 use super::uffd::PAGE;
-use super::{ABSENT, DIRTY_SLOT, EVICTING, EvictPolicy, RESIDENT, Shared, fingerprint};
+use super::{ABSENT, DIRTY_SLOT, EVICTING, EvictPolicy, PathError, RESIDENT, Shared, fingerprint};
 
 use std::sync::atomic::Ordering::*;
 
@@ -91,10 +91,10 @@ pub(crate) fn evictor_loop(s: &Shared) {
     }
 }
 
-fn merge_dirty_log(s: &Shared, dirty: &mut [u64]) -> Result<(), String> {
+fn merge_dirty_log(s: &Shared, dirty: &mut [u64]) -> Result<(), PathError> {
     let log =
         s.vm.get_dirty_log(DIRTY_SLOT, s.pages * PAGE)
-            .map_err(|e| format!("KVM_GET_DIRTY_LOG failed: {e}"))?;
+            .map_err(PathError::DirtyLog)?;
     for (w, (d, l)) in dirty.iter_mut().zip(log).enumerate() {
         *d |= l;
         // A write since the last read of the log is a reference, for CLOCK.
@@ -147,14 +147,14 @@ fn select(s: &Shared) -> Vec<usize> {
 /// Calls `f(start_page, count)` for each run of consecutive pages.
 fn runs(
     pages: &[usize],
-    mut f: impl FnMut(usize, usize) -> Result<(), String>,
-) -> Result<(), String> {
+    mut f: impl FnMut(usize, usize) -> Result<(), PathError>,
+) -> Result<(), PathError> {
     super::consecutive_runs(pages, |i, j| f(pages[i], j - i))
 }
 
 /// Write-protects the victims with userfaultfd (`wp`), or lifts the protection
 /// and wakes every writer held on it (`!wp`).
-fn protect(s: &Shared, victims: &[usize], wp: bool) -> Result<(), String> {
+fn protect(s: &Shared, victims: &[usize], wp: bool) -> Result<(), PathError> {
     runs(victims, |p, n| {
         let (addr, len) = (s.addr(p) as *mut libc::c_void, n * PAGE);
         let r = if wp {
@@ -162,11 +162,11 @@ fn protect(s: &Shared, victims: &[usize], wp: bool) -> Result<(), String> {
         } else {
             s.uffd.remove_write_protection(addr, len, true)
         };
-        r.map_err(|e| format!("userfaultfd write-protect of guest pages failed: {e}"))
+        r.map_err(PathError::WriteProtect)
     })
 }
 
-fn evict_batch(s: &Shared) -> Result<(), String> {
+fn evict_batch(s: &Shared) -> Result<(), PathError> {
     if s.cfg.policy == EvictPolicy::Clock && s.cfg.dirty_log {
         merge_dirty_log(s, &mut s.dirty.lock().unwrap())?;
     }
@@ -180,7 +180,7 @@ fn evict_batch(s: &Shared) -> Result<(), String> {
 }
 
 /// Evicts `victims` (each already moved to `EVICTING`), sorted or not.
-pub(crate) fn evict_now(s: &Shared, victims: &[usize]) -> Result<(), String> {
+pub(crate) fn evict_now(s: &Shared, victims: &[usize]) -> Result<(), PathError> {
     let mut victims = victims.to_vec();
     victims.sort_unstable();
     *s.evicting.lock().unwrap() += 1;
@@ -190,7 +190,7 @@ pub(crate) fn evict_now(s: &Shared, victims: &[usize]) -> Result<(), String> {
     result
 }
 
-fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), String> {
+fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), PathError> {
     // 1. No more writes.
     protect(s, victims, true)?;
     // 2. Every earlier write is in the dirty log. (Another evictor may read the
@@ -240,10 +240,7 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), String> {
         // memory node (dirty) or reproducible (clean).
         let r = unsafe { libc::madvise(s.addr(p) as *mut _, n * PAGE, libc::MADV_DONTNEED) };
         if r != 0 {
-            return Err(format!(
-                "madvise(MADV_DONTNEED) failed: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(PathError::Discard(std::io::Error::last_os_error()));
         }
         Ok(())
     })?;
@@ -268,7 +265,7 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), String> {
 /// Writes `pages` to their target nodes (see [`super::placement`]) and records
 /// where they now live. A node that is full is skipped for another; pages that
 /// moved off a node (one being drained) are freed there.
-pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
+pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), PathError> {
     let mut todo: Vec<usize> = pages.to_vec();
     // A node's room as it reported after refusing a batch (a batch that does not
     // fit fails whole): later batches to it are cut to that size, so that a
@@ -282,10 +279,7 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
         // (a drain waits for it; see `placement::Reservations`).
         let mut reserved = s.nodes.reservations();
         let Some((nodes, per_node)) = reserved.assign(&todo, None) else {
-            return Err(
-                "every memory node is full (or leaving): cannot write back guest pages; attach a memory node with free capacity"
-                    .to_string(),
-            );
+            return Err(PathError::AllFull);
         };
         room.resize(nodes.len(), None);
         let per_node: Vec<Vec<usize>> = per_node
@@ -299,12 +293,9 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
                 continue;
             }
             let node = &nodes[i];
-            let fail = |e: &fabric::ClientError| {
-                format!(
-                    "memory node {} failed: {}",
-                    node.addr,
-                    fabric::client::error_chain(e)
-                )
+            let fail = |source| PathError::WriteBack {
+                addr: node.addr.clone(),
+                source,
             };
             let batch = room[i].map_or(node.client.node().max_batch, |r| {
                 r.clamp(1, node.client.node().max_batch)
@@ -322,7 +313,7 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
                         (p as u64, data)
                     })
                     .collect();
-                pending.push(node.client.submit_write(&batch).map_err(|e| fail(&e))?);
+                pending.push(node.client.submit_write(&batch).map_err(fail)?);
             }
             for (w, chunk) in pending.into_iter().zip(chunks) {
                 match w.wait() {
@@ -344,14 +335,14 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), String> {
                         }
                         todo.extend_from_slice(chunk);
                     }
-                    Err(e) => return Err(fail(&e)),
+                    Err(e) => return Err(fail(e)),
                 }
             }
         }
         drop(reserved);
         free_moved(s, &nodes, &moved);
     }
-    Err("cannot place guest pages on any memory node".to_string())
+    Err(PathError::Unplaceable)
 }
 
 /// Frees pages that moved off their old nodes (best effort: a failure there

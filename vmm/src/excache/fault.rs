@@ -14,7 +14,7 @@
 
 use super::readahead::Mark;
 use super::uffd::{self, Installed, PAGE};
-use super::{ABSENT, EVICTING, FETCHING, RESIDENT, Shared, fingerprint};
+use super::{ABSENT, EVICTING, FETCHING, PathError, RESIDENT, Shared, fingerprint};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
@@ -82,7 +82,7 @@ pub(crate) fn handler_loop(s: &Shared) {
     let epoll = match exclusive_waiter(s) {
         Ok(e) => e,
         Err(e) => {
-            s.fail(format!("cannot wait on the userfaultfd: {e}"));
+            s.fail(PathError::WaitSetup(e));
             return;
         }
     };
@@ -92,7 +92,7 @@ pub(crate) fn handler_loop(s: &Shared) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                s.fail(format!("waiting on the userfaultfd failed: {e}"));
+                s.fail(PathError::Wait(e));
                 return;
             }
         };
@@ -103,7 +103,7 @@ pub(crate) fn handler_loop(s: &Shared) {
             Ok(Some(e)) => e,
             Ok(None) => continue, // another handler took it
             Err(e) => {
-                s.fail(format!("reading userfaultfd events failed: {e}"));
+                s.fail(PathError::ReadEvent(e));
                 return;
             }
         };
@@ -125,7 +125,7 @@ pub(crate) fn handler_loop(s: &Shared) {
             Event::Pagefault { addr, rw, .. } => {
                 let p = (addr as usize - s.host_base) / PAGE;
                 if p >= s.pages {
-                    s.fail(format!("fault outside guest memory (page {p})"));
+                    s.fail(PathError::OutsideGuestMemory(p));
                     return;
                 }
                 let write = rw == ReadWrite::Write;
@@ -186,7 +186,7 @@ fn claim_faulted(s: &Shared, p: usize) -> bool {
 }
 
 /// Resolves a fault on page `p` alone.
-fn handle(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<(), String> {
+fn handle(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<(), PathError> {
     if !claim_faulted(s, p) || !s.reserve_frame() {
         return Ok(());
     }
@@ -194,12 +194,12 @@ fn handle(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<(), Strin
     if s.remote[p].load(Acquire) {
         let page = &mut buf[..PAGE];
         let Some(i) = s.nodes.node_of(p as u64) else {
-            return Err(format!("page {p} has remote data but no memory node"));
+            return Err(PathError::NoNode(p));
         };
         let node = s.nodes.node(i);
         node.client
             .read_page(p as u64, page)
-            .map_err(|e| node_failed(&node.addr, &e))?;
+            .map_err(|e| fetch_failed(&node.addr, e))?;
         install(s, p, Some(page), write)?;
         s.stats.faults_remote.fetch_add(1, Relaxed);
         record_fetch(s, t0);
@@ -212,7 +212,7 @@ fn handle(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<(), Strin
 
 /// Installs page `p` alone, with `data` or (`None`) as a never-written page, and
 /// marks it resident.
-fn install(s: &Shared, p: usize, data: Option<&[u8]>, write: bool) -> Result<(), String> {
+fn install(s: &Shared, p: usize, data: Option<&[u8]>, write: bool) -> Result<(), PathError> {
     let installed = match data {
         Some(data) => {
             s.set_installed_hash(p, fingerprint::page(data));
@@ -228,15 +228,15 @@ fn install(s: &Shared, p: usize, data: Option<&[u8]>, write: bool) -> Result<(),
     Ok(())
 }
 
-fn node_failed(addr: &str, e: &fabric::ClientError) -> String {
-    format!(
-        "memory node {addr} failed: {}",
-        fabric::client::error_chain(e)
-    )
+fn fetch_failed(addr: &str, source: fabric::ClientError) -> PathError {
+    PathError::Fetch {
+        addr: addr.to_string(),
+        source,
+    }
 }
 
-fn report(installed: Result<Installed, uffd::UffdError>) -> Result<(), String> {
-    match installed.map_err(|e| fabric::client::error_chain(&e))? {
+fn report(installed: Result<Installed, uffd::UffdError>) -> Result<(), PathError> {
+    match installed.map_err(PathError::Install)? {
         Installed::New => {}
         Installed::AlreadyPresent => log::debug!("a page was already present"),
     }
@@ -281,7 +281,7 @@ pub(crate) fn prefetch_window(s: &Shared) -> usize {
 /// one else is installing it), the window after it, and the next window with its
 /// first page kept as a read-ahead mark ([`readahead`]). Returns the last page
 /// covered.
-fn stream_fault(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, String> {
+fn stream_fault(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, PathError> {
     s.marks.expire(s);
     let w = prefetch_window(s);
     let end = (p + 1 + 2 * w).min(s.pages);
@@ -292,7 +292,7 @@ fn stream_fault(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usi
 /// Serves the guest's fault on a read-ahead mark: installs the page, which was
 /// fetched with its window, then fetches the next window of the stream, whose
 /// first page becomes the next mark.
-fn mark_fault(s: &Shared, m: Mark, write: bool, buf: &mut [u8]) -> Result<(), String> {
+fn mark_fault(s: &Shared, m: Mark, write: bool, buf: &mut [u8]) -> Result<(), PathError> {
     install(s, m.page, m.data.as_deref(), write)?;
     s.stats.readahead_hits.fetch_add(1, Relaxed);
     let first = m.stream_end + 1;
@@ -318,7 +318,7 @@ fn window(
     mark: Option<usize>,
     write: bool,
     buf: &mut [u8],
-) -> Result<Option<usize>, String> {
+) -> Result<Option<usize>, PathError> {
     let t0 = Instant::now();
     let demand = demand && claim_faulted(s, first);
     if demand && !s.reserve_frame() {
@@ -360,10 +360,7 @@ fn window(
     while i < remote.len() {
         let node_i = node_of(remote[i]);
         let Some(node) = nodes.get(node_i) else {
-            return Err(format!(
-                "page {} has remote data but no memory node",
-                remote[i]
-            ));
+            return Err(PathError::NoNode(remote[i]));
         };
         // The faulted page travels alone, first: its small reply comes back
         // (and the vCPU resumes) before the window's bulk arrives.
@@ -386,7 +383,7 @@ fn window(
             nodes[n]
                 .client
                 .submit_read(&gpns)
-                .map_err(|e| node_failed(&nodes[n].addr, &e))?,
+                .map_err(|e| fetch_failed(&nodes[n].addr, e))?,
         );
     }
     let mut staged = None;
@@ -413,7 +410,7 @@ fn window(
     for ((n, from, to), read) in runs.into_iter().zip(pending) {
         let out = &mut buf[from * PAGE..to * PAGE];
         read.wait(out)
-            .map_err(|e| node_failed(&nodes[n].addr, &e))?;
+            .map_err(|e| fetch_failed(&nodes[n].addr, e))?;
         let pages = &remote[from..to];
         for (k, &q) in pages.iter().enumerate() {
             if Some(q) == mark {
@@ -468,8 +465,8 @@ fn except_mark(
     i: usize,
     j: usize,
     mark: Option<usize>,
-    mut f: impl FnMut(usize, usize) -> Result<(), String>,
-) -> Result<(), String> {
+    mut f: impl FnMut(usize, usize) -> Result<(), PathError>,
+) -> Result<(), PathError> {
     match mark.and_then(|m| pages[i..j].iter().position(|&q| q == m)) {
         Some(k) => {
             if k > 0 {

@@ -18,6 +18,7 @@
 //! read the dirty log, write back, discard) guarantees that no guest write is lost.
 
 pub mod drain;
+pub mod error;
 pub mod evict;
 pub mod fault;
 pub mod fingerprint;
@@ -27,6 +28,7 @@ pub mod stats;
 pub mod uffd;
 
 use crate::memory::ARENA_SLOT;
+pub use error::PathError;
 use kvm_ioctls::VmFd;
 use placement::Placement;
 use stats::{CacheStats, StatsSnapshot, load};
@@ -85,23 +87,43 @@ pub struct CacheConfig {
 impl CacheConfig {
     /// Checks the budget against `mem` bytes of guest RAM; the error names the
     /// command-line options.
-    pub fn check_budget(&self, mem: u64) -> Result<(), String> {
+    pub fn check_budget(&self, mem: u64) -> Result<(), BudgetError> {
         let pages = mem / PAGE as u64;
         if self.budget_pages < evict::MIN_BUDGET {
-            return Err(format!(
-                "--local-cache must be at least 64K ({} pages), got {} pages",
-                evict::MIN_BUDGET,
-                self.budget_pages
-            ));
+            return Err(BudgetError::TooSmall {
+                min: evict::MIN_BUDGET,
+                got: self.budget_pages,
+            });
         }
         if self.budget_pages as u64 > pages {
-            return Err(format!(
-                "--local-cache ({} pages) is larger than --mem ({pages} pages)",
-                self.budget_pages
-            ));
+            return Err(BudgetError::LargerThanMem {
+                budget: self.budget_pages,
+                mem: pages,
+            });
         }
         Ok(())
     }
+}
+
+/// Why `--local-cache` was refused ([`CacheConfig::check_budget`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BudgetError {
+    /// Below the smallest usable budget.
+    #[error("--local-cache must be at least 64K ({min} pages), got {got} pages")]
+    TooSmall {
+        /// The smallest budget, in pages.
+        min: usize,
+        /// The budget asked for, in pages.
+        got: usize,
+    },
+    /// More than the guest RAM.
+    #[error("--local-cache ({budget} pages) is larger than --mem ({mem} pages)")]
+    LargerThanMem {
+        /// The budget asked for, in pages.
+        budget: usize,
+        /// The guest RAM, in pages.
+        mem: u64,
+    },
 }
 
 /// Cache failures.
@@ -156,7 +178,7 @@ pub(crate) struct Shared {
     /// Read-ahead marks of sequential streams.
     pub(crate) marks: readahead::Marks,
     /// The first fatal error (a memory node failed); the VM stops on it.
-    pub(crate) fatal: Mutex<Option<String>>,
+    pub(crate) fatal: Mutex<Option<Arc<PathError>>>,
     pub(crate) fatal_cv: Condvar,
 }
 
@@ -165,12 +187,13 @@ impl Shared {
         self.host_base + p * PAGE
     }
 
-    /// Records a fatal error and wakes everyone who waits on the cache.
-    pub(crate) fn fail(&self, why: String) {
+    /// Records a fatal error (the first one is kept, and logged with its
+    /// causes) and wakes everyone who waits on the cache.
+    pub(crate) fn fail(&self, why: PathError) {
         let mut f = self.fatal.lock().unwrap();
         if f.is_none() {
-            log::error!("{why}");
-            *f = Some(why);
+            log::error!("{}", fabric::client::error_chain(&why));
+            *f = Some(Arc::new(why));
         }
         self.fatal_cv.notify_all();
         drop(f);
@@ -335,7 +358,7 @@ impl ExCache {
     }
 
     /// The first fatal error, if any.
-    pub fn fatal(&self) -> Option<String> {
+    pub fn fatal(&self) -> Option<Arc<PathError>> {
         self.shared.fatal.lock().unwrap().clone()
     }
 
@@ -346,7 +369,7 @@ impl ExCache {
     }
 
     /// Waits until a fatal error occurs or `done` returns true (polled every 20 ms).
-    pub fn wait_fatal_or(&self, done: impl Fn() -> bool) -> Option<String> {
+    pub fn wait_fatal_or(&self, done: impl Fn() -> bool) -> Option<Arc<PathError>> {
         let mut f = self.shared.fatal.lock().unwrap();
         loop {
             if let Some(e) = f.as_ref() {
@@ -418,7 +441,7 @@ impl ExCache {
     pub fn detach_node(
         &self,
         addr: &str,
-        done: impl FnOnce(Result<(), String>) + Send + 'static,
+        done: impl FnOnce(Result<(), PathError>) + Send + 'static,
     ) -> Result<(), placement::PlacementError> {
         let i = self.shared.nodes.begin_detach(addr)?;
         let s = self.shared.clone();
@@ -438,7 +461,10 @@ impl ExCache {
                     }
                     Err(e) => {
                         s.nodes.abort_detach(i);
-                        log::error!("detaching memory node {addr} failed: {e}");
+                        log::error!(
+                            "detaching memory node {addr} failed: {}",
+                            fabric::client::error_chain(e)
+                        );
                     }
                 }
                 done(r);
@@ -499,11 +525,11 @@ impl ExCache {
 }
 
 /// Calls `f(i, j)` for each maximal run `pages[i..j]` of consecutive page
-/// numbers (`pages` sorted).
-pub(crate) fn consecutive_runs(
+/// numbers (`pages` sorted); stops at the first error.
+pub(crate) fn consecutive_runs<E>(
     pages: &[usize],
-    mut f: impl FnMut(usize, usize) -> Result<(), String>,
-) -> Result<(), String> {
+    mut f: impl FnMut(usize, usize) -> Result<(), E>,
+) -> Result<(), E> {
     let mut i = 0;
     while i < pages.len() {
         let mut j = i + 1;

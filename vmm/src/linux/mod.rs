@@ -14,7 +14,7 @@ pub mod layout;
 pub mod vcpu;
 
 use crate::devices::nbd_disk::NbdBackend;
-pub use crate::devices::nbd_disk::NbdUrl;
+pub use crate::devices::nbd_disk::{NbdUrl, NbdUrlError};
 use crate::devices::pci::{CONFIG_ADDRESS_PORT, PciConfigIo, PciMmio, PciRoot};
 use crate::devices::power::{
     I8042, I8042_CMD_PORT, RESET_PORT, ResetReg, SLEEP_CONTROL_PORT, SleepRegs,
@@ -94,7 +94,7 @@ impl std::str::FromStr for DiskSpec {
         }
         if body.starts_with("nbd://") {
             return Ok(DiskSpec::Nbd {
-                url: body.parse()?,
+                url: body.parse().map_err(|e: NbdUrlError| e.to_string())?,
                 read_only,
             });
         }
@@ -175,7 +175,7 @@ fn validate(cfg: &LinuxConfig) -> Result<(), VmError> {
             layout::MAX_RAM >> 30
         ));
     }
-    cfg.cache.check_budget(cfg.mem).map_err(VmError::Config)?;
+    cfg.cache.check_budget(cfg.mem)?;
     if cfg.vcpus == 0 || cfg.vcpus > 254 {
         return c(format!("--vcpus must be 1 to 254, got {}", cfg.vcpus));
     }
