@@ -7,8 +7,9 @@ pub mod wire;
 use std::io::{self, IoSlice, Write};
 
 /// Writes every byte of `bufs` with as few `writev` calls as the socket allows
-/// (one, unless the send buffer is full).
-pub(crate) fn write_all_vectored<W: Write>(w: &mut W, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// (one, unless the send buffer is full). Used by the client for a request and its
+/// payload, and by the server for a reply and its data.
+pub fn write_all_vectored<W: Write>(w: &mut W, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     let mut bufs = bufs;
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
