@@ -17,6 +17,7 @@
 //! `$SPLITVISOR_BENCH_OUT` (default `target/bench/storagenode.json`) and prints a
 //! table; `SPLITVISOR_BENCH_QUICK=1` makes a short smoke run.
 
+use nbd_proto::client::{ClientConfig, NbdClient, Request};
 use serde_json::{Value, json};
 use splitvisor_tests::Daemon;
 use std::io::Write;
@@ -25,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use storagenode::nbd::client::{ClientConfig, NbdClient, Request};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -237,7 +237,7 @@ fn main() {
         "rounds": rounds,
         "seconds_per_round_per_workload": per_round.as_secs_f64(),
         "file_bytes": file_size,
-        "client": "storagenode::nbd::client::NbdClient (max_in_flight 64), one connection per server",
+        "client": "nbd_proto::client::NbdClient (max_in_flight 64), one connection per server",
         "storagenode": "storagenode (default: fast path on, 8 I/O threads); storagenode_no_fast_path: --no-fast-path",
         "qemu_nbd": "qemu-nbd -f raw -t --shared=8 --cache=writeback (aio=threads)",
         "results": results,

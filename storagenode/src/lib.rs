@@ -34,14 +34,13 @@
 //! At a clean stop (`SIGINT`/`SIGTERM`) the node also `fdatasync`s every volume it
 //! opened.
 //!
-//! ## The client
+//! ## The wire format and the client
 //!
-//! [`nbd::client::NbdClient`] is a pipelined client with many requests in flight,
-//! completions delivered by callback from a reader thread, and blocking helpers; it
-//! works against this node and against `qemu-nbd`. [`nbd::wire`] holds the wire
-//! format both sides share.
+//! The NBD wire format the server speaks ([`nbd_proto::wire`]) and the pipelined
+//! client ([`nbd_proto::client::NbdClient`], which the VMM uses and which this
+//! node's tests and benchmark drive it with) live in the `nbd-proto` crate: this
+//! crate depends on it, so a client needs none of the server.
 
-pub mod nbd;
 pub mod server;
 pub mod volume;
 

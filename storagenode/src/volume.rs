@@ -16,7 +16,7 @@
 //! | trim | `fallocate(PUNCH_HOLE \| KEEP_SIZE)`, then `fdatasync` with FUA |
 //! | write zeroes | `fallocate(PUNCH_HOLE \| KEEP_SIZE)`, or `fallocate(ZERO_RANGE \| KEEP_SIZE)` with `NO_HOLE`, else `pwrite` of zeros; then `fdatasync` with FUA |
 
-use crate::nbd::wire::TransmissionFlags;
+use nbd_proto::wire::TransmissionFlags;
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -5,9 +5,9 @@
 mod common;
 
 use common::{Node, TempDir, pattern, require_tool, signal, storagenode_bin};
+use nbd_proto::client::{NbdClient, Request};
 use splitvisor_tests::Daemon;
 use std::process::Command;
-use storagenode::nbd::client::{NbdClient, Request};
 
 const MIB: u64 = 1 << 20;
 

@@ -7,10 +7,10 @@ mod common;
 use common::{
     Node, QemuNbd, TempDir, chain, connect_with_timeout, exercise, pattern, require_tool, signal,
 };
+use nbd_proto::client::{ClientError, NbdClient, Request};
+use nbd_proto::wire::TransmissionFlags;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use storagenode::nbd::client::{ClientError, NbdClient, Request};
-use storagenode::nbd::wire::TransmissionFlags;
 
 const MIB: u64 = 1 << 20;
 

@@ -5,11 +5,11 @@ mod common;
 
 use common::raw::Raw;
 use common::{Node, TempDir, chain, connect_with_timeout, exercise, pattern, signal};
-use std::time::{Duration, Instant};
-use storagenode::nbd::client::{ClientError, NbdClient, Request};
-use storagenode::nbd::wire::{
+use nbd_proto::client::{ClientError, NbdClient, Request};
+use nbd_proto::wire::{
     Cmd, Errno, InfoRequest, Opt, Rep, TransmissionFlags, cmd_flags, decode_rep_server, info_type,
 };
+use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
@@ -203,12 +203,12 @@ fn unknown_exports_and_option_haggling() {
             break;
         }
         assert_eq!(h.reply, Rep::INFO);
-        infos.push(storagenode::nbd::wire::Info::decode(&d).unwrap());
+        infos.push(nbd_proto::wire::Info::decode(&d).unwrap());
     }
-    assert!(infos.contains(&storagenode::nbd::wire::Info::Name("a".into())));
+    assert!(infos.contains(&nbd_proto::wire::Info::Name("a".into())));
     assert!(infos.iter().any(|i| matches!(
         i,
-        storagenode::nbd::wire::Info::Export { size, .. } if *size == 2 * MIB
+        nbd_proto::wire::Info::Export { size, .. } if *size == 2 * MIB
     )));
     r.option(Opt::INFO, &[0, 0, 0, 50, 0]);
     assert_eq!(r.option_reply().0.reply, Rep::ERR_INVALID);
@@ -331,7 +331,7 @@ fn garbage_handshakes_are_dropped_and_good_clients_go_on() {
     // An implausibly long option.
     let mut r = Raw::connect(node.addr());
     let mut h = Vec::new();
-    storagenode::nbd::wire::encode_option(&mut h, Opt::GO, &[]);
+    nbd_proto::wire::encode_option(&mut h, Opt::GO, &[]);
     h[12..16].copy_from_slice(&(1u32 << 30).to_be_bytes());
     r.send(&h);
     assert!(r.closed_by_server());

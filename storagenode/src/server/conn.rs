@@ -25,12 +25,12 @@
 
 use super::pool::{Job, JobKind, Pool};
 use super::{NodeStats, PEER_ERRORS};
-use crate::nbd::wire::{
-    Cmd, Errno, MAX_PAYLOAD, REQUEST_LEN, Request, SIMPLE_REPLY_LEN, SimpleReply, cmd_flags,
-};
-use crate::nbd::write_all_vectored;
 use crate::volume::Volume;
 use fabric::warn_limited;
+use nbd_proto::wire::{
+    Cmd, Errno, MAX_PAYLOAD, REQUEST_LEN, Request, SIMPLE_REPLY_LEN, SimpleReply, cmd_flags,
+};
+use nbd_proto::write_all_vectored;
 use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};

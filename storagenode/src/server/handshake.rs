@@ -7,11 +7,11 @@
 //! `NBD_REP_ERR_UNKNOWN` for `GO`/`INFO`; for `EXPORT_NAME`, which cannot carry an
 //! error, the connection is closed. The whole handshake has one deadline.
 
-use crate::nbd::wire::{
+use crate::volume::{Volume, VolumeDir};
+use nbd_proto::wire::{
     self, EXPORT_NAME_PADDING, Info, InfoRequest, MAX_PAYLOAD, OPTION_HEADER_LEN, Opt,
     OptionHeader, Rep, WireError, client_flags, handshake_flags, info_type,
 };
-use crate::volume::{Volume, VolumeDir};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;

@@ -6,8 +6,8 @@
 //! thread hand-off.
 
 use super::conn::ConnShared;
-use crate::nbd::wire::Errno;
 use fabric::warn_limited;
+use nbd_proto::wire::Errno;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex};

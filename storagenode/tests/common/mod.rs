@@ -5,13 +5,13 @@
 
 pub mod raw;
 
+use nbd_proto::client::{ClientConfig, ClientError, NbdClient, Request};
 use splitvisor_tests::Daemon;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use storagenode::nbd::client::{ClientConfig, ClientError, NbdClient, Request};
 
 /// A directory under the target directory's test area, removed when dropped.
 pub struct TempDir(pub PathBuf);

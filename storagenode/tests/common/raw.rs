@@ -1,13 +1,13 @@
-//! A raw NBD connection built from `storagenode::nbd::wire`, for sending what a
+//! A raw NBD connection built from `nbd_proto::wire`, for sending what a
 //! well-behaved client never would.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
-use storagenode::nbd::wire::{
+use nbd_proto::wire::{
     self, Cmd, GREETING_LEN, Info, InfoRequest, OPTION_REPLY_HEADER_LEN, Opt, OptionReplyHeader,
     Rep, Request, SIMPLE_REPLY_LEN, SimpleReply, client_flags, handshake_flags,
 };
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
 
 /// A raw connection.
 pub struct Raw {

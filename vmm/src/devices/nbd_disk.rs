@@ -1,6 +1,6 @@
 //! A virtio-blk backend on a remote storage node: `--disk nbd://HOST:PORT/EXPORT`.
 //!
-//! Speaks NBD through [`storagenode::nbd::client::NbdClient`], so the node can be
+//! Speaks NBD through [`nbd_proto::client::NbdClient`], so the node can be
 //! our `storagenode` or any NBD server (`qemu-nbd`, `nbdkit`). A batch of guest
 //! requests ([`BlockBackend::run_batch`]) is submitted at once, with every request
 //! in flight together (pipelined on one connection); the batch returns when the
@@ -20,10 +20,10 @@
 
 use super::virtio_blk::{BlockBackend, BlockOp, OpKind};
 use fabric::client::error_chain;
+use nbd_proto::client::{ClientConfig, ClientError, NbdClient, Request};
 use std::io;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use storagenode::nbd::client::{ClientConfig, ClientError, NbdClient, Request};
 
 /// With requests outstanding, a node silent for this long is declared dead.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,6 +1,6 @@
 //! The client's error type.
 
-use crate::nbd::wire::{Errno, Opt, Rep, WireError};
+use crate::wire::{Errno, Opt, Rep, WireError};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;

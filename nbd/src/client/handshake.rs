@@ -3,7 +3,7 @@
 //! (or do not speak fixed newstyle at all).
 
 use super::{ClientError, ExportInfo};
-use crate::nbd::wire::{
+use crate::wire::{
     self, EXPORT_NAME_PADDING, EXPORT_NAME_REPLY_LEN, GREETING_LEN, Info, InfoRequest, MAX_PAYLOAD,
     OPTION_REPLY_HEADER_LEN, Opt, OptionReplyHeader, Rep, TransmissionFlags, client_flags,
     handshake_flags, info_type,

@@ -2,7 +2,7 @@
 //! failure, fails every outstanding request.
 
 use super::{ClientError, Handle, Shared, deliver};
-use crate::nbd::wire::{Cmd, Errno, SIMPLE_REPLY_LEN, SimpleReply};
+use crate::wire::{Cmd, Errno, SIMPLE_REPLY_LEN, SimpleReply};
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -112,7 +112,20 @@ pub(super) fn reader_loop(s: &Shared, mut stream: TcpStream) {
         deliver(s, ready.into_iter());
     };
     if !matches!(err, ClientError::Closed { .. }) {
-        log::debug!("{}", fabric::client::error_chain(&err));
+        log::debug!("{}", error_chain(&err));
     }
     s.fail(err);
+}
+
+/// Formats an error with its sources: `outer: inner: innermost` (as
+/// `fabric::client::error_chain`, which this crate does not depend on).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

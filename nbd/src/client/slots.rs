@@ -3,7 +3,7 @@
 //! in a reply is detected rather than completing the wrong request.
 
 use super::{ClientError, Completion, Handle};
-use crate::nbd::wire::Cmd;
+use crate::wire::Cmd;
 
 /// What runs when a request completes.
 pub(super) type Callback = Box<dyn FnOnce(Completion) + Send>;

@@ -1,14 +1,14 @@
 //! The client against minimal in-process servers that lack `NBD_OPT_GO` (or fixed
 //! newstyle altogether), and against servers that misbehave.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
-use storagenode::nbd::client::{ClientConfig, ClientError, NbdClient};
-use storagenode::nbd::wire::{
+use nbd_proto::client::{ClientConfig, ClientError, NbdClient};
+use nbd_proto::wire::{
     self, Cmd, OPTION_HEADER_LEN, Opt, OptionHeader, REQUEST_LEN, Rep, Request, SimpleReply,
     TransmissionFlags, client_flags, handshake_flags,
 };
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
 
 /// Serves one connection on a background thread with `f`; returns the address.
 fn serve_once(f: impl FnOnce(TcpStream) + Send + 'static) -> String {

@@ -1,5 +1,5 @@
-//! The NBD wire format, shared by the server ([`crate::server`]) and the client
-//! ([`crate::nbd::client`]): magic numbers, flags, option and command codes, and the
+//! The NBD wire format, shared by the server (`storagenode::server`) and the client
+//! ([`crate::client`]): magic numbers, flags, option and command codes, and the
 //! fixed-layout messages of the fixed-newstyle handshake and the transmission phase
 //! with simple replies, as specified in the NBD protocol document
 //! (`doc/proto.md` of github.com/NetworkBlockDevice/nbd).

@@ -22,7 +22,7 @@
 //! keep them all in flight at once.
 //!
 //! ```no_run
-//! use storagenode::nbd::client::{NbdClient, Request};
+//! use nbd_proto::client::{NbdClient, Request};
 //! let c = NbdClient::connect("127.0.0.1:7100", "disk0")?;
 //! c.write_at(0, &[0xab; 4096], false)?;
 //! c.flush()?;
@@ -36,7 +36,7 @@
 //! for done in rx.iter().take(16) {
 //!     done.result?;
 //! }
-//! # Ok::<(), storagenode::nbd::client::ClientError>(())
+//! # Ok::<(), nbd_proto::client::ClientError>(())
 //! ```
 
 mod error;
@@ -46,8 +46,8 @@ mod slots;
 
 pub use error::ClientError;
 
-use crate::nbd::wire::{Cmd, MAX_PAYLOAD, Request as WireRequest, TransmissionFlags, cmd_flags};
-use crate::nbd::write_all_vectored;
+use crate::wire::{Cmd, MAX_PAYLOAD, Request as WireRequest, TransmissionFlags, cmd_flags};
+use crate::write_all_vectored;
 use slots::{Ready, Slots, State};
 use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -208,7 +208,7 @@ impl NbdClient {
         export: &str,
         config: &ClientConfig,
     ) -> Result<NbdClient, ClientError> {
-        if export.len() > crate::nbd::wire::MAX_STRING {
+        if export.len() > crate::wire::MAX_STRING {
             return Err(ClientError::Invalid {
                 addr: addr.into(),
                 reason: format!("export name of {} bytes", export.len()),
