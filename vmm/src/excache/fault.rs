@@ -117,13 +117,13 @@ pub(crate) fn handler_loop(s: &Shared) {
                 // protection and wakes it when the batch ends. One seen after
                 // that is stale; wake it in case.
                 s.stats.faults_wp.fetch_add(1, Relaxed);
-                let p = (addr as usize - s.host_base) / PAGE;
+                let p = (addr as usize - s.host_base()) / PAGE;
                 if p < s.pages && s.state[p].load(Acquire) != EVICTING {
                     let _ = s.uffd.wake(s.addr(p) as *mut _, PAGE);
                 }
             }
             Event::Pagefault { addr, rw, .. } => {
-                let p = (addr as usize - s.host_base) / PAGE;
+                let p = (addr as usize - s.host_base()) / PAGE;
                 if p >= s.pages {
                     s.fail(PathError::OutsideGuestMemory(p));
                     return;
