@@ -397,8 +397,8 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     )?;
     // Wait for the guest to end, a vCPU to fail, the user, or the cache.
     run.wait(&cache, interrupt)?;
-    // No pause or kick may reach a vCPU thread once it is joined: the API goes
-    // first (it also holds the cache).
+    // The API goes first: it holds the cache. (No kick reaches a vCPU thread
+    // once it has returned: it leaves the run control first.)
     run.close_api();
     let elapsed = run.elapsed();
     for t in std::mem::take(&mut run.threads) {
