@@ -13,6 +13,7 @@ use kvm_ioctls::VmFd;
 use std::sync::Arc;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
 };
 
 /// KVM memslot of the boot region.
@@ -47,6 +48,10 @@ pub struct GuestRam {
     /// The boot region alone: what the shim loader may write (a bad ELF cannot
     /// scribble over the arena).
     pub boot: GuestMemoryMmap,
+    /// The arena's mapping (a share of it: the mapping is unmapped when the
+    /// last share goes). The [`crate::excache::ExCache`] keeps one, so the arena
+    /// stays mapped while any cache thread runs.
+    pub arena: Arc<MmapRegion>,
     /// Host address of the arena's first byte.
     pub arena_host: usize,
     /// Arena size in bytes.
@@ -63,7 +68,8 @@ impl GuestRam {
         };
         let boot_region = map(0, DOORBELL_ADDR)?;
         let arena_region = map(ARENA_BASE, arena_size)?;
-        let arena_host = arena_region.as_ptr() as usize;
+        let arena = arena_region.get_mmap();
+        let arena_host = arena.as_ptr() as usize;
         let boot = GuestMemoryMmap::from_arc_regions(vec![boot_region.clone()])
             .map_err(MemoryError::Layout)?;
         let mem = GuestMemoryMmap::from_arc_regions(vec![boot_region, arena_region])
@@ -71,6 +77,7 @@ impl GuestRam {
         Ok(GuestRam {
             mem,
             boot,
+            arena,
             arena_host,
             arena_size,
         })
@@ -82,11 +89,13 @@ impl GuestRam {
         let region = GuestRegionMmap::from_range(GuestAddress(0), size as usize, None)
             .map(Arc::new)
             .map_err(|e| MemoryError::Map(size, e))?;
-        let arena_host = region.as_ptr() as usize;
+        let arena = region.get_mmap();
+        let arena_host = arena.as_ptr() as usize;
         let mem = GuestMemoryMmap::from_arc_regions(vec![region]).map_err(MemoryError::Layout)?;
         Ok(GuestRam {
             boot: mem.clone(),
             mem,
+            arena,
             arena_host,
             arena_size: size,
         })
@@ -103,7 +112,8 @@ impl GuestRam {
             userspace_addr: self.arena_host as u64,
         };
         // SAFETY: the arena is a live mapping of `arena_size` bytes owned by
-        // `self.mem`, which outlives the VM.
+        // `self` (and shared with the cache), which outlives the VM: `linux::run`
+        // declares its `GuestRam` before the VM, so drops it after.
         unsafe { vm.set_user_memory_region(r) }.map_err(|source| MemoryError::Memslot {
             slot: ARENA_SLOT,
             source,
@@ -127,7 +137,8 @@ impl GuestRam {
                 userspace_addr: region.as_ptr() as u64,
             };
             // SAFETY: the region is a live mapping owned by `self.mem`, which outlives
-            // the VM (the VM is dropped first in `vm::run`), and its size matches.
+            // the VM (`vm::run` declares its `GuestRam` before the VM, so the VM is
+            // dropped first), and its size matches.
             unsafe { vm.set_user_memory_region(r) }
                 .map_err(|source| MemoryError::Memslot { slot, source })?;
         }

@@ -37,6 +37,16 @@ pub(crate) struct VcpuThreads<T> {
 /// panicking vCPU stops the VM with an error).
 const PANIC_HOOK_ENV: &str = "SPLITVISOR_TEST_PANIC_VCPU";
 
+/// Marks vCPU `.1`'s thread returned ([`RunControl::thread_returned`]) when
+/// dropped: before the thread ends, on every path out of it, unwinding included.
+struct Unkickable<'a>(&'a RunControl, usize);
+
+impl Drop for Unkickable<'_> {
+    fn drop(&mut self) {
+        self.0.thread_returned(self.1);
+    }
+}
+
 /// The text of a panic's payload.
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
@@ -78,6 +88,7 @@ where
         let t = std::thread::Builder::new()
             .name(format!("vcpu-{i}"))
             .spawn(move || {
+                let unkickable = Unkickable(&ctl, i);
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     if panic_hook == Some(i) {
                         std::thread::sleep(Duration::from_millis(200));
@@ -95,6 +106,9 @@ where
                     ctl.stop.store(true, SeqCst);
                     ctl.kick_all();
                 }
+                // No kick reaches this thread from here on: the waiter may join
+                // it as soon as it counts as returned.
+                drop(unkickable);
                 let now = Instant::now();
                 let mut last = last_exit.lock().unwrap();
                 *last = Some(last.map_or(now, |t: Instant| t.max(now)));
@@ -114,7 +128,7 @@ where
                 control.kick_all();
                 VmError::Config(format!("cannot start a vCPU thread: {e}"))
             })?;
-        control.add_thread(t.as_pthread_t());
+        control.add_thread(i, t.as_pthread_t());
         threads.push(t);
     }
     let api = match api_on {

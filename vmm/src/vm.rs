@@ -159,12 +159,16 @@ fn validate(cfg: &VmConfig) -> Result<u64, VmError> {
 /// with [`VmError::Interrupted`].
 pub fn run(cfg: &VmConfig, interrupt: &AtomicBool) -> Result<RunReport, VmError> {
     let share = validate(cfg)?;
+    // Declared before the VM, so dropped after it (locals drop in reverse
+    // order of declaration) and after the cache, whose threads are joined when
+    // it drops: KVM's memslots point into guest RAM.
+    let ram: GuestRam;
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = Arc::new(kvm.create_vm().map_err(|source| VmError::KvmCall {
         what: "create VM",
         source,
     })?);
-    let ram = GuestRam::new(cfg.mem)?;
+    ram = GuestRam::new(cfg.mem)?;
     ram.register(&vm, cfg.cache.dirty_log)?;
 
     let loaded =
@@ -185,13 +189,7 @@ pub fn run(cfg: &VmConfig, interrupt: &AtomicBool) -> Result<RunReport, VmError>
     };
     let nodes = Placement::connect(&cfg.memnodes, &client_cfg, (cfg.mem / 4096) as usize)
         .map_err(VmError::Memnode)?;
-    let cache = ExCache::start(
-        ram.arena_host,
-        (cfg.mem / 4096) as usize,
-        cfg.cache.clone(),
-        nodes,
-        vm.clone(),
-    )?;
+    let cache = ExCache::start(ram.arena.clone(), cfg.cache.clone(), nodes, vm.clone())?;
 
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -35,8 +35,7 @@ fn kvm_host_writes_survive_eviction_and_wait_for_batches() {
     )
     .unwrap();
     let cache = ExCache::start(
-        ram.arena_host,
-        PAGES,
+        ram.arena.clone(),
         CacheConfig {
             budget_pages: 64,
             policy: EvictPolicy::Clock,

@@ -117,13 +117,13 @@ pub(crate) fn handler_loop(s: &Shared) {
                 // protection and wakes it when the batch ends. One seen after
                 // that is stale; wake it in case.
                 s.stats.faults_wp.fetch_add(1, Relaxed);
-                let p = (addr as usize - s.host_base) / PAGE;
+                let p = (addr as usize - s.host_base()) / PAGE;
                 if p < s.pages && s.state[p].load(Acquire) != EVICTING {
                     let _ = s.uffd.wake(s.addr(p) as *mut _, PAGE);
                 }
             }
             Event::Pagefault { addr, rw, .. } => {
-                let p = (addr as usize - s.host_base) / PAGE;
+                let p = (addr as usize - s.host_base()) / PAGE;
                 if p >= s.pages {
                     s.fail(PathError::OutsideGuestMemory(p));
                     return;
@@ -216,11 +216,16 @@ fn install(s: &Shared, p: usize, data: Option<&[u8]>, write: bool) -> Result<(),
     let installed = match data {
         Some(data) => {
             s.set_installed_hash(p, fingerprint::page(data));
-            uffd::copy_pages(&s.uffd, s.addr(p), data, &s.retries)
+            // SAFETY: `p < s.pages` (a faulted page, checked against `s.pages`
+            // in `handler_loop`, or a mark, taken in a window below `s.pages`),
+            // so its page is in the arena: registered with `s.uffd` by
+            // `ExCache::start` and kept mapped by `s`. `data` is one page.
+            unsafe { uffd::copy_pages(&s.uffd, s.addr(p), data, &s.retries) }
         }
         None => {
             s.set_installed_hash(p, fingerprint::zero_page());
-            uffd::zero_pages(&s.uffd, s.addr(p), 1, write, &s.retries)
+            // SAFETY: as above, page `p` of the arena.
+            unsafe { uffd::zero_pages(&s.uffd, s.addr(p), 1, write, &s.retries) }
         }
     };
     report(installed)?;
@@ -393,13 +398,12 @@ fn window(
             for &q in &zero[i..j] {
                 s.set_installed_hash(q, fingerprint::zero_page());
             }
-            report(uffd::zero_pages(
-                &s.uffd,
-                s.addr(zero[i]),
-                j - i,
-                write,
-                &s.retries,
-            ))?;
+            // SAFETY: `zero[i..j]` are consecutive pages of the window, all
+            // below `end <= s.pages`: pages of the arena, registered with
+            // `s.uffd` by `ExCache::start` and kept mapped by `s`.
+            report(unsafe {
+                uffd::zero_pages(&s.uffd, s.addr(zero[i]), j - i, write, &s.retries)
+            })?;
             mark_resident(s, &zero[i..j]);
             Ok(())
         })
@@ -421,12 +425,18 @@ fn window(
         }
         super::consecutive_runs(pages, |i, j| {
             except_mark(pages, i, j, mark, |i, j| {
-                report(uffd::copy_pages(
-                    &s.uffd,
-                    s.addr(pages[i]),
-                    &out[i * PAGE..j * PAGE],
-                    &s.retries,
-                ))?;
+                // SAFETY: `pages[i..j]` are consecutive pages of the window, all
+                // below `end <= s.pages`: pages of the arena, registered with
+                // `s.uffd` by `ExCache::start` and kept mapped by `s`; the data
+                // is `j - i` pages.
+                report(unsafe {
+                    uffd::copy_pages(
+                        &s.uffd,
+                        s.addr(pages[i]),
+                        &out[i * PAGE..j * PAGE],
+                        &s.retries,
+                    )
+                })?;
                 mark_resident(s, &pages[i..j]);
                 Ok(())
             })

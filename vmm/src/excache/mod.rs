@@ -34,11 +34,12 @@ use placement::Placement;
 use stats::{CacheStats, StatsSnapshot, load};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::*};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use uffd::{PAGE, RetryCounters, UffdError};
 use userfaultfd::Uffd;
+use vm_memory::MmapRegion;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Page states.
@@ -142,7 +143,7 @@ pub enum CacheError {
 
 /// Shared between handler threads, the evictor and vCPU threads.
 pub(crate) struct Shared {
-    pub(crate) host_base: usize,
+    /// Pages in the arena (`arena.size() / PAGE`).
     pub(crate) pages: usize,
     pub(crate) state: Box<[AtomicU8]>,
     /// The page has data on its memory node (it was written back at least once).
@@ -180,11 +181,41 @@ pub(crate) struct Shared {
     /// The first fatal error (a memory node failed); the VM stops on it.
     pub(crate) fatal: Mutex<Option<Arc<PathError>>>,
     pub(crate) fatal_cv: Condvar,
+    /// The arena's mapping. Every thread that touches the arena through this
+    /// cache holds the `Shared`, so the arena cannot be unmapped while one
+    /// runs. Last, so dropped last: after `uffd` (unregistered first) and after
+    /// this share of the VM.
+    arena: Arc<MmapRegion>,
 }
 
 impl Shared {
+    /// Host address of the arena's first byte.
+    pub(crate) fn host_base(&self) -> usize {
+        self.arena.as_ptr() as usize
+    }
+
+    /// Host address of page `p` of the arena. For `p < self.pages` it lies in
+    /// the arena mapping, which `self` keeps mapped (see `arena`), and in the
+    /// range registered with `self.uffd`.
     pub(crate) fn addr(&self, p: usize) -> usize {
-        self.host_base + p * PAGE
+        self.host_base() + p * PAGE
+    }
+
+    /// Asks every cache thread to stop: sets `stop`, signals `stop_fd` (the
+    /// fault handlers' epoll) and wakes every condition variable wait. The
+    /// waits on `frames_cv` and `evict_wake` check `stop` under `resident`, so
+    /// they are notified under it too: a thread between its check and its wait
+    /// cannot miss the wake-up.
+    fn request_stop(&self) {
+        self.stop.store(true, SeqCst);
+        let _ = self.stop_fd.write(1);
+        {
+            let _r = self.resident.lock().unwrap_or_else(PoisonError::into_inner);
+            self.frames_cv.notify_all();
+            self.evict_wake.notify_all();
+        }
+        let _e = self.evicting.lock().unwrap_or_else(PoisonError::into_inner);
+        self.evicting_cv.notify_all();
     }
 
     /// Records a fatal error (the first one is kept, and logged with its
@@ -281,32 +312,42 @@ impl Shared {
 }
 
 /// The running cache: its threads and shared state.
+///
+/// It joins every thread it started: [`ExCache::shutdown`] does, and so does
+/// dropping it (an error return after [`ExCache::start`], a run that ends
+/// another way), which stops them first. The threads hold the shared state,
+/// which owns a share of the arena's mapping, so the arena stays mapped until
+/// the last of them has returned.
 pub struct ExCache {
     pub(crate) shared: Arc<Shared>,
+    /// The fault handlers, the evictors and the rebalancer.
     threads: Vec<JoinHandle<()>>,
+    /// Drain threads of detaches ([`ExCache::detach_node`]); finished ones are
+    /// reaped when the next one starts.
+    drains: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl ExCache {
-    /// Registers `[host_base, host_base + pages × 4 KiB)` with userfaultfd and starts
-    /// the fault handlers and the evictor.
+    /// Registers the arena (`arena`, a whole number of 4 KiB pages) with
+    /// userfaultfd and starts the fault handlers and the evictor. The cache
+    /// keeps `arena` mapped until its threads have returned.
     pub fn start(
-        host_base: usize,
-        pages: usize,
+        arena: Arc<MmapRegion>,
         cfg: CacheConfig,
         nodes: Placement,
         vm: Arc<VmFd>,
     ) -> Result<Self, CacheError> {
+        let pages = arena.size() / PAGE;
         let uffd = uffd::create(cfg.remove_events)?;
         // MISSING faults bring pages in; write-protect faults hold writers to a
         // page under eviction (see [`evict`]).
         uffd.register_with_mode(
-            host_base as *mut _,
+            arena.as_ptr().cast(),
             pages * PAGE,
             userfaultfd::RegisterMode::MISSING | userfaultfd::RegisterMode::WRITE_PROTECT,
         )
         .map_err(|e| CacheError::Uffd(UffdError::Register(e)))?;
         let shared = Arc::new(Shared {
-            host_base,
             pages,
             state: (0..pages).map(|_| AtomicU8::new(ABSENT)).collect(),
             remote: (0..pages).map(|_| AtomicBool::new(false)).collect(),
@@ -334,27 +375,36 @@ impl ExCache {
             dirty: Mutex::new(vec![0u64; pages.div_ceil(64)]),
             fatal: Mutex::new(None),
             fatal_cv: Condvar::new(),
+            arena,
         });
-        let spawn = |name: String, f: fn(&Shared)| {
-            let s = shared.clone();
-            std::thread::Builder::new()
+        // Built before its threads start: if one cannot start, dropping the
+        // cache stops and joins those already started.
+        let mut cache = ExCache {
+            shared,
+            threads: Vec::new(),
+            drains: Mutex::new(Vec::new()),
+        };
+        let mut spawn = |name: String, f: fn(&Shared)| {
+            let s = cache.shared.clone();
+            let t = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || f(&s))
-                .map_err(CacheError::Thread)
+                .map_err(CacheError::Thread)?;
+            cache.threads.push(t);
+            Ok::<(), CacheError>(())
         };
-        let mut threads = Vec::new();
         for i in 0..cfg.handlers.max(1) {
-            threads.push(spawn(format!("fault-{i}"), fault::handler_loop)?);
+            spawn(format!("fault-{i}"), fault::handler_loop)?;
         }
         for i in 0..evict::EVICTORS {
-            threads.push(spawn(format!("evictor-{i}"), evict::evictor_loop)?);
+            spawn(format!("evictor-{i}"), evict::evictor_loop)?;
         }
         if cfg.rebalance > 0 {
-            threads.push(spawn("rebalance".into(), |s| {
+            spawn("rebalance".into(), |s| {
                 drain::rebalance_loop(s, s.cfg.rebalance)
-            })?);
+            })?;
         }
-        Ok(ExCache { shared, threads })
+        Ok(cache)
     }
 
     /// The first fatal error, if any.
@@ -437,7 +487,8 @@ impl ExCache {
 
     /// Starts detaching the memory node at `addr`: checks there is room
     /// elsewhere, then drains it in the background while the guest runs.
-    /// `done` is called with the outcome.
+    /// `done` is called with the outcome, on the drain thread (which
+    /// [`ExCache::shutdown`] and dropping the cache join).
     pub fn detach_node(
         &self,
         addr: &str,
@@ -446,7 +497,7 @@ impl ExCache {
         let i = self.shared.nodes.begin_detach(addr)?;
         let s = self.shared.clone();
         let addr = addr.to_string();
-        std::thread::Builder::new()
+        let drain = std::thread::Builder::new()
             .name("drain".into())
             .spawn(move || {
                 let t0 = std::time::Instant::now();
@@ -469,11 +520,21 @@ impl ExCache {
                 }
                 done(r);
             })
-            .map(|_| ())
             .map_err(|_| {
                 self.shared.nodes.abort_detach(i);
                 placement::PlacementError::Draining(addr_for_err(&self.shared, i))
-            })
+            })?;
+        let mut drains = self.drains.lock().unwrap_or_else(PoisonError::into_inner);
+        let (finished, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *drains)
+            .into_iter()
+            .partition(|t| t.is_finished());
+        *drains = running;
+        drains.push(drain);
+        drop(drains);
+        for t in finished {
+            let _ = t.join();
+        }
+        Ok(())
     }
 
     /// The memory nodes with their state and this VM's pages on each.
@@ -492,16 +553,11 @@ impl ExCache {
             .collect()
     }
 
-    /// Stops the threads and frees this VM's pages on its memory nodes.
+    /// Stops and joins the threads (drains included), then frees this VM's
+    /// pages on its memory nodes.
     pub fn shutdown(mut self) {
+        self.stop_and_join();
         let s = self.shared.clone();
-        s.stop.store(true, SeqCst);
-        let _ = s.stop_fd.write(1);
-        s.frames_cv.notify_all();
-        s.evict_wake.notify_all();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
         if s.fatal.lock().unwrap().is_some() {
             return;
         }
@@ -521,6 +577,36 @@ impl ExCache {
                 }
             }
         }
+    }
+}
+
+impl ExCache {
+    /// Stops every thread this cache started and joins it. Joins each thread
+    /// once (the handles are taken), so a second call (the `Drop` after
+    /// [`ExCache::shutdown`]) only repeats the stop request. A thread never
+    /// joins itself: should a drain's `done` drop the last share of the cache,
+    /// its own handle is let go (the thread is returning).
+    fn stop_and_join(&mut self) {
+        self.shared.request_stop();
+        let drains = std::mem::take(
+            self.drains
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let me = std::thread::current().id();
+        for t in self.threads.drain(..).chain(drains) {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for ExCache {
+    /// Stops and joins the cache's threads (as `shutdown` does first);
+    /// unlike [`ExCache::shutdown`], leaves the VM's pages on the nodes.
+    fn drop(&mut self) {
+        self.stop_and_join();
     }
 }
 

@@ -124,7 +124,15 @@ fn install(
 /// Installs `data` (a whole number of pages) at `addr` with one `UFFDIO_COPY`
 /// where possible, and wakes the threads waiting for those pages. If some were
 /// already present, the rest are installed and `AlreadyPresent` is returned.
-pub fn copy_pages(
+///
+/// # Safety
+///
+/// `[addr, addr + data.len())` must be whole pages inside a range registered
+/// with `uffd`, mapped until this returns. The kernel writes `data` there (into
+/// the pages not present), bypassing Rust: the caller vouches that the address
+/// is that memory and nothing else (an unmapped range whose addresses were
+/// reused would be written instead).
+pub unsafe fn copy_pages(
     uffd: &Uffd,
     addr: usize,
     data: &[u8],
@@ -133,8 +141,8 @@ pub fn copy_pages(
     assert!(!data.is_empty() && data.len() % PAGE == 0);
     install(uffd, addr, data.len(), counters, |off| {
         // SAFETY: `[addr, addr + data.len())` are pages of a range registered with
-        // this userfaultfd (the caller's contract) and `data` holds that many
-        // readable bytes.
+        // this userfaultfd and mapped (this function's contract), and `data`
+        // holds that many readable bytes.
         unsafe {
             uffd.copy(
                 data.as_ptr().add(off) as *const _,
@@ -156,7 +164,12 @@ static ZEROS: [u8; 64 * PAGE] = [0; 64 * PAGE];
 /// copy-on-write fault. `private: true` installs private zeroed pages
 /// (`UFFDIO_COPY` from zeros), writable at once: the right choice for a page
 /// about to be written, and the only kind KVM maps several at a time.
-pub fn zero_pages(
+///
+/// # Safety
+///
+/// As for [`copy_pages`]: `[addr, addr + n pages)` must be whole pages inside a
+/// range registered with `uffd`, mapped until this returns.
+pub unsafe fn zero_pages(
     uffd: &Uffd,
     addr: usize,
     n: usize,
@@ -167,9 +180,11 @@ pub fn zero_pages(
     if private {
         for first in (0..n).step_by(64) {
             let k = (n - first).min(64);
-            if copy_pages(uffd, addr + first * PAGE, &ZEROS[..k * PAGE], counters)?
-                == Installed::AlreadyPresent
-            {
+            // SAFETY: pages `first..first + k` of `[addr, addr + n pages)`, which
+            // are registered and mapped (this function's contract).
+            let installed =
+                unsafe { copy_pages(uffd, addr + first * PAGE, &ZEROS[..k * PAGE], counters) }?;
+            if installed == Installed::AlreadyPresent {
                 outcome = Installed::AlreadyPresent;
             }
         }
@@ -177,7 +192,7 @@ pub fn zero_pages(
     }
     install(uffd, addr, n * PAGE, counters, |off| {
         // SAFETY: `[addr, addr + n pages)` are pages of a range registered with
-        // this userfaultfd (the caller's contract).
+        // this userfaultfd and mapped (this function's contract).
         unsafe { uffd.zeropage((addr + off) as *mut _, n * PAGE - off, true) }
     })
 }
@@ -195,7 +210,8 @@ mod tests {
         counters: &RetryCounters,
     ) -> Result<Installed, UffdError> {
         assert_eq!(data.len(), PAGE);
-        copy_pages(uffd, addr, data, counters)
+        // SAFETY: the tests pass a page of a live `Region` registered with `uffd`.
+        unsafe { copy_pages(uffd, addr, data, counters) }
     }
 
     fn zero_page(
@@ -203,7 +219,8 @@ mod tests {
         addr: usize,
         counters: &RetryCounters,
     ) -> Result<Installed, UffdError> {
-        zero_pages(uffd, addr, 1, false, counters)
+        // SAFETY: the tests pass a page of a live `Region` registered with `uffd`.
+        unsafe { zero_pages(uffd, addr, 1, false, counters) }
     }
 
     struct Region(usize, usize);
@@ -261,10 +278,9 @@ mod tests {
         let c = RetryCounters::default();
         copy_page(&u, r.0 + 3 * PAGE, &vec![9u8; PAGE], &c).unwrap();
         let data: Vec<u8> = (0..8 * PAGE).map(|i| (i / PAGE) as u8 + 1).collect();
-        assert_eq!(
-            copy_pages(&u, r.0, &data, &c).unwrap(),
-            Installed::AlreadyPresent
-        );
+        // SAFETY: the 8 pages of `r`, live and registered with `u`.
+        let installed = unsafe { copy_pages(&u, r.0, &data, &c) }.unwrap();
+        assert_eq!(installed, Installed::AlreadyPresent);
         assert_eq!(c.eexist.load(Relaxed), 1);
         for p in 0..8 {
             // SAFETY: every page of the mapping is installed now.
@@ -275,14 +291,12 @@ mod tests {
         let z = Region::new(130);
         let uz = uffd_over(&z, false);
         copy_page(&uz, z.0 + 70 * PAGE, &vec![5u8; PAGE], &c).unwrap();
-        assert_eq!(
-            zero_pages(&uz, z.0, 100, true, &c).unwrap(),
-            Installed::AlreadyPresent
-        );
-        assert_eq!(
-            zero_pages(&uz, z.0 + 100 * PAGE, 30, false, &c).unwrap(),
-            Installed::New
-        );
+        // SAFETY: pages 0..100 of `z` (130 pages, live, registered with `uz`).
+        let installed = unsafe { zero_pages(&uz, z.0, 100, true, &c) }.unwrap();
+        assert_eq!(installed, Installed::AlreadyPresent);
+        // SAFETY: pages 100..130 of `z`.
+        let installed = unsafe { zero_pages(&uz, z.0 + 100 * PAGE, 30, false, &c) }.unwrap();
+        assert_eq!(installed, Installed::New);
         for p in 0..130 {
             // SAFETY: pages 0..130 are installed.
             let b = unsafe { *((z.0 + p * PAGE + 8) as *const u8) };

@@ -263,6 +263,10 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
         })
         .collect::<Result<Vec<_>, _>>()?;
 
+    // Declared before the VM, so dropped after it (locals drop in reverse
+    // order of declaration) and after the cache, whose threads are joined when
+    // it drops: KVM's memslots point into guest RAM.
+    let ram: GuestRam;
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_call("create VM"))?);
     vm.set_tss_address(0xfffb_d000)
@@ -275,7 +279,7 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     })
     .map_err(kvm_call("create the in-kernel PIT"))?;
 
-    let ram = GuestRam::linux(cfg.mem)?;
+    ram = GuestRam::linux(cfg.mem)?;
     ram.register_linux(&vm, cfg.cache.dirty_log)?;
     let client_cfg = ClientConfig {
         vm_id: cfg.vm_id,
@@ -286,13 +290,7 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
         .map_err(VmError::Memnode)?;
     let mut cache_cfg = cfg.cache.clone();
     cache_cfg.host_writes = true;
-    let cache = ExCache::start(
-        ram.arena_host,
-        (cfg.mem / 4096) as usize,
-        cache_cfg,
-        nodes,
-        vm.clone(),
-    )?;
+    let cache = ExCache::start(ram.arena.clone(), cache_cfg, nodes, vm.clone())?;
     let mem = ram.mem.clone();
 
     // Kernel, initrd, tables, zero page: written through the cache.
@@ -399,8 +397,8 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     )?;
     // Wait for the guest to end, a vCPU to fail, the user, or the cache.
     run.wait(&cache, interrupt)?;
-    // No pause or kick may reach a vCPU thread once it is joined: the API goes
-    // first (it also holds the cache).
+    // The API goes first: it holds the cache. (No kick reaches a vCPU thread
+    // once it has returned: it leaves the run control first.)
     run.close_api();
     let elapsed = run.elapsed();
     for t in std::mem::take(&mut run.threads) {
