@@ -66,7 +66,8 @@ pub struct Node {
 impl Node {
     /// Its state.
     pub fn state(&self) -> NodeState {
-        match self.state.load(Acquire) {
+        // SeqCst: ordered against the in-flight count (see `Reservations::take`).
+        match self.state.load(SeqCst) {
             0 => NodeState::Active,
             1 => NodeState::Draining,
             _ => NodeState::Detached,
@@ -461,16 +462,17 @@ impl Reservations<'_> {
 
     /// Reserves a write to node `i` if it still takes pages.
     pub fn take(&mut self, i: usize) -> bool {
-        let node = self.placement.node(i);
-        node.in_flight.fetch_add(1, SeqCst);
-        if node.state.load(SeqCst) != NodeState::Active as u8 || node.is_full() {
-            node.in_flight.fetch_sub(1, SeqCst);
-            return false;
-        }
         if self.held.len() <= i {
             self.held.resize(i + 1, None);
         }
-        self.held[i].get_or_insert((node, 0)).1 += 1;
+        // The node's handle is looked up once per node, not once per page.
+        let (node, n) = self.held[i].get_or_insert_with(|| (self.placement.node(i), 0));
+        node.in_flight.fetch_add(1, SeqCst);
+        if !node.accepts() {
+            node.in_flight.fetch_sub(1, SeqCst);
+            return false;
+        }
+        *n += 1;
         true
     }
 }
