@@ -204,10 +204,13 @@ fn kvm_many_streams_share_read_ahead_and_lose_nothing() {
     assert_eq!(r.stdout.matches("seq verified").count(), 12, "{}", r.stdout);
     assert!(stat(&r, "readahead_dropped") > 0, "{}", r.json);
     assert!(stat(&r, "readahead_hits") > 0, "{}", r.json);
-    // The read pass needs each of the 24 576 written pages back once; read-ahead
-    // that evicted its own pages before use would fetch far more.
+    // The read pass needs each of the 24 576 written pages back about once;
+    // read-ahead that evicted its own pages before use would fetch far more. A
+    // page can also be read while still local (before or during its eviction,
+    // when it is write-protected but readable), so up to a cache's worth of
+    // pages (1024) may need no fetch: a CI run measured 24 489.
     let fetched = stat(&r, "faults_remote") + stat(&r, "prefetch_remote");
-    assert!((24576..24576 * 3 / 2).contains(&fetched), "{}", r.json);
+    assert!((24576 - 1024..24576 * 3 / 2).contains(&fetched), "{}", r.json);
 }
 
 #[test]
