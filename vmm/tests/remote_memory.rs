@@ -210,7 +210,11 @@ fn kvm_many_streams_share_read_ahead_and_lose_nothing() {
     // when it is write-protected but readable), so up to a cache's worth of
     // pages (1024) may need no fetch: a CI run measured 24 489.
     let fetched = stat(&r, "faults_remote") + stat(&r, "prefetch_remote");
-    assert!((24576 - 1024..24576 * 3 / 2).contains(&fetched), "{}", r.json);
+    assert!(
+        (24576 - 1024..24576 * 3 / 2).contains(&fetched),
+        "{}",
+        r.json
+    );
 }
 
 #[test]

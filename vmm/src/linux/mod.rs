@@ -10,19 +10,14 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpu;
+pub mod devices;
 pub mod layout;
 pub mod vcpu;
 
+use crate::devices::OverlapError;
 use crate::devices::nbd_disk::NbdBackend;
 pub use crate::devices::nbd_disk::{NbdUrl, NbdUrlError};
-use crate::devices::pci::{CONFIG_ADDRESS_PORT, PciConfigIo, PciMmio, PciRoot};
-use crate::devices::power::{
-    I8042, I8042_CMD_PORT, RESET_PORT, ResetReg, SLEEP_CONTROL_PORT, SleepRegs,
-};
-use crate::devices::serial::{COM1_IRQ, COM1_PORT, Uart};
-use crate::devices::virtio_blk::{BlockBackend, DiskError, FileBackend, VirtioBlk};
-use crate::devices::virtio_pci::{BAR_SIZE, VirtioPci};
-use crate::devices::{Bus, OverlapError};
+use crate::devices::virtio_blk::{BlockBackend, DiskError, FileBackend};
 use crate::excache::placement::Placement;
 use crate::excache::stats::StatsSnapshot;
 use crate::excache::{CacheConfig, ExCache};
@@ -313,54 +308,7 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     boot::write_boot_params(&mem, header, &cfg.cmdline, initrd, cfg.mem, rsdp)
         .map_err(setup_err_chain)?;
 
-    // Devices.
-    let out: Box<dyn std::io::Write + Send> = match &cfg.console {
-        Console::Stdio => Box::new(std::io::stdout()),
-        Console::File(p) => Box::new(std::fs::File::create(p).map_err(|e| {
-            VmError::Config(format!("cannot create console file {}: {e}", p.display()))
-        })?),
-    };
-    let serial_irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-        .map_err(|e| VmError::Config(format!("cannot create an eventfd: {e}")))?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(kvm_call("register the serial irqfd"))?;
-    let mut pio = Bus::default();
-    pio.insert(
-        COM1_PORT,
-        8,
-        Arc::new(Mutex::new(Uart::new(serial_irq, out))),
-    )?;
-    pio.insert(SLEEP_CONTROL_PORT, 2, Arc::new(Mutex::new(SleepRegs)))?;
-    pio.insert(RESET_PORT, 1, Arc::new(Mutex::new(ResetReg)))?;
-    pio.insert(I8042_CMD_PORT, 1, Arc::new(Mutex::new(I8042)))?;
-    let root = Arc::new(Mutex::new(PciRoot::new()));
-    for (i, d) in disks.into_iter().enumerate() {
-        log::info!(
-            "disk {i}: {} ({} MiB{})",
-            cfg.disks[i].describe(),
-            d.size() >> 20,
-            if d.read_only() { ", read-only" } else { "" }
-        );
-        let bar = layout::PCI_MMIO_START as u32 + i as u32 * BAR_SIZE;
-        let dev = VirtioPci::new(Box::new(VirtioBlk::new(d)), bar, vm.clone(), mem.clone());
-        root.lock().unwrap().add(Box::new(dev));
-    }
-    pio.insert(
-        CONFIG_ADDRESS_PORT,
-        8,
-        Arc::new(Mutex::new(PciConfigIo(root.clone()))),
-    )?;
-    let mut mmio = Bus::default();
-    mmio.insert(
-        layout::PCI_MMIO_START,
-        layout::PCI_MMIO_END - layout::PCI_MMIO_START,
-        Arc::new(Mutex::new(PciMmio(root, layout::PCI_MMIO_START))),
-    )?;
-    let machine = Arc::new(vcpu::Machine {
-        pio,
-        mmio,
-        exit: Mutex::new(None),
-    });
+    let machine = Arc::new(devices::build(cfg, disks, &vm, &mem)?);
 
     // vCPUs.
     let cpuid = kvm
