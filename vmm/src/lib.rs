@@ -20,6 +20,7 @@ pub mod api;
 pub mod arch;
 pub mod control;
 pub mod devices;
+pub mod event_loop;
 pub mod excache;
 pub mod kvm_stats;
 pub mod linux;

@@ -8,11 +8,13 @@
 //! [`virtio_pci`] devices such as [`virtio_blk`] (on a local file or, through
 //! [`nbd_disk`], on a remote storage node).
 
+pub mod block;
 pub mod nbd_disk;
 pub mod pci;
 pub mod power;
 pub mod serial;
 pub mod virtio_blk;
+pub mod virtio_irq;
 pub mod virtio_pci;
 
 use std::sync::{Arc, Mutex};

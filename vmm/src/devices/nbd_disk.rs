@@ -1,12 +1,13 @@
 //! A virtio-blk backend on a remote storage node: `--disk nbd://HOST:PORT/EXPORT`.
 //!
 //! Speaks NBD through [`nbd_proto::client::NbdClient`], so the node can be
-//! our `storagenode` or any NBD server (`qemu-nbd`, `nbdkit`). A batch of guest
-//! requests ([`BlockBackend::run_batch`]) is submitted at once, with every request
-//! in flight together (pipelined on one connection); the batch returns when the
-//! node has answered all of them, and only then does the guest see them complete.
-//! A flush is submitted only after every write before it in the batch has been
-//! acknowledged, so it covers them (NBD's flush covers completed writes).
+//! our `storagenode` or any NBD server (`qemu-nbd`, `nbdkit`). Every request the
+//! device submits goes out at once, pipelined on one connection (split into
+//! pieces of at most 1 MiB); the client's reader thread hands each answer back
+//! over a channel and makes [`BlockBackend::completion_fd`] readable, and the
+//! device's event loop collects the finished requests from there. A flush goes
+//! out only after every write submitted before it has been acknowledged, so it
+//! covers them (NBD's flush covers completed writes).
 //!
 //! ## A failing node
 //!
@@ -18,12 +19,15 @@
 //! within the backoff period requests fail at once instead of each waiting for a
 //! connect timeout. A reconnected export must have the same size.
 
-use super::virtio_blk::{BlockBackend, BlockOp, OpKind};
+use super::block::{BlockBackend, BlockOp, OpKind};
 use fabric::client::error_chain;
-use nbd_proto::client::{ClientConfig, ClientError, NbdClient, Request};
+use nbd_proto::client::{ClientConfig, ClientError, Completion, NbdClient, Request};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
-use std::sync::mpsc;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
 
 /// With requests outstanding, a node silent for this long is declared dead.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,10 +101,32 @@ pub struct NbdBackend {
     piece: usize,
     backoff: Duration,
     next_try: Instant,
+    /// Pieces' completions, sent from the client's reader thread.
+    tx: mpsc::Sender<(u64, usize, Completion)>,
+    rx: mpsc::Receiver<(u64, usize, Completion)>,
+    /// Written with each completion sent: the event loop's wake-up.
+    ready: Arc<EventFd>,
+    /// Ops with pieces outstanding, by tag.
+    pending: HashMap<u64, Pending>,
+    /// Ops finished, to hand out.
+    finished: Vec<(u64, BlockOp)>,
+    /// Sequence numbers of the writes in flight.
+    writes: BTreeSet<u64>,
+    next_write: u64,
+    /// Flushes waiting for the writes before them: (tag, first later write).
+    held: VecDeque<(u64, u64)>,
     /// Requests that failed (for logs and tests).
     pub failures: u64,
     /// Successful reconnects.
     pub reconnects: u64,
+}
+
+/// An op whose pieces are with the node.
+struct Pending {
+    op: BlockOp,
+    pieces: usize,
+    error: Option<ClientError>,
+    write_seq: Option<u64>,
 }
 
 impl NbdBackend {
@@ -118,6 +144,12 @@ impl NbdBackend {
             0 => MAX_PIECE,
             m => (m as usize).min(MAX_PIECE),
         };
+        let ready = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ClientError::Io {
+            addr: url.addr.clone(),
+            during: "creating the completion eventfd",
+            source: Arc::new(e),
+        })?;
+        let (tx, rx) = mpsc::channel();
         Ok(NbdBackend {
             url: url.clone(),
             config,
@@ -127,6 +159,14 @@ impl NbdBackend {
             client: Some(client),
             backoff: BACKOFF_MIN,
             next_try: Instant::now(),
+            tx,
+            rx,
+            ready: Arc::new(ready),
+            pending: HashMap::new(),
+            finished: Vec::new(),
+            writes: BTreeSet::new(),
+            next_write: 0,
+            held: VecDeque::new(),
             failures: 0,
             reconnects: 0,
         })
@@ -165,7 +205,8 @@ impl NbdBackend {
             }
             Err(e) => {
                 self.retry_later();
-                log::error!(
+                fabric::warn_limited!(
+                    RECONNECTS,
                     "disk {}: reconnect failed: {}; next attempt in {:?}",
                     self.url,
                     error_chain(&e),
@@ -181,7 +222,8 @@ impl NbdBackend {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
-    /// Notes a failed request; a lost connection is dropped (reconnect later).
+    /// Notes a failed request; a lost connection is dropped (reconnect later)
+    /// and logged once, naming the node.
     fn failed(&mut self, e: &ClientError) {
         self.failures += 1;
         let lost = !matches!(
@@ -201,104 +243,108 @@ impl NbdBackend {
         }
     }
 
-    /// Submits the pieces of ops `range` and waits for all of them.
-    fn run_group(&mut self, ops: &mut [BlockOp]) {
+    /// Sends `op`'s pieces to the node.
+    fn start(&mut self, tag: u64, mut op: BlockOp) {
         let client = match self.client() {
             Ok(c) => c,
             Err(e) => {
-                for op in ops.iter_mut() {
-                    op.result = Err(io::Error::new(e.kind(), e.to_string()));
-                }
+                self.failures += 1;
+                op.result = Err(e);
+                self.finished.push((tag, op));
                 return;
             }
         };
-        let (tx, rx) = mpsc::channel();
-        let mut expected = 0usize;
-        let mut first_error: Vec<Option<ClientError>> = (0..ops.len()).map(|_| None).collect();
-        for (i, op) in ops.iter().enumerate() {
-            let pieces: Vec<(u64, usize, usize)> = match op.kind {
-                OpKind::Flush => vec![(0, 0, 0)],
-                _ => (0..op.buf.len())
-                    .step_by(self.piece)
-                    .map(|at| {
-                        let n = self.piece.min(op.buf.len() - at);
-                        (op.offset + at as u64, at, n)
-                    })
-                    .collect(),
+        let write_seq = (op.kind == OpKind::Write).then(|| {
+            self.next_write += 1;
+            self.writes.insert(self.next_write);
+            self.next_write
+        });
+        let len = op.buf.len();
+        let whole = len <= self.piece;
+        let pieces: Vec<(usize, usize)> = match op.kind {
+            OpKind::Flush => vec![(0, 0)],
+            _ => (0..len.max(1))
+                .step_by(self.piece)
+                .map(|at| (at, self.piece.min(len - at)))
+                .collect(),
+        };
+        let mut p = Pending {
+            op,
+            pieces: 0,
+            error: None,
+            write_seq,
+        };
+        for (at, n) in pieces {
+            let offset = p.op.offset + at as u64;
+            let req = match p.op.kind {
+                OpKind::Read => Request::Read {
+                    offset,
+                    buf: if whole {
+                        std::mem::take(&mut p.op.buf)
+                    } else {
+                        vec![0; n]
+                    },
+                },
+                OpKind::Write => Request::Write {
+                    offset,
+                    data: if whole {
+                        std::mem::take(&mut p.op.buf)
+                    } else {
+                        p.op.buf[at..at + n].to_vec()
+                    },
+                    fua: false,
+                },
+                OpKind::Flush => Request::Flush,
             };
-            for (offset, at, n) in pieces {
-                let req = match op.kind {
-                    OpKind::Read => Request::Read {
-                        offset,
-                        buf: vec![0; n],
-                    },
-                    OpKind::Write => Request::Write {
-                        offset,
-                        data: op.buf[at..at + n].to_vec(),
-                        fua: false,
-                    },
-                    OpKind::Flush => Request::Flush,
-                };
-                let tx = tx.clone();
-                match client.submit(req, move |c| {
-                    let _ = tx.send((i, at, c));
-                }) {
-                    Ok(_) => expected += 1,
-                    Err(e) => {
-                        first_error[i].get_or_insert(e);
-                    }
-                }
-            }
-        }
-        drop(tx);
-        for _ in 0..expected {
-            let Ok((i, at, c)) = rx.recv() else { break };
-            match c.result {
-                Ok(()) => {
-                    if ops[i].kind == OpKind::Read {
-                        ops[i].buf[at..at + c.buf.len()].copy_from_slice(&c.buf);
-                    }
-                }
+            let (tx, ready) = (self.tx.clone(), self.ready.clone());
+            match client.submit(req, move |c| {
+                let _ = tx.send((tag, at, c));
+                let _ = ready.write(1);
+            }) {
+                Ok(_) => p.pieces += 1,
                 Err(e) => {
-                    first_error[i].get_or_insert(e);
+                    p.error.get_or_insert(e);
                 }
             }
         }
-        for (op, err) in ops.iter_mut().zip(first_error) {
-            op.result = match err {
-                None => Ok(()),
-                Some(e) => {
-                    self.failed(&e);
-                    Err(io::Error::other(error_chain(&e)))
-                }
-            };
+        if p.pieces == 0 {
+            self.finish(tag, p);
+        } else {
+            self.pending.insert(tag, p);
+        }
+    }
+
+    fn finish(&mut self, tag: u64, mut p: Pending) {
+        if let Some(seq) = p.write_seq {
+            self.writes.remove(&seq);
+        }
+        p.op.result = match p.error.take() {
+            None => Ok(()),
+            Some(e) => {
+                self.failed(&e);
+                Err(io::Error::other(error_chain(&e)))
+            }
+        };
+        self.finished.push((tag, p.op));
+    }
+
+    /// Starts the flushes whose earlier writes have all completed.
+    fn release_flushes(&mut self) {
+        while let Some(&(tag, barrier)) = self.held.front() {
+            if self.writes.first().is_some_and(|&w| w < barrier) {
+                break;
+            }
+            self.held.pop_front();
+            self.start(tag, BlockOp::new(OpKind::Flush, 0, Vec::new()));
         }
     }
 }
 
+static RECONNECTS: fabric::ratelimit::RateLimiter = fabric::ratelimit::RateLimiter::new(1);
+
 impl BlockBackend for NbdBackend {
     fn size(&self) -> u64 {
         self.size
-    }
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let mut ops = [BlockOp::new(OpKind::Read, offset, vec![0; buf.len()])];
-        self.run_batch(&mut ops);
-        let [op] = ops;
-        op.result?;
-        buf.copy_from_slice(&op.buf);
-        Ok(())
-    }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut ops = [BlockOp::new(OpKind::Write, offset, buf.to_vec())];
-        self.run_batch(&mut ops);
-        let [op] = ops;
-        op.result
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        let mut ops = [BlockOp::new(OpKind::Flush, 0, Vec::new())];
-        self.run_batch(&mut ops);
-        let [op] = ops;
-        op.result
     }
     fn read_only(&self) -> bool {
         self.read_only
@@ -306,19 +352,47 @@ impl BlockBackend for NbdBackend {
     fn name(&self) -> String {
         self.url.to_string()
     }
-    /// Everything between two flushes goes out at once; a flush goes out after the
-    /// writes before it were acknowledged.
-    fn run_batch(&mut self, ops: &mut [BlockOp]) {
-        let mut start = 0;
-        while start < ops.len() {
-            let end = match ops[start..].iter().position(|o| o.kind == OpKind::Flush) {
-                Some(0) => start + 1,
-                Some(n) => start + n,
-                None => ops.len(),
-            };
-            self.run_group(&mut ops[start..end]);
-            start = end;
+    /// A flush goes out once every write submitted before it was acknowledged
+    /// (NBD's flush covers completed writes); everything else goes out at once.
+    fn submit(&mut self, tag: u64, op: BlockOp) {
+        if op.kind == OpKind::Flush && (!self.writes.is_empty() || !self.held.is_empty()) {
+            self.held.push_back((tag, self.next_write + 1));
+            return;
         }
+        self.start(tag, op);
+    }
+    fn completions(&mut self, out: &mut Vec<(u64, BlockOp)>) {
+        let _ = self.ready.read();
+        while let Ok((tag, at, c)) = self.rx.try_recv() {
+            let Some(p) = self.pending.get_mut(&tag) else {
+                continue;
+            };
+            // A request of one piece took the op's buffer whole: it comes back
+            // (a read's data, a write's payload).
+            let whole = p.op.buf.is_empty();
+            match c.result {
+                Ok(()) if p.op.kind == OpKind::Read && !whole => {
+                    p.op.buf[at..at + c.buf.len()].copy_from_slice(&c.buf);
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    p.error.get_or_insert(e);
+                }
+            }
+            if whole {
+                p.op.buf = c.buf;
+            }
+            p.pieces -= 1;
+            if p.pieces == 0 {
+                let p = self.pending.remove(&tag).expect("present");
+                self.finish(tag, p);
+            }
+        }
+        self.release_flushes();
+        out.append(&mut self.finished);
+    }
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.ready.as_raw_fd())
     }
 }
 

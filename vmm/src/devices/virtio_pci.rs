@@ -7,17 +7,25 @@
 //! 0x2000, notifications at 0x3000 (4 bytes per queue), MSI-X table at 0x4000,
 //! PBA at 0x5000.
 //!
-//! Queue notifications are handled in the notifying vCPU thread: the device
-//! processes the queue and the transport raises the queue's MSI-X vector with
-//! `KVM_SIGNAL_MSI`.
+//! The transport runs on the vCPU that touches a register and answers at once;
+//! it never serves a queue. When the driver sets `DRIVER_OK` the device is
+//! activated with the queues the driver set up, and each queue's notification
+//! register becomes an ioeventfd (`KVM_IOEVENTFD` at the BAR's current address,
+//! moved with the BAR): a notification then never leaves KVM as an exit, it
+//! makes the device's eventfd readable and the device serves the queue on its
+//! event loop ([`crate::event_loop`]), raising the queue's MSI-X vector
+//! ([`super::virtio_irq`]) when it has used buffers. A notification that does
+//! reach the transport as an MMIO exit (before activation, or with no KVM to
+//! register with) is forwarded to the same eventfd.
 
 use super::pci::{CAP_START, ConfigSpace, PciDevice};
+use super::virtio_irq::{MSIX_VECTORS, NO_VECTOR, VirtioInterrupt};
 use super::{Action, le_read, le_write};
-use kvm_bindings::kvm_msi;
-use kvm_ioctls::VmFd;
-use std::sync::Arc;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Size of BAR 0.
 pub const BAR_SIZE: u32 = 0x8000;
@@ -28,14 +36,15 @@ const NOTIFY: u64 = 0x3000;
 const NOTIFY_MULT: u32 = 4;
 const MSIX_TABLE: u64 = 0x4000;
 const MSIX_PBA: u64 = 0x5000;
-const MSIX_VECTORS: usize = 16;
-const NO_VECTOR: u16 = 0xffff;
 
 /// `VIRTIO_F_VERSION_1`.
 pub const F_VERSION_1: u64 = 1 << 32;
 
 const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_NEEDS_RESET: u8 = 0x40;
 const STATUS_FAILED: u8 = 0x80;
+
+static GUEST_ERRORS: fabric::ratelimit::RateLimiter = fabric::ratelimit::RateLimiter::new(2);
 
 /// What a virtio device implements; the transport does the rest.
 pub trait VirtioDevice: Send {
@@ -49,40 +58,37 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Reads device-specific configuration.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Handles available buffers of queue `index`; returns true if it put any on
-    /// the used ring (the driver is then interrupted).
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
-    /// The driver reset the device.
-    fn reset(&mut self) {}
-}
-
-#[derive(Default, Clone, Copy)]
-struct MsixEntry {
-    addr_lo: u32,
-    addr_hi: u32,
-    data: u32,
-    ctrl: u32,
+    /// One eventfd per queue, written when the driver notifies that queue.
+    fn queue_events(&self) -> &[EventFd];
+    /// The driver set `DRIVER_OK`: serve `queues` (set up and checked valid)
+    /// from now on, raising interrupts through `irq`.
+    fn activate(&mut self, queues: Vec<Queue>, mem: GuestMemoryMmap, irq: Arc<VirtioInterrupt>);
+    /// The driver reset the device: stop serving the queues.
+    fn reset(&mut self);
 }
 
 /// A virtio device on PCI.
 pub struct VirtioPci {
     config: ConfigSpace,
     msix_cap: usize,
-    dev: Box<dyn VirtioDevice>,
-    vm: Arc<VmFd>,
+    dev: Arc<Mutex<dyn VirtioDevice>>,
+    features: u64,
+    device_type: u16,
+    irq: Arc<VirtioInterrupt>,
+    /// Registers ioeventfds; `None` in tests without KVM.
+    vm: Option<Arc<VmFd>>,
     mem: GuestMemoryMmap,
+    notify: Vec<EventFd>,
+    /// The BAR address the ioeventfds are registered at.
+    ioevents_at: Option<u64>,
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
     status: u8,
     config_generation: u8,
     queue_select: u16,
-    msix_config: u16,
     queues: Vec<Queue>,
-    queue_vectors: Vec<u16>,
-    msix: [MsixEntry; MSIX_VECTORS],
-    pending: u64,
-    isr: u8,
+    active: bool,
 }
 
 fn virtio_cap(cfg_type: u8, offset: u64, length: u32, extra: Option<u32>) -> Vec<u8> {
@@ -97,18 +103,26 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u32, extra: Option<u32>) -> Vec
     b
 }
 
+/// Transport setup failures.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot duplicate a virtio queue's notification eventfd")]
+pub struct TransportError(#[source] std::io::Error);
+
 impl VirtioPci {
-    /// Wraps `dev`, with BAR 0 at `bar_addr`.
+    /// Wraps `dev`, with BAR 0 at `bar_addr`; `vm` registers the queues'
+    /// ioeventfds and receives the MSI-X messages (through `irq`).
     pub fn new(
-        dev: Box<dyn VirtioDevice>,
+        dev: Arc<Mutex<dyn VirtioDevice>>,
         bar_addr: u32,
-        vm: Arc<VmFd>,
+        vm: Option<Arc<VmFd>>,
+        irq: Arc<VirtioInterrupt>,
         mem: GuestMemoryMmap,
-    ) -> Self {
-        let id = dev.device_type();
-        let mut config = ConfigSpace::new(0x1af4, 0x1040 + id, dev.pci_class(), 1, (0x1af4, 0x40));
+    ) -> Result<Self, TransportError> {
+        let d = dev.lock().unwrap();
+        let id = d.device_type();
+        let mut config = ConfigSpace::new(0x1af4, 0x1040 + id, d.pci_class(), 1, (0x1af4, 0x40));
         config.set_mem_bar(0, bar_addr, BAR_SIZE);
-        let nq = dev.queue_max_sizes().len();
+        let nq = d.queue_max_sizes().len();
         let mut off = CAP_START;
         for (t, o, l, e) in [
             (1u8, COMMON, 0x38u32, None),
@@ -130,30 +144,39 @@ impl VirtioPci {
         config.add_capability(msix_cap, 0x11, &body);
         // Enable and function-mask bits of message control are writable.
         config.set_writable(msix_cap + 2, &[0x00, 0xc0]);
-        let queues = dev
+        let queues = d
             .queue_max_sizes()
             .iter()
             .map(|&s| Queue::new(s).expect("queue sizes are powers of two"))
             .collect();
-        VirtioPci {
+        let notify = d
+            .queue_events()
+            .iter()
+            .map(|e| e.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(TransportError)?;
+        let (features, device_type) = (d.features(), id);
+        drop(d);
+        Ok(VirtioPci {
             config,
             msix_cap,
+            features,
+            device_type,
+            irq,
             vm,
             mem,
+            notify,
+            ioevents_at: None,
             device_feature_select: 0,
             driver_feature_select: 0,
             driver_features: 0,
             status: 0,
             config_generation: 0,
             queue_select: 0,
-            msix_config: NO_VECTOR,
-            queue_vectors: vec![NO_VECTOR; nq],
             queues,
-            msix: [MsixEntry::default(); MSIX_VECTORS],
-            pending: 0,
-            isr: 0,
+            active: false,
             dev,
-        }
+        })
     }
 
     fn msix_control(&self) -> (bool, bool) {
@@ -161,63 +184,92 @@ impl VirtioPci {
         (c & 0x8000 != 0, c & 0x4000 != 0)
     }
 
-    fn signal(&mut self, vector: u16) {
-        let v = vector as usize;
-        let (enabled, fn_masked) = self.msix_control();
-        if !enabled || v >= MSIX_VECTORS {
-            // No INTx: without MSI-X there is no interrupt to raise.
-            self.isr |= 1;
-            return;
-        }
-        let e = self.msix[v];
-        if fn_masked || e.ctrl & 1 != 0 {
-            self.pending |= 1 << v;
-            return;
-        }
-        let msi = kvm_msi {
-            address_lo: e.addr_lo,
-            address_hi: e.addr_hi,
-            data: e.data,
-            ..Default::default()
+    /// Registers the queues' ioeventfds at the BAR's current address (and
+    /// unregisters them from the old one) while the device is active.
+    fn sync_ioevents(&mut self) {
+        let Some(vm) = self.vm.clone() else { return };
+        let want = if self.active {
+            self.config.bar(0).map(|(base, _)| base)
+        } else {
+            None
         };
-        if let Err(err) = self.vm.signal_msi(msi) {
-            crate::warn_once!("KVM_SIGNAL_MSI failed: {err}");
+        if want == self.ioevents_at {
+            return;
+        }
+        if let Some(old) = self.ioevents_at.take() {
+            for (q, e) in self.notify.iter().enumerate() {
+                let a = IoEventAddress::Mmio(old + NOTIFY + q as u64 * u64::from(NOTIFY_MULT));
+                if let Err(err) = vm.unregister_ioevent(e, &a, NoDatamatch) {
+                    log::warn!("cannot unregister a virtio queue's ioeventfd: {err}");
+                }
+            }
+        }
+        if let Some(base) = want {
+            for (q, e) in self.notify.iter().enumerate() {
+                let a = IoEventAddress::Mmio(base + NOTIFY + q as u64 * u64::from(NOTIFY_MULT));
+                if let Err(err) = vm.register_ioevent(e, &a, NoDatamatch) {
+                    // Notifications still arrive, as MMIO exits.
+                    log::warn!("cannot register a virtio queue's ioeventfd: {err}");
+                }
+            }
+            self.ioevents_at = Some(base);
         }
     }
 
-    fn deliver_pending(&mut self) {
-        let (enabled, fn_masked) = self.msix_control();
-        if !enabled || fn_masked {
+    fn activate(&mut self) {
+        let valid = self
+            .queues
+            .iter()
+            .all(|q| !q.ready() || q.is_valid(&self.mem));
+        let queues: Option<Vec<Queue>> = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()).ok())
+            .collect();
+        let (true, Some(queues)) = (valid, queues) else {
+            fabric::warn_limited!(
+                GUEST_ERRORS,
+                "the guest set up a virtio queue of device type {} that is not valid; the device needs a reset",
+                self.device_type
+            );
+            self.status |= STATUS_NEEDS_RESET;
             return;
-        }
-        for v in 0..MSIX_VECTORS {
-            if self.pending & (1 << v) != 0 && self.msix[v].ctrl & 1 == 0 {
-                self.pending &= !(1 << v);
-                self.signal(v as u16);
-            }
-        }
+        };
+        self.dev
+            .lock()
+            .unwrap()
+            .activate(queues, self.mem.clone(), self.irq.clone());
+        self.active = true;
+        self.sync_ioevents();
     }
 
     fn reset(&mut self) {
-        self.dev.reset();
+        if self.active {
+            self.dev.lock().unwrap().reset();
+            self.active = false;
+            self.sync_ioevents();
+        }
         self.driver_features = 0;
         self.status = 0;
         self.queue_select = 0;
-        self.msix_config = NO_VECTOR;
         for q in &mut self.queues {
             q.reset();
         }
-        self.queue_vectors.fill(NO_VECTOR);
-        self.isr = 0;
+        self.irq.reset();
     }
 
+    /// The selected queue, while the driver may still set it up.
     fn queue(&mut self) -> Option<&mut Queue> {
+        if self.active {
+            return None;
+        }
         self.queues.get_mut(self.queue_select as usize)
     }
 
     fn common_read(&mut self, off: u64, data: &mut [u8]) {
-        let features = self.dev.features();
+        let features = self.features;
         let qs = self.queue_select as usize;
+        let q = self.queues.get(qs);
         let v: u64 = match off {
             0x00 => self.device_feature_select.into(),
             0x04 => match self.device_feature_select {
@@ -231,26 +283,27 @@ impl VirtioPci {
                 1 => self.driver_features >> 32,
                 _ => 0,
             },
-            0x10 => self.msix_config.into(),
+            0x10 => self.irq.config_vector().into(),
             0x12 => self.queues.len() as u64,
             0x14 => self.status.into(),
             0x15 => self.config_generation.into(),
             0x16 => self.queue_select.into(),
-            0x18 => self.queues.get(qs).map_or(0, |q| q.size()).into(),
-            0x1a => self
-                .queue_vectors
-                .get(qs)
-                .copied()
-                .unwrap_or(NO_VECTOR)
-                .into(),
-            0x1c => self.queues.get(qs).is_some_and(|q| q.ready()).into(),
+            0x18 => q.map_or(0, |q| q.size()).into(),
+            0x1a => {
+                if q.is_some() {
+                    self.irq.queue_vector(qs).into()
+                } else {
+                    NO_VECTOR.into()
+                }
+            }
+            0x1c => q.is_some_and(|q| q.ready()).into(),
             0x1e => qs as u64, // queue_notify_off
-            0x20 => self.queues.get(qs).map_or(0, |q| q.desc_table()),
-            0x24 => self.queues.get(qs).map_or(0, |q| q.desc_table() >> 32),
-            0x28 => self.queues.get(qs).map_or(0, |q| q.avail_ring()),
-            0x2c => self.queues.get(qs).map_or(0, |q| q.avail_ring() >> 32),
-            0x30 => self.queues.get(qs).map_or(0, |q| q.used_ring()),
-            0x34 => self.queues.get(qs).map_or(0, |q| q.used_ring() >> 32),
+            0x20 => q.map_or(0, |q| q.desc_table()),
+            0x24 => q.map_or(0, |q| q.desc_table() >> 32),
+            0x28 => q.map_or(0, |q| q.avail_ring()),
+            0x2c => q.map_or(0, |q| q.avail_ring() >> 32),
+            0x30 => q.map_or(0, |q| q.used_ring()),
+            0x34 => q.map_or(0, |q| q.used_ring() >> 32),
             _ => 0,
         };
         le_write(data, v);
@@ -263,7 +316,7 @@ impl VirtioPci {
             0x00 => self.device_feature_select = v as u32,
             0x08 => self.driver_feature_select = v as u32,
             0x0c => {
-                let offered = self.dev.features();
+                let offered = self.features;
                 match self.driver_feature_select {
                     0 => {
                         self.driver_features =
@@ -276,31 +329,18 @@ impl VirtioPci {
                     _ => {}
                 }
             }
-            0x10 => self.msix_config = v as u16,
-            0x14 => {
-                if v == 0 {
-                    self.reset();
-                } else {
-                    self.status = v as u8;
-                    if self.status & STATUS_FAILED != 0 {
-                        log::warn!(
-                            "the guest driver marked virtio device {} as failed",
-                            self.dev.device_type()
-                        );
-                    }
-                }
-            }
+            0x10 => self.irq.set_config_vector(v as u16),
+            0x14 => self.write_status(v as u8),
             0x16 => self.queue_select = v as u16,
             0x18 => {
                 if let Some(q) = self.queue() {
                     q.set_size(v as u16);
                 }
             }
-            0x1a => {
-                if let Some(x) = self.queue_vectors.get_mut(self.queue_select as usize) {
-                    *x = v as u16;
-                }
-            }
+            // (`set_queue_vector` ignores a queue that does not exist.)
+            0x1a => self
+                .irq
+                .set_queue_vector(self.queue_select as usize, v as u16),
             0x1c => {
                 if let Some(q) = self.queue() {
                     q.set_ready(v == 1);
@@ -328,27 +368,39 @@ impl VirtioPci {
         }
     }
 
-    fn notify(&mut self, index: usize) {
-        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_FAILED != 0 {
+    fn write_status(&mut self, v: u8) {
+        if v == 0 {
+            self.reset();
             return;
         }
-        let Some(q) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !q.ready() || !q.is_valid(&self.mem) {
-            crate::warn_once!("the guest notified a virtio queue that is not set up validly");
-            return;
+        let was_ok = self.status & STATUS_DRIVER_OK != 0;
+        self.status = v | (self.status & STATUS_NEEDS_RESET);
+        if self.status & STATUS_FAILED != 0 {
+            fabric::warn_limited!(
+                GUEST_ERRORS,
+                "the guest driver marked virtio device {} as failed",
+                self.device_type
+            );
+        } else if !was_ok && self.status & STATUS_DRIVER_OK != 0 {
+            self.activate();
         }
-        if self.dev.process_queue(index, q, &self.mem) {
-            let needs = q.needs_notification(&self.mem).unwrap_or(true);
-            if needs {
-                self.isr |= 1;
-                let vector = self.queue_vectors[index];
-                if vector != NO_VECTOR {
-                    self.signal(vector);
-                }
-            }
+    }
+
+    /// A notification that arrived as an MMIO exit: handed to the device's
+    /// eventfd, as an ioeventfd would have.
+    fn notify(&self, index: usize) {
+        if let Some(e) = self.notify.get(index)
+            && let Err(err) = e.write(1)
+        {
+            fabric::warn_limited!(GUEST_ERRORS, "cannot signal a virtio queue: {err}");
         }
+    }
+}
+
+impl Drop for VirtioPci {
+    fn drop(&mut self) {
+        self.active = false;
+        self.sync_ioevents();
     }
 }
 
@@ -363,33 +415,22 @@ impl PciDevice for VirtioPci {
 
     fn config_written(&mut self, off: usize) {
         if (self.msix_cap..self.msix_cap + 4).contains(&off) {
-            self.deliver_pending();
+            let (enabled, masked) = self.msix_control();
+            self.irq.set_control(enabled, masked);
         }
+        // The BAR moved, or memory decoding was switched.
+        self.sync_ioevents();
     }
 
     fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
         match offset {
             o if o < ISR => self.common_read(o - COMMON, data),
-            o if o == ISR => {
-                le_write(data, self.isr.into());
-                self.isr = 0;
+            o if o == ISR => le_write(data, self.irq.take_isr().into()),
+            o if (DEVICE_CFG..NOTIFY).contains(&o) => {
+                self.dev.lock().unwrap().read_config(o - DEVICE_CFG, data)
             }
-            o if (DEVICE_CFG..NOTIFY).contains(&o) => self.dev.read_config(o - DEVICE_CFG, data),
-            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
-                let i = ((o - MSIX_TABLE) / 16) as usize;
-                let e = self.msix.get(i).copied().unwrap_or_default();
-                let v = match (o - MSIX_TABLE) % 16 {
-                    0 => u64::from(e.addr_lo) | (u64::from(e.addr_hi) << 32),
-                    4 => e.addr_hi.into(),
-                    8 => u64::from(e.data) | (u64::from(e.ctrl) << 32),
-                    12 => e.ctrl.into(),
-                    _ => 0,
-                };
-                le_write(data, v);
-            }
-            o if (MSIX_PBA..MSIX_PBA + 8).contains(&o) => {
-                le_write(data, self.pending >> ((o - MSIX_PBA) * 8))
-            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self.irq.table_read(o - MSIX_TABLE, data),
+            o if (MSIX_PBA..MSIX_PBA + 8).contains(&o) => self.irq.pba_read(o - MSIX_PBA, data),
             _ => data.fill(0),
         }
     }
@@ -400,30 +441,69 @@ impl PciDevice for VirtioPci {
             o if (NOTIFY..MSIX_TABLE).contains(&o) => {
                 self.notify(((o - NOTIFY) / u64::from(NOTIFY_MULT)) as usize)
             }
-            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
-                let i = ((o - MSIX_TABLE) / 16) as usize;
-                let v = le_read(data);
-                if let Some(e) = self.msix.get_mut(i) {
-                    match ((o - MSIX_TABLE) % 16, data.len()) {
-                        (0, 8) => {
-                            e.addr_lo = v as u32;
-                            e.addr_hi = (v >> 32) as u32;
-                        }
-                        (0, _) => e.addr_lo = v as u32,
-                        (4, _) => e.addr_hi = v as u32,
-                        (8, 8) => {
-                            e.data = v as u32;
-                            e.ctrl = (v >> 32) as u32;
-                        }
-                        (8, _) => e.data = v as u32,
-                        (12, _) => e.ctrl = v as u32,
-                        _ => {}
-                    }
-                }
-                self.deliver_pending();
-            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self.irq.table_write(o - MSIX_TABLE, data),
             _ => {}
         }
         Action::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::block::FileBackend;
+    use crate::devices::virtio_blk::VirtioBlk;
+    use crate::devices::virtio_irq::tests::Recorder;
+    use vm_memory::GuestAddress;
+
+    fn w32(t: &mut VirtioPci, off: u64, v: u32) {
+        t.bar_write(0, off, &v.to_le_bytes());
+    }
+
+    fn r32(t: &mut VirtioPci, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.bar_read(0, off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn the_driver_sets_up_a_queue_and_notifications_reach_the_device_eventfd() {
+        let dir = std::env::temp_dir().join(format!("splitvisor-vpci-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("d.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let blk = VirtioBlk::new(Box::new(FileBackend::open(&img, false).unwrap())).unwrap();
+        let dev: Arc<Mutex<VirtioBlk>> = Arc::new(Mutex::new(blk));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = Arc::new(VirtioInterrupt::new(Arc::new(Recorder::default()), 1));
+        let mut t = VirtioPci::new(dev.clone(), 0xc000_0000, None, irq, mem).unwrap();
+        // Device features: VERSION_1 in the high word.
+        w32(&mut t, 0x00, 1);
+        assert_eq!(r32(&mut t, 0x04), 1);
+        // Queue 0: 256 entries, rings in guest memory.
+        w32(&mut t, 0x16, 0);
+        assert_eq!(r32(&mut t, 0x18) & 0xffff, 256);
+        w32(&mut t, 0x20, 0x1000);
+        w32(&mut t, 0x28, 0x2000);
+        w32(&mut t, 0x30, 0x3000);
+        w32(&mut t, 0x1c, 1);
+        assert_eq!(r32(&mut t, 0x20), 0x1000);
+        // A notification before DRIVER_OK is recorded too (the device ignores
+        // it until it is active).
+        let evt = dev.lock().unwrap().queue_events()[0].try_clone().unwrap();
+        w32(&mut t, NOTIFY, 0);
+        assert_eq!(evt.read().unwrap(), 1);
+        t.bar_write(0, 0x14, &[1 | 2 | 8 | STATUS_DRIVER_OK]);
+        assert!(t.active);
+        // Queue addresses are fixed once the device runs.
+        w32(&mut t, 0x20, 0x5000);
+        assert_eq!(r32(&mut t, 0x20), 0x1000);
+        w32(&mut t, NOTIFY, 0);
+        assert_eq!(evt.read().unwrap(), 1);
+        // A reset stops the device and clears the queue.
+        t.bar_write(0, 0x14, &[0]);
+        assert!(!t.active);
+        assert_eq!(r32(&mut t, 0x20), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

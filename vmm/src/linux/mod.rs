@@ -308,7 +308,7 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     boot::write_boot_params(&mem, header, &cfg.cmdline, initrd, cfg.mem, rsdp)
         .map_err(setup_err_chain)?;
 
-    let machine = Arc::new(devices::build(cfg, disks, &vm, &mem)?);
+    let machine = Arc::new(devices::build(cfg, disks, &vm, &mem).map_err(setup_err_chain)?);
 
     // vCPUs.
     let cpuid = kvm
@@ -352,6 +352,8 @@ pub fn run(cfg: &LinuxConfig, interrupt: &AtomicBool) -> Result<LinuxReport, VmE
     for t in std::mem::take(&mut run.threads) {
         let _ = t.join();
     }
+    // No device touches guest memory once the cache stops serving it.
+    drop(machine.io.lock().unwrap().take());
     if let Some(e) = errors.lock().unwrap().take() {
         return Err(VmError::Config(fabric::client::error_chain(&e)));
     }

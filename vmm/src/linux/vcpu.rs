@@ -50,6 +50,9 @@ pub struct Machine {
     pub mmio: Bus,
     /// Set once by the vCPU that saw the guest end.
     pub exit: Mutex<Option<GuestExit>>,
+    /// The devices' I/O event loop; taken (stopped and joined) once the vCPUs
+    /// have returned, before the cache stops serving guest memory.
+    pub io: Mutex<Option<crate::event_loop::EventLoop>>,
 }
 
 impl Machine {
