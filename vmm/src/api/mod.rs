@@ -1,0 +1,265 @@
+//! The control API: HTTP/1.1 with JSON bodies over a Unix socket (`--api-sock`),
+//! in the style of Firecracker and Cloud Hypervisor. The socket is created with
+//! owner-only permissions.
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `GET /vm` | VM info and state (`running` or `paused`) |
+//! | `GET /stats` | the cache statistics (the `--stats-json` `stats` object) |
+//! | `GET /memnodes` | memory nodes: state, this VM's pages on each, capacity |
+//! | `PUT /memnodes` `{"addr": "HOST:PORT"}` | attach a memory node (`POST` too) |
+//! | `DELETE /memnodes/HOST:PORT` | detach it: 202, then drained in the background |
+//! | `PUT /vm/pause`, `PUT /vm/resume` | pause or resume the vCPUs |
+//!
+//! Errors are JSON `{"error": "..."}` with 400 (malformed request), 404 (unknown
+//! path or node), 405 (wrong method) or 409 (the request conflicts with the
+//! node's state: attached twice, the last node, no room to drain it). A detach
+//! that fails while draining leaves the node active and its error in
+//! `GET /memnodes` (`detach_error`).
+//!
+//! ## How a request is served
+//!
+//! The `api` thread reads each HTTP request (its body bounded to 4 KiB), turns
+//! it into an [`Action`] (or answers a malformed one at once) and sends the
+//! action, with the request to answer, to the VMM's control loop
+//! ([`actions`], an event-manager loop on the `vmm-control` thread). The loop
+//! answers quick actions itself; an action that may block (attaching a node
+//! connects to it over TCP) runs on a worker thread the loop owns and joins, so a
+//! slow attach never delays `GET /stats`, a pause, or another attach.
+
+pub mod actions;
+pub mod client;
+
+pub use actions::Action;
+pub use client::{request, request_with_body};
+
+use crate::control::RunControl;
+use crate::event_loop::{EventLoop, EventLoopBuilder, EventLoopError};
+use crate::excache::ExCache;
+use serde_json::json;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use vmm_sys_util::eventfd::EventFd;
+
+/// API failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket path is taken.
+    #[error(
+        "cannot serve the API on {0}: the path exists (another vmm, or a stale socket to remove)"
+    )]
+    Exists(PathBuf),
+    /// The socket could not be created.
+    #[error("cannot serve the API on {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The action channel's eventfd could not be created.
+    #[error("cannot create the API's eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The control loop could not start.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    /// The HTTP thread could not start.
+    #[error("cannot start the API thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Static facts about the VM, reported by `GET /vm`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmInfo {
+    /// Address-space id on the memory nodes.
+    pub id: u64,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Local cache budget in bytes.
+    pub local_cache_bytes: u64,
+    /// The workload.
+    pub workload: String,
+}
+
+/// A running API server; stops when dropped (the HTTP thread, then the control
+/// loop and the workers it owns, are joined).
+pub struct ApiServer {
+    server: Arc<tiny_http::Server>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    control_loop: Option<EventLoop>,
+    path: PathBuf,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        drop(self.control_loop.take());
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path` (owner-only) and serves the API: HTTP on the `api` thread,
+/// actions on the `vmm-control` loop.
+pub fn serve(
+    path: &Path,
+    info: VmInfo,
+    cache: Arc<ExCache>,
+    control: Arc<RunControl>,
+) -> Result<ApiServer, ApiError> {
+    if path.exists() {
+        return Err(ApiError::Exists(path.to_path_buf()));
+    }
+    let (tx, rx) = mpsc::channel();
+    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(ApiError::EventFd)?;
+    let handler = actions::Handler::new(
+        info,
+        cache,
+        control,
+        rx,
+        wake.try_clone().map_err(ApiError::EventFd)?,
+    );
+    let mut lb = EventLoopBuilder::new("vmm-control")?;
+    lb.add(Arc::new(Mutex::new(handler)));
+    let control_loop = lb.start()?;
+    // Created under umask 077, so the socket is never accessible to others.
+    // SAFETY: umask(2) only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o077) };
+    let server = tiny_http::Server::http_unix(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let server = Arc::new(server.map_err(|source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?);
+    let s = server.clone();
+    let thread = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for mut req in s.incoming_requests() {
+                let mut body = Vec::new();
+                let read = req
+                    .as_reader()
+                    .take(MAX_BODY as u64 + 1)
+                    .read_to_end(&mut body);
+                let action = if read.is_err() || body.len() > MAX_BODY {
+                    Err(error(
+                        400,
+                        &format!("request body unreadable or over {MAX_BODY} bytes"),
+                    ))
+                } else {
+                    route(req.method(), req.url(), &body)
+                };
+                match action {
+                    Ok(a) => {
+                        if tx.send((a, req)).is_err() || wake.write(1).is_err() {
+                            // The loop has stopped: the VM is ending.
+                            break;
+                        }
+                    }
+                    Err((code, v)) => respond(req, code, &v),
+                }
+            }
+        })
+        .map_err(ApiError::Spawn)?;
+    Ok(ApiServer {
+        server,
+        thread: Some(thread),
+        control_loop: Some(control_loop),
+        path: path.to_path_buf(),
+    })
+}
+
+/// Sends a JSON reply.
+pub(crate) fn respond(req: tiny_http::Request, code: u16, body: &serde_json::Value) {
+    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+        .expect("static header");
+    let _ = req.respond(
+        tiny_http::Response::from_string(body.to_string() + "\n")
+            .with_status_code(code)
+            .with_header(header),
+    );
+}
+
+pub(crate) fn error(code: u16, msg: &str) -> (u16, serde_json::Value) {
+    (code, json!({ "error": msg }))
+}
+
+const MAX_BODY: usize = 4096;
+
+/// The action a request asks for, or the error reply to a malformed one.
+fn route(
+    method: &tiny_http::Method,
+    url: &str,
+    body: &[u8],
+) -> Result<Action, (u16, serde_json::Value)> {
+    use tiny_http::Method::{Delete, Get, Post, Put};
+    if !url.starts_with('/') || url.len() > 256 || url.contains("..") {
+        return Err(error(400, "malformed request path"));
+    }
+    let path = url.split('?').next().unwrap_or("");
+    if let Some(addr) = path.strip_prefix("/memnodes/") {
+        return match method {
+            Delete if !addr.is_empty() => Ok(Action::Detach(addr.to_string())),
+            Delete => Err(error(400, "DELETE /memnodes/HOST:PORT needs an address")),
+            _ => Err(error(405, &format!("{method} is not allowed on {path}"))),
+        };
+    }
+    match (method, path) {
+        (Get, "/vm") => Ok(Action::Info),
+        (Get, "/stats") => Ok(Action::Stats),
+        (Get, "/memnodes") => Ok(Action::Nodes),
+        (Put | Post, "/memnodes") => attach_body(body).map(Action::Attach),
+        (Put, "/vm/pause") => Ok(Action::Pause),
+        (Put, "/vm/resume") => Ok(Action::Resume),
+        (_, "/vm" | "/stats" | "/memnodes" | "/vm/pause" | "/vm/resume") => {
+            Err(error(405, &format!("{method} is not allowed on {path}")))
+        }
+        _ => Err(error(404, &format!("no such resource: {path}"))),
+    }
+}
+
+/// The node address of an attach request's body.
+fn attach_body(body: &[u8]) -> Result<String, (u16, serde_json::Value)> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        error(
+            400,
+            &format!("the body must be JSON like {{\"addr\": \"HOST:PORT\"}}: {e}"),
+        )
+    })?;
+    match v.get("addr").and_then(|a| a.as_str()) {
+        Some(addr) => Ok(addr.to_string()),
+        None => Err(error(400, "missing \"addr\" (a string HOST:PORT)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tiny_http::Method;
+
+    #[test]
+    fn requests_become_actions_and_bad_ones_are_named() {
+        assert_eq!(route(&Method::Get, "/stats", b""), Ok(Action::Stats));
+        assert_eq!(
+            route(&Method::Put, "/memnodes", br#"{"addr":"h:1"}"#),
+            Ok(Action::Attach("h:1".into()))
+        );
+        assert_eq!(
+            route(&Method::Delete, "/memnodes/h:1", b""),
+            Ok(Action::Detach("h:1".into()))
+        );
+        let code = |m, u: &str, b: &[u8]| route(&m, u, b).unwrap_err().0;
+        assert_eq!(code(Method::Put, "/memnodes", b"{"), 400);
+        assert_eq!(code(Method::Put, "/memnodes", b"{}"), 400);
+        assert_eq!(code(Method::Get, "/nothing", b""), 404);
+        assert_eq!(code(Method::Delete, "/stats", b""), 405);
+        assert_eq!(code(Method::Get, "/../etc", b""), 400);
+    }
+}
