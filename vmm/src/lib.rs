@@ -30,11 +30,14 @@ mod vcpu_threads;
 pub mod vm;
 pub mod workload;
 
-/// Logs a warning the first time this call site is reached.
+/// Logs a warning from this call site at most once a second (the rest are
+/// counted and the count reported with the next line that passes): the one
+/// mechanism for every log line a guest or a peer can trigger
+/// ([`fabric::ratelimit`]).
 #[macro_export]
-macro_rules! warn_once {
+macro_rules! warn_limited {
     ($($t:tt)*) => {{
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| log::warn!($($t)*));
+        static LIMIT: fabric::ratelimit::RateLimiter = fabric::ratelimit::RateLimiter::new(1);
+        fabric::warn_limited!(LIMIT, $($t)*);
     }};
 }

@@ -43,7 +43,7 @@ impl BusDevice for Uart {
         if let (Some(&b), Ok(off)) = (data.first(), u8::try_from(offset))
             && let Err(e) = self.0.write(off, b)
         {
-            crate::warn_once!("serial console write failed: {e:?}");
+            crate::warn_limited!("serial console write failed: {e:?}");
         }
         Action::None
     }

@@ -127,7 +127,7 @@ pub fn run(
                 });
             }
             Ok(other) => {
-                crate::warn_once!("vCPU {idx}: unhandled exit {other:?}");
+                crate::warn_limited!("vCPU {idx}: unhandled exit {other:?}");
             }
             Err(e) if e.errno() == libc::EFAULT => cache.vcpu_write_blocked(),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
