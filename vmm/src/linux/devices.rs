@@ -11,7 +11,7 @@ use crate::devices::power::{
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, Uart};
 use crate::devices::virtio_blk::{BlockBackend, VirtioBlk};
 use crate::devices::virtio_pci::{BAR_SIZE, VirtioPci};
-use crate::vm::VmError;
+use crate::error::VmError;
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex};
 use vm_memory::GuestMemoryMmap;
@@ -25,12 +25,17 @@ pub(super) fn build(
 ) -> Result<vcpu::Machine, VmError> {
     let out: Box<dyn std::io::Write + Send> = match &cfg.console {
         Console::Stdio => Box::new(std::io::stdout()),
-        Console::File(p) => Box::new(std::fs::File::create(p).map_err(|e| {
-            VmError::Config(format!("cannot create console file {}: {e}", p.display()))
-        })?),
+        Console::File(p) => {
+            Box::new(
+                std::fs::File::create(p).map_err(|source| VmError::ConsoleFile {
+                    path: p.clone(),
+                    source,
+                })?,
+            )
+        }
     };
-    let serial_irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-        .map_err(|e| VmError::Config(format!("cannot create an eventfd: {e}")))?;
+    let serial_irq =
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_call("register the serial irqfd"))?;
     let mut pio = Bus::default();
