@@ -218,3 +218,50 @@ impl GuestExits for ShimExits {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Memory holding vCPU 1's mailbox, its exit code set to `code`.
+    fn mailbox_mem(code: u32) -> GuestMemoryMmap {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let c = VcpuConfig {
+            exit_code: code,
+            ..Default::default()
+        };
+        crate::abi_io::write_config(&mem, GuestAddress(mailbox(1)), c).unwrap();
+        mem
+    }
+
+    #[test]
+    fn hypercalls_log_exit_and_refuse_unknowns() {
+        let mut s = ShimExits::new(1, mailbox_mem(7));
+        let call = |nr: u32| nr.to_le_bytes();
+        assert_eq!(
+            s.io_out(HYPERCALL_PORT, &call(CALL_LOG)).unwrap(),
+            Step::Continue
+        );
+        assert_eq!(
+            s.mmio_write(DOORBELL_ADDR, &call(CALL_EXIT)).unwrap(),
+            Step::Exit
+        );
+        assert_eq!(s.exit_code, 7);
+        let e = s.io_out(HYPERCALL_PORT, &call(99)).unwrap_err();
+        assert!(e.to_string().contains("unknown hypercall 99"), "{e}");
+        assert!(matches!(
+            s.io_out(0x80, &[0]),
+            Err(VcpuError::Unexpected { vcpu: 1, .. })
+        ));
+        assert!(s.system_event(0).is_err());
+    }
+
+    #[test]
+    fn a_halt_exits_with_code_zero() {
+        let mut s = ShimExits::new(1, mailbox_mem(7));
+        s.mmio_write(DOORBELL_ADDR, &CALL_EXIT.to_le_bytes())
+            .unwrap();
+        assert_eq!(s.halt().unwrap(), Step::Exit);
+        assert_eq!(s.exit_code, 0);
+    }
+}

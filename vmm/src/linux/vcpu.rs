@@ -96,3 +96,33 @@ impl GuestExits for LinuxExits {
 
     fn outcome(&mut self, _: &VcpuFd) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_system_event_ends_the_vm_once() {
+        let m = Arc::new(Machine {
+            pio: Bus::default(),
+            mmio: Bus::default(),
+            exit: Mutex::new(None),
+        });
+        let mut v = LinuxExits::new(0, m.clone());
+        assert_eq!(v.io_out(0x80, &[1]).unwrap(), Step::Continue);
+        assert_eq!(v.other("Debug".into()).unwrap(), Step::Continue);
+        assert_eq!(
+            v.system_event(kvm_bindings::KVM_SYSTEM_EVENT_RESET)
+                .unwrap(),
+            Step::StopVm
+        );
+        // The first end is the guest's.
+        assert_eq!(
+            v.system_event(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN)
+                .unwrap(),
+            Step::StopVm
+        );
+        assert_eq!(*m.exit.lock().unwrap(), Some(GuestExit::Reset));
+        assert_eq!(v.halt().unwrap(), Step::Exit);
+    }
+}
