@@ -4,7 +4,7 @@
 //! ExCache) over remote memory nodes. The path of a guest memory access that
 //! misses, in a few hops:
 //!
-//! 1. [`vcpu::run`]: a vCPU thread is in `KVM_RUN`; the guest touches a page that is
+//! 1. [`vcpu::Vcpu::run`]: a vCPU thread is in `KVM_RUN`; the guest touches a page that is
 //!    not resident; KVM's access to the backing memory raises a userfaultfd fault;
 //! 2. [`excache::fault`]: a handler thread reads the event and fetches the page from
 //!    its memory node ([`excache::placement`], a `fabric::PageClient` round trip), or
@@ -12,22 +12,26 @@
 //! 3. [`excache::evict`]: the evictor keeps the resident set within `--local-cache`,
 //!    writing dirty pages back to their node without ever losing a guest write.
 //!
-//! [`vm::run`] assembles a VM ([`memory`], [`arch`], the guest-shim image) and runs
-//! a [`workload`] on every vCPU.
+//! [`builder`] assembles a VM from a [`config::VmConfig`] ([`memory`], the
+//! cache, the guest kind's part: the guest shim running a [`workload`] on every
+//! vCPU, [`guest::shim`], or a stock Linux kernel, [`linux`]) and runs it.
 
 pub mod abi_io;
 pub mod api;
 pub mod arch;
+pub mod builder;
+pub mod config;
 pub mod control;
 pub mod devices;
+pub mod error;
 pub mod event_loop;
 pub mod excache;
+pub mod guest;
 pub mod kvm_stats;
 pub mod linux;
 pub mod memory;
 pub mod vcpu;
 mod vcpu_threads;
-pub mod vm;
 pub mod workload;
 
 /// Logs a warning from this call site at most once a second (the rest are

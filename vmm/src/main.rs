@@ -5,8 +5,12 @@ use fabric::LinkModel;
 use fabric::units::parse_size;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use vmm::builder::{self, GuestOutcome, RunReport};
+use vmm::config::{Console, DiskSpec, GuestConfig, LinuxConfig, ShimConfig, ShimImage, VmConfig};
+use vmm::error::VmError;
 use vmm::excache::{CacheConfig, EvictPolicy};
-use vmm::vm::{self, VmConfig};
+use vmm::guest::shim::VcpuOutcome;
+use vmm::linux::GuestExit;
 use vmm::workload::Workload;
 
 /// A KVM VMM whose guest RAM is a small local cache over remote memory nodes.
@@ -131,15 +135,95 @@ struct RunArgs {
     cmdline: String,
     /// Where the guest's serial console goes: stdio or a file path.
     #[arg(long, default_value = "stdio", requires = "kernel")]
-    console: vmm::linux::Console,
+    console: Console,
     /// A virtio-blk disk: file:PATH[,ro] or nbd://HOST:PORT/EXPORT[,ro] (a storage
     /// node); repeat for several.
     #[arg(long = "disk", value_name = "SPEC", requires = "kernel")]
-    disks: Vec<vmm::linux::DiskSpec>,
+    disks: Vec<DiskSpec>,
     /// Boot --kernel even where /dev/kvm is a software nested KVM (guest kernel
     /// mode is emulated there and a stock kernel does not finish booting).
     #[arg(long, requires = "kernel")]
     allow_software_kvm: bool,
+}
+
+/// Why a `vmm` command failed.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// The VM could not be built or did not run to its end.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The control API could not be reached.
+    #[error(transparent)]
+    Request(#[from] vmm::api::client::ClientError),
+    /// The control API refused the request.
+    #[error("the API answered {code}: {message}")]
+    Api {
+        /// The HTTP status.
+        code: u16,
+        /// The API's error message.
+        message: String,
+    },
+    /// A node being detached is no longer listed.
+    #[error("memory node {0} vanished from the VM's list")]
+    Vanished(String),
+    /// Draining a node failed; it stays attached.
+    #[error("detaching memory node {addr} failed: {why}")]
+    DetachFailed {
+        /// The node.
+        addr: String,
+        /// The VM's reason.
+        why: String,
+    },
+    /// `GET /stats` answered something else than statistics.
+    #[error("unexpected stats from the API")]
+    Stats(#[source] serde_json::Error),
+    /// This binary's path is unknown (to find `memnode` beside it).
+    #[error("cannot find this binary")]
+    CurrentExe(#[source] std::io::Error),
+    /// The local memory node could not be started.
+    #[error("no --memnode given and cannot start {}", .path.display())]
+    MemnodeSpawn {
+        /// The memnode binary.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The local memory node's first line could not be read.
+    #[error("reading from {}", .path.display())]
+    MemnodeRead {
+        /// The memnode binary.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The local memory node said something else than its address.
+    #[error("{} did not start: {line:?}", .path.display())]
+    MemnodeStart {
+        /// The memnode binary.
+        path: PathBuf,
+        /// What it printed.
+        line: String,
+    },
+    /// A signal handler could not be installed.
+    #[error("cannot handle signal {sig}")]
+    Signal {
+        /// The signal.
+        sig: i32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `--stats-json` file could not be written.
+    #[error("cannot write {}", .path.display())]
+    WriteStats {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn main() -> ExitCode {
@@ -147,46 +231,31 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
     let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Run(a) => match run(*a) {
-            Ok(code) => code,
-            Err(e) => {
-                // One line with the whole cause chain (a failed memory node's
-                // address and why it failed).
-                eprintln!("vmm: error: {}", fabric::client::error_chain(&*e));
-                ExitCode::FAILURE
-            }
-        },
-        Cmd::AttachMemnode(a) => report(attach_memnode(a)),
-        Cmd::DetachMemnode(a) => report(detach_memnode(a)),
-        Cmd::Stats(a) => match stats(a) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("vmm: error: {e}");
-                ExitCode::FAILURE
-            }
-        },
-    }
-}
-
-fn report(r: Result<(), String>) -> ExitCode {
+    let r = match cli.cmd {
+        Cmd::Run(a) => run(*a),
+        Cmd::AttachMemnode(a) => attach_memnode(a).map(|()| ExitCode::SUCCESS),
+        Cmd::DetachMemnode(a) => detach_memnode(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Stats(a) => stats(a).map(|()| ExitCode::SUCCESS),
+    };
     match r {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("vmm: error: {e}");
+            // One line with the whole cause chain (a failed memory node's
+            // address and why it failed).
+            eprintln!("vmm: error: {}", fabric::client::error_chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn api_error(code: u16, v: &serde_json::Value) -> String {
-    format!(
-        "the API answered {code}: {}",
-        v["error"].as_str().unwrap_or("?")
-    )
+fn api_error(code: u16, v: &serde_json::Value) -> CliError {
+    CliError::Api {
+        code,
+        message: v["error"].as_str().unwrap_or("?").to_string(),
+    }
 }
 
-fn attach_memnode(a: NodeArgs) -> Result<(), String> {
+fn attach_memnode(a: NodeArgs) -> Result<(), CliError> {
     let body = serde_json::json!({ "addr": a.addr });
     match vmm::api::request_with_body(&a.api_sock, "PUT", "/memnodes", Some(&body))? {
         (200, _) => {
@@ -197,7 +266,7 @@ fn attach_memnode(a: NodeArgs) -> Result<(), String> {
     }
 }
 
-fn detach_memnode(a: NodeArgs) -> Result<(), String> {
+fn detach_memnode(a: NodeArgs) -> Result<(), CliError> {
     match vmm::api::request(&a.api_sock, "DELETE", &format!("/memnodes/{}", a.addr))? {
         (202, _) => {}
         (code, v) => return Err(api_error(code, &v)),
@@ -217,7 +286,7 @@ fn detach_memnode(a: NodeArgs) -> Result<(), String> {
             .as_array()
             .and_then(|l| l.iter().rev().find(|n| n["addr"] == a.addr.as_str()))
             .cloned()
-            .ok_or_else(|| format!("memory node {} vanished from the VM's list", a.addr))?;
+            .ok_or_else(|| CliError::Vanished(a.addr.clone()))?;
         match node["state"].as_str() {
             Some("detached") => {
                 println!(
@@ -228,11 +297,13 @@ fn detach_memnode(a: NodeArgs) -> Result<(), String> {
                 return Ok(());
             }
             Some("active") => {
-                return Err(format!(
-                    "detaching memory node {} failed: {}",
-                    a.addr,
-                    node["detach_error"].as_str().unwrap_or("unknown error")
-                ));
+                return Err(CliError::DetachFailed {
+                    addr: a.addr.clone(),
+                    why: node["detach_error"]
+                        .as_str()
+                        .unwrap_or("unknown error")
+                        .to_string(),
+                });
             }
             _ => {
                 let pages = node["pages"].as_u64().unwrap_or(0);
@@ -256,9 +327,9 @@ impl Drop for LocalMemnode {
     }
 }
 
-fn start_local_memnode(capacity: u64) -> Result<(LocalMemnode, String), String> {
+fn start_local_memnode(capacity: u64) -> Result<(LocalMemnode, String), CliError> {
     use std::io::BufRead;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let exe = std::env::current_exe().map_err(CliError::CurrentExe)?;
     let bin = exe.with_file_name("memnode");
     let mut child = std::process::Command::new(&bin)
         .args([
@@ -270,45 +341,31 @@ fn start_local_memnode(capacity: u64) -> Result<(LocalMemnode, String), String> 
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("no --memnode given and cannot start {}: {e}", bin.display()))?;
+        .map_err(|source| CliError::MemnodeSpawn {
+            path: bin.clone(),
+            source,
+        })?;
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
         .read_line(&mut line)
-        .map_err(|e| format!("reading from {}: {e}", bin.display()))?;
+        .map_err(|source| CliError::MemnodeRead {
+            path: bin.clone(),
+            source,
+        })?;
     let node = LocalMemnode(child);
     let addr = line
         .trim()
         .strip_prefix("memnode listening on ")
-        .ok_or_else(|| format!("{} did not start: {line:?}", bin.display()))?
+        .ok_or_else(|| CliError::MemnodeStart {
+            path: bin.clone(),
+            line: line.clone(),
+        })?
         .to_string();
     Ok((node, addr))
 }
 
-/// Why `vmm run` failed: a VM error with its causes, or a message.
-type RunError = Box<dyn std::error::Error>;
-
-fn run(mut a: RunArgs) -> Result<ExitCode, RunError> {
-    let _local_node = if a.memnodes.is_empty() {
-        let (node, addr) = start_local_memnode(a.mem + (64 << 20))?;
-        log::info!("no --memnode given: started a memory node at {addr} for this run");
-        a.memnodes.push(addr);
-        Some(node)
-    } else {
-        None
-    };
-    let shim = match &a.shim {
-        Some(p) => {
-            std::fs::read(p).map_err(|e| format!("cannot read guest shim {}: {e}", p.display()))?
-        }
-        None => guest_shim::SHIM_ELF.to_vec(),
-    };
-    let vm_id = a.vm_id.unwrap_or_else(|| {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        (u64::from(std::process::id()) << 32) ^ t
-    });
+/// The VM `vmm run` asked for.
+fn vm_config(a: &RunArgs, vm_id: u64) -> VmConfig {
     let cache = CacheConfig {
         budget_pages: (a.local_cache / 4096) as usize,
         policy: a.evict,
@@ -319,47 +376,113 @@ fn run(mut a: RunArgs) -> Result<ExitCode, RunError> {
         dirty_log: a.dirty_log,
         rebalance: a.rebalance.unwrap_or(0),
     };
-    // SIGINT/SIGTERM stop the VM cleanly (and the memory node started for it).
-    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, interrupt.clone())
-            .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
-    }
-    if let Some(kernel) = a.kernel.clone() {
-        return run_linux(a, kernel, cache, vm_id, &interrupt);
-    }
-    let cfg = VmConfig {
+    let guest = match &a.kernel {
+        Some(kernel) => GuestConfig::Linux(LinuxConfig {
+            kernel: kernel.clone(),
+            initrd: a.initrd.clone(),
+            cmdline: a.cmdline.clone(),
+            console: a.console.clone(),
+            disks: a.disks.clone(),
+            allow_software_kvm: a.allow_software_kvm,
+        }),
+        None => GuestConfig::Shim(ShimConfig {
+            image: a.shim.clone().map_or(ShimImage::Builtin, ShimImage::Path),
+            workload: a.workload.clone(),
+        }),
+    };
+    VmConfig {
         mem: a.mem,
         vcpus: a.vcpus,
         cache,
         memnodes: a.memnodes.clone(),
-        shim,
-        workload: a.workload.clone(),
         vm_id,
         link: a.link,
         api_sock: a.api_sock.clone(),
         start_paused: a.paused,
+        guest,
+    }
+}
+
+fn run(mut a: RunArgs) -> Result<ExitCode, CliError> {
+    let _local_node = if a.memnodes.is_empty() {
+        let (node, addr) = start_local_memnode(a.mem + (64 << 20))?;
+        log::info!("no --memnode given: started a memory node at {addr} for this run");
+        a.memnodes.push(addr);
+        Some(node)
+    } else {
+        None
     };
-    log::info!(
-        "vm {vm_id:#x}: {} MiB guest RAM, {} MiB local cache ({:?}), {} vCPU(s), workload {}, memory nodes {}",
-        a.mem >> 20,
-        a.local_cache >> 20,
-        a.evict,
-        a.vcpus,
-        a.workload.name,
-        a.memnodes.join(", ")
-    );
-    let report = vm::run(&cfg, &interrupt)?;
-    let mut ok = report.vcpus.len() == a.vcpus;
+    let vm_id = a.vm_id.unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (u64::from(std::process::id()) << 32) ^ t
+    });
+    // SIGINT/SIGTERM stop the VM cleanly (and the memory node started for it).
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, interrupt.clone())
+            .map_err(|source| CliError::Signal { sig, source })?;
+    }
+    let cfg = vm_config(&a, vm_id);
+    match &cfg.guest {
+        GuestConfig::Shim(s) => log::info!(
+            "vm {vm_id:#x}: {} MiB guest RAM, {} MiB local cache ({:?}), {} vCPU(s), workload {}, memory nodes {}",
+            a.mem >> 20,
+            a.local_cache >> 20,
+            a.evict,
+            a.vcpus,
+            s.workload.name,
+            a.memnodes.join(", ")
+        ),
+        GuestConfig::Linux(l) => log::info!(
+            "vm {vm_id:#x}: Linux {} ({} MiB guest RAM, {} MiB local cache, {} vCPU(s), {} disk(s)), memory nodes {}",
+            l.kernel.display(),
+            a.mem >> 20,
+            a.local_cache >> 20,
+            a.vcpus,
+            l.disks.len(),
+            a.memnodes.join(", ")
+        ),
+    }
+    let report = builder::run(&cfg, &interrupt)?;
+    let (ok, guest_json) = match (&report.outcome, &cfg.guest) {
+        (GuestOutcome::Shim(outcomes), GuestConfig::Shim(s)) => {
+            shim_summary(&s.workload, a.vcpus, outcomes, &report)
+        }
+        (GuestOutcome::Linux(exit), GuestConfig::Linux(l)) => linux_summary(l, exit, &report),
+        _ => unreachable!("a run's outcome is of its guest's kind"),
+    };
+    if let Some(path) = &a.stats_json {
+        write_stats(path, &a, &report, ok, guest_json)?;
+    }
+    if ok {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("vmm: error: the workload failed verification");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Prints each shim vCPU's result and the run's totals; returns whether every
+/// vCPU verified its workload, and the `--stats-json` keys of a shim run.
+fn shim_summary(
+    workload: &Workload,
+    vcpus: usize,
+    outcomes: &[VcpuOutcome],
+    report: &RunReport,
+) -> (bool, serde_json::Value) {
+    let mut ok = outcomes.len() == vcpus;
     let mut vcpus_json = Vec::new();
-    for (i, o) in report.vcpus.iter().enumerate() {
+    for (i, o) in outcomes.iter().enumerate() {
         match &o.result {
             Some(r) => {
                 let good = r.failed == 0 && o.exit_code == 0;
                 ok &= good;
                 println!(
                     "vCPU {i}: {} {}: {} ops over {} MiB, checksum {:#018x}, {} mismatches, exit code {}",
-                    a.workload.name,
+                    workload.name,
                     if good { "verified" } else { "FAILED" },
                     r.ops,
                     r.bytes >> 20,
@@ -385,7 +508,7 @@ fn run(mut a: RunArgs) -> Result<ExitCode, RunError> {
             }
         }
     }
-    let kvm: Vec<_> = report.vcpus.iter().filter_map(|o| o.kvm).collect();
+    let kvm: Vec<_> = outcomes.iter().filter_map(|o| o.kvm).collect();
     let kvm_line = if kvm.is_empty() {
         String::new()
     } else {
@@ -401,104 +524,78 @@ fn run(mut a: RunArgs) -> Result<ExitCode, RunError> {
         report.elapsed.as_secs_f64(),
         report.stats.summary()
     );
-    if let Some(path) = &a.stats_json {
-        let j = serde_json::json!({
-            "ok": ok,
-            "workload": a.workload,
-            "mem_bytes": a.mem,
-            "local_cache_bytes": a.local_cache,
-            "vcpus": a.vcpus,
-            "evict": a.evict,
-            "prefetch": a.prefetch,
-            "dirty_log": a.dirty_log,
-            "memnodes": a.memnodes,
-            "elapsed_s": report.elapsed.as_secs_f64(),
-            "results": vcpus_json,
-            "stats": report.stats,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&j).unwrap_or_default())
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    if ok {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("vmm: error: the workload failed verification");
-        Ok(ExitCode::FAILURE)
-    }
+    let j = serde_json::json!({
+        "guest": "shim",
+        "workload": workload,
+        "results": vcpus_json,
+    });
+    (ok, j)
 }
 
-fn run_linux(
-    a: RunArgs,
-    kernel: PathBuf,
-    cache: CacheConfig,
-    vm_id: u64,
-    interrupt: &std::sync::atomic::AtomicBool,
-) -> Result<ExitCode, RunError> {
-    let cfg = vmm::linux::LinuxConfig {
-        mem: a.mem,
-        vcpus: a.vcpus,
-        cache,
-        memnodes: a.memnodes.clone(),
-        vm_id,
-        link: a.link,
-        api_sock: a.api_sock.clone(),
-        start_paused: a.paused,
-        kernel,
-        initrd: a.initrd.clone(),
-        cmdline: a.cmdline.clone(),
-        console: a.console.clone(),
-        disks: a.disks.clone(),
-        allow_software_kvm: a.allow_software_kvm,
-    };
-    log::info!(
-        "vm {vm_id:#x}: Linux {} ({} MiB guest RAM, {} MiB local cache, {} vCPU(s), {} disk(s)), memory nodes {}",
-        cfg.kernel.display(),
-        a.mem >> 20,
-        a.local_cache >> 20,
-        a.vcpus,
-        a.disks.len(),
-        a.memnodes.join(", ")
-    );
-    let report = vmm::linux::run(&cfg, interrupt)?;
-    let how = match report.exit {
-        vmm::linux::GuestExit::PowerOff => "the guest powered off",
-        vmm::linux::GuestExit::Reset => "the guest rebooted (vmm does not restart it)",
+/// Says how Linux ended (on stderr: stdout may be its console); returns the
+/// `--stats-json` keys of a Linux run.
+fn linux_summary(
+    l: &LinuxConfig,
+    exit: &GuestExit,
+    report: &RunReport,
+) -> (bool, serde_json::Value) {
+    let how = match exit {
+        GuestExit::PowerOff => "the guest powered off",
+        GuestExit::Reset => "the guest rebooted (vmm does not restart it)",
     };
     eprintln!(
         "vmm: {how} after {:.3} s; {}",
         report.elapsed.as_secs_f64(),
         report.stats.summary()
     );
-    if let Some(path) = &a.stats_json {
-        let j = serde_json::json!({
-            "ok": true,
-            "guest": "linux",
-            "kernel": cfg.kernel,
-            "exit": format!("{:?}", report.exit),
-            "mem_bytes": a.mem,
-            "local_cache_bytes": a.local_cache,
-            "vcpus": a.vcpus,
-            "memnodes": a.memnodes,
-            "elapsed_s": report.elapsed.as_secs_f64(),
-            "stats": report.stats,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&j).unwrap_or_default())
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    Ok(ExitCode::SUCCESS)
+    let j = serde_json::json!({
+        "guest": "linux",
+        "kernel": l.kernel,
+        "exit": format!("{exit:?}"),
+    });
+    (true, j)
 }
 
-fn get_stats(sock: &std::path::Path) -> Result<serde_json::Value, String> {
+/// Writes the `--stats-json` file: the keys of every run, then the guest
+/// kind's (`guest_json`).
+fn write_stats(
+    path: &std::path::Path,
+    a: &RunArgs,
+    report: &RunReport,
+    ok: bool,
+    guest_json: serde_json::Value,
+) -> Result<(), CliError> {
+    let mut j = serde_json::json!({
+        "ok": ok,
+        "mem_bytes": a.mem,
+        "local_cache_bytes": a.local_cache,
+        "vcpus": a.vcpus,
+        "evict": a.evict,
+        "prefetch": a.prefetch,
+        "dirty_log": a.dirty_log,
+        "memnodes": a.memnodes,
+        "elapsed_s": report.elapsed.as_secs_f64(),
+        "stats": report.stats,
+    });
+    if let (Some(all), serde_json::Value::Object(guest)) = (j.as_object_mut(), guest_json) {
+        all.extend(guest);
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&j).unwrap_or_default()).map_err(|source| {
+        CliError::WriteStats {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+fn get_stats(sock: &std::path::Path) -> Result<serde_json::Value, CliError> {
     match vmm::api::request(sock, "GET", "/stats")? {
         (200, v) => Ok(v),
-        (code, v) => Err(format!(
-            "the API answered {code}: {}",
-            v["error"].as_str().unwrap_or("?")
-        )),
+        (code, v) => Err(api_error(code, &v)),
     }
 }
 
-fn stats(a: StatsArgs) -> Result<(), String> {
+fn stats(a: StatsArgs) -> Result<(), CliError> {
     let first = get_stats(&a.api_sock)?;
     if !a.watch {
         if a.json {
@@ -507,8 +604,8 @@ fn stats(a: StatsArgs) -> Result<(), String> {
                 serde_json::to_string_pretty(&first).unwrap_or_default()
             );
         } else {
-            let s: vmm::excache::stats::StatsSnapshot = serde_json::from_value(first)
-                .map_err(|e| format!("unexpected stats from the API: {e}"))?;
+            let s: vmm::excache::stats::StatsSnapshot =
+                serde_json::from_value(first).map_err(CliError::Stats)?;
             println!("{}", s.summary());
         }
         return Ok(());

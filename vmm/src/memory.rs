@@ -112,8 +112,8 @@ impl GuestRam {
             userspace_addr: self.arena_host as u64,
         };
         // SAFETY: the arena is a live mapping of `arena_size` bytes owned by
-        // `self` (and shared with the cache), which outlives the VM: `linux::run`
-        // declares its `GuestRam` before the VM, so drops it after.
+        // `self` (and shared with the cache), which outlives the VM: a
+        // `builder::Vmm` drops its `GuestRam` after the VM.
         unsafe { vm.set_user_memory_region(r) }.map_err(|source| MemoryError::Memslot {
             slot: ARENA_SLOT,
             source,
@@ -137,8 +137,8 @@ impl GuestRam {
                 userspace_addr: region.as_ptr() as u64,
             };
             // SAFETY: the region is a live mapping owned by `self.mem`, which outlives
-            // the VM (`vm::run` declares its `GuestRam` before the VM, so the VM is
-            // dropped first), and its size matches.
+            // the VM (a `builder::Vmm` drops its `GuestRam` after the VM), and its
+            // size matches.
             unsafe { vm.set_user_memory_region(r) }
                 .map_err(|source| MemoryError::Memslot { slot, source })?;
         }

@@ -1,12 +1,11 @@
 //! A run's vCPU threads: starting them (paused or not) with the control API
-//! beside them, and waiting for the run to end. Shared by the guest-shim VM
-//! ([`crate::vm`]) and the Linux VM ([`crate::linux`]); what a vCPU thread runs is
-//! theirs.
+//! beside them, and waiting for the run to end. What a vCPU thread runs is the
+//! caller's ([`crate::builder`] runs a [`crate::vcpu::Vcpu`] on each).
 
 use crate::api::{self, ApiServer, VmInfo};
 use crate::control::RunControl;
+use crate::error::VmError;
 use crate::excache::ExCache;
-use crate::vm::VmError;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -48,7 +47,7 @@ impl Drop for Unkickable<'_> {
 }
 
 /// The text of a panic's payload.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
@@ -71,7 +70,7 @@ where
 {
     // A no-op signal handler lets us interrupt KVM_RUN to stop a vCPU.
     vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
-        .map_err(|e| VmError::Config(format!("cannot install the vCPU kick signal handler: {e}")))?;
+        .map_err(VmError::KickHandler)?;
     let control = Arc::new(RunControl::default());
     control.set_paused(start_paused);
     let running = Arc::new(AtomicUsize::new(vcpus.len()));
@@ -126,7 +125,7 @@ where
                 control.stop.store(true, SeqCst);
                 control.set_paused(false);
                 control.kick_all();
-                VmError::Config(format!("cannot start a vCPU thread: {e}"))
+                VmError::VcpuThread(e)
             })?;
         control.add_thread(i, t.as_pthread_t());
         threads.push(t);
@@ -136,7 +135,7 @@ where
             api::serve(path, info, cache.clone(), control.clone()).map_err(|e| {
                 control.stop.store(true, SeqCst);
                 control.kick_all();
-                VmError::Config(e.to_string())
+                VmError::Api(e)
             })?,
         ),
         None => None,

@@ -5,7 +5,7 @@ use guest_shim::abi::{WL_CHASE, WL_HASH, WL_RAND, WL_SEQ};
 use std::str::FromStr;
 
 /// A parsed workload request.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Workload {
     /// Workload name: seq, rand, chase or hash.
     pub name: String,

@@ -49,7 +49,9 @@ pub(crate) const RESIDENT: u8 = 2;
 pub(crate) const EVICTING: u8 = 3;
 
 /// How victims are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum EvictPolicy {
     /// Second chance: a page referenced since the hand last passed is spared once.
     /// References are pages faulted in and pages the KVM dirty log shows written.
@@ -59,7 +61,7 @@ pub enum EvictPolicy {
 }
 
 /// Cache options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CacheConfig {
     /// Most resident pages.
     pub budget_pages: usize,

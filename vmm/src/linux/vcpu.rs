@@ -1,13 +1,11 @@
-//! vCPU threads of a Linux guest: run, and route port I/O and MMIO exits to the
-//! device buses. A device access that powers the guest off or resets it ends the
-//! run; a write to a page under eviction (`EFAULT`) waits for the batch.
+//! A Linux guest's exits: port I/O and MMIO go to the device buses; a device
+//! access (or a system event) that powers the guest off or resets it ends the
+//! run. The run loop itself is [`crate::vcpu::Vcpu`]'s.
 
-use crate::control::RunControl;
 use crate::devices::{Action, Bus};
-use crate::excache::ExCache;
-use kvm_ioctls::{VcpuExit, VcpuFd};
-use std::sync::Mutex;
-use std::sync::atomic::Ordering::SeqCst;
+use crate::vcpu::{GuestExits, Step, VcpuError};
+use kvm_ioctls::VcpuFd;
+use std::sync::{Arc, Mutex};
 
 /// How the guest ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,30 +14,6 @@ pub enum GuestExit {
     PowerOff,
     /// It asked for a reset (reboot); the VMM does not restart it.
     Reset,
-}
-
-/// Why a vCPU stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum LinuxVcpuError {
-    /// KVM_RUN failed.
-    #[error("vCPU {vcpu}: KVM_RUN failed")]
-    Run {
-        /// The vCPU.
-        vcpu: usize,
-        /// Why.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// The guest triple-faulted (or KVM reported an internal error).
-    #[error("vCPU {vcpu}: the guest crashed ({what}) at rip {rip:#x}")]
-    Crash {
-        /// The vCPU.
-        vcpu: usize,
-        /// What KVM said.
-        what: String,
-        /// Instruction pointer.
-        rip: u64,
-    },
 }
 
 /// Shared between vCPU threads: the devices and how the guest ended.
@@ -56,82 +30,103 @@ pub struct Machine {
 }
 
 impl Machine {
-    fn act(&self, a: Action, control: &RunControl) {
+    /// Records how the guest ended, if a device access ended it.
+    fn act(&self, a: Action) -> Step {
         let e = match a {
-            Action::None => return,
+            Action::None => return Step::Continue,
             Action::PowerOff => GuestExit::PowerOff,
             Action::Reset => GuestExit::Reset,
         };
         self.exit.lock().unwrap().get_or_insert(e);
-        control.stop.store(true, SeqCst);
-        control.kick_all();
+        Step::StopVm
     }
 }
 
-/// Runs vCPU `idx` until the guest ends, the VM stops, or an error.
-pub fn run(
-    idx: usize,
-    vcpu: &mut VcpuFd,
-    m: &Machine,
-    cache: &ExCache,
-    control: &RunControl,
-) -> Result<(), LinuxVcpuError> {
-    loop {
-        control.wait_if_paused();
-        if control.stop.load(SeqCst) {
-            return Ok(());
-        }
-        match vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                m.pio.read(port.into(), data);
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let a = m.pio.write(port.into(), data);
-                m.act(a, control);
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                m.mmio.read(addr, data);
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                let a = m.mmio.write(addr, data);
-                m.act(a, control);
-            }
-            Ok(VcpuExit::Hlt) => {
-                // With the in-kernel irqchip HLT stays in KVM; seeing it means the
-                // vCPU halted for good.
-                return Ok(());
-            }
-            Ok(VcpuExit::Shutdown) => {
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                return Err(LinuxVcpuError::Crash {
-                    vcpu: idx,
-                    what: "triple fault".into(),
-                    rip,
-                });
-            }
-            Ok(VcpuExit::SystemEvent(t, _)) => {
-                let a = if t == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
-                    Action::Reset
-                } else {
-                    Action::PowerOff
-                };
-                m.act(a, control);
-            }
-            Ok(VcpuExit::MemoryFault { .. }) => cache.vcpu_write_blocked(),
-            Ok(VcpuExit::InternalError) | Ok(VcpuExit::FailEntry(..)) => {
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                return Err(LinuxVcpuError::Crash {
-                    vcpu: idx,
-                    what: "KVM internal error or failed entry".into(),
-                    rip,
-                });
-            }
-            Ok(other) => {
-                crate::warn_limited!("vCPU {idx}: unhandled exit {other:?}");
-            }
-            Err(e) if e.errno() == libc::EFAULT => cache.vcpu_write_blocked(),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(source) => return Err(LinuxVcpuError::Run { vcpu: idx, source }),
-        }
+/// A Linux vCPU's exits, routed to the [`Machine`].
+pub(crate) struct LinuxExits {
+    vcpu: usize,
+    machine: Arc<Machine>,
+}
+
+impl LinuxExits {
+    /// vCPU `vcpu`'s, over `machine`.
+    pub(crate) fn new(vcpu: usize, machine: Arc<Machine>) -> Self {
+        LinuxExits { vcpu, machine }
+    }
+}
+
+impl GuestExits for LinuxExits {
+    type Outcome = ();
+
+    fn io_in(&mut self, port: u16, data: &mut [u8]) -> Result<Step, VcpuError> {
+        self.machine.pio.read(port.into(), data);
+        Ok(Step::Continue)
+    }
+
+    fn io_out(&mut self, port: u16, data: &[u8]) -> Result<Step, VcpuError> {
+        Ok(self.machine.act(self.machine.pio.write(port.into(), data)))
+    }
+
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> Result<Step, VcpuError> {
+        self.machine.mmio.read(addr, data);
+        Ok(Step::Continue)
+    }
+
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Result<Step, VcpuError> {
+        Ok(self.machine.act(self.machine.mmio.write(addr, data)))
+    }
+
+    fn system_event(&mut self, kind: u32) -> Result<Step, VcpuError> {
+        Ok(self
+            .machine
+            .act(if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
+                Action::Reset
+            } else {
+                Action::PowerOff
+            }))
+    }
+
+    fn halt(&mut self) -> Result<Step, VcpuError> {
+        // With the in-kernel irqchip HLT stays in KVM; seeing it means the vCPU
+        // halted for good.
+        Ok(Step::Exit)
+    }
+
+    fn other(&mut self, what: String) -> Result<Step, VcpuError> {
+        crate::warn_limited!("vCPU {}: unhandled exit {what}", self.vcpu);
+        Ok(Step::Continue)
+    }
+
+    fn outcome(&mut self, _: &VcpuFd) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_system_event_ends_the_vm_once() {
+        let m = Arc::new(Machine {
+            pio: Bus::default(),
+            mmio: Bus::default(),
+            exit: Mutex::new(None),
+            io: Mutex::new(None),
+        });
+        let mut v = LinuxExits::new(0, m.clone());
+        assert_eq!(v.io_out(0x80, &[1]).unwrap(), Step::Continue);
+        assert_eq!(v.other("Debug".into()).unwrap(), Step::Continue);
+        assert_eq!(
+            v.system_event(kvm_bindings::KVM_SYSTEM_EVENT_RESET)
+                .unwrap(),
+            Step::StopVm
+        );
+        // The first end is the guest's.
+        assert_eq!(
+            v.system_event(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN)
+                .unwrap(),
+            Step::StopVm
+        );
+        assert_eq!(*m.exit.lock().unwrap(), Some(GuestExit::Reset));
+        assert_eq!(v.halt().unwrap(), Step::Exit);
     }
 }
