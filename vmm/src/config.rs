@@ -4,6 +4,11 @@
 
 use crate::devices::nbd_disk::{NbdUrl, NbdUrlError};
 use crate::devices::virtio_blk::{DiskError, FileBackend};
+pub use crate::devices::virtio_net::NetSpec;
+
+/// PCI slots for disks and network devices (bus 0 has 32; slot 0 is the host
+/// bridge).
+pub const MAX_PCI_DEVICES: usize = 31;
 use crate::excache::{BudgetError, CacheConfig};
 use crate::linux::boot::{self, BootError};
 use crate::linux::layout;
@@ -84,6 +89,9 @@ pub struct LinuxConfig {
     pub console: Console,
     /// Disks, in PCI slot order.
     pub disks: Vec<DiskSpec>,
+    /// Network devices on tap devices, in PCI slot order after the disks.
+    #[serde(default)]
+    pub nets: Vec<NetSpec>,
     /// Boot even on a software KVM (where guest kernel mode is emulated).
     pub allow_software_kvm: bool,
 }
@@ -256,7 +264,7 @@ macro_rules! serde_as_string {
         }
     )*};
 }
-serde_as_string!(Console, DiskSpec);
+serde_as_string!(Console, DiskSpec, NetSpec);
 
 /// Why a configuration was refused; each names the option at fault.
 #[derive(Debug, thiserror::Error)]
@@ -364,6 +372,9 @@ pub enum ConfigError {
         "/dev/kvm here is a software nested KVM (kvm_pvm): guest kernel mode would be emulated instruction by instruction and a stock kernel would not finish booting; boot Linux in the nested test host (tests/nested/run) or on a machine with VT-x/AMD-V, or pass --allow-software-kvm to try anyway"
     )]
     SoftwareKvm,
+    /// More disks and network devices than PCI slots.
+    #[error("{0} --disk and --net devices; at most {MAX_PCI_DEVICES} fit on the PCI bus")]
+    TooManyDevices(usize),
 }
 
 /// Each vCPU's share of a shim guest's arena: `mem` over `vcpus`, in whole pages.
@@ -447,6 +458,9 @@ impl VmConfig {
                     mem: self.mem,
                 });
             }
+        }
+        if l.disks.len() + l.nets.len() > MAX_PCI_DEVICES {
+            return Err(ConfigError::TooManyDevices(l.disks.len() + l.nets.len()));
         }
         for d in &l.disks {
             match d {
@@ -575,6 +589,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             console: Console::Stdio,
             disks: vec!["nbd://h:1/x,ro".parse().unwrap()],
+            nets: vec!["tap=tap0,mac=52:54:00:00:00:01".parse().unwrap()],
             allow_software_kvm: false,
         });
         let j = serde_json::to_value(&cfg).unwrap();
@@ -586,6 +601,7 @@ mod tests {
             panic!("not linux")
         };
         assert_eq!(l.disks, vec!["nbd://h:1/x,ro".parse().unwrap()]);
+        assert_eq!(l.nets[0].to_string(), "tap=tap0,mac=52:54:00:00:00:01");
         let j = serde_json::to_value(shim_config()).unwrap();
         let back: VmConfig = serde_json::from_value(j).unwrap();
         let GuestConfig::Shim(s) = back.guest else {

@@ -140,6 +140,11 @@ struct RunArgs {
     /// node); repeat for several.
     #[arg(long = "disk", value_name = "SPEC", requires = "kernel")]
     disks: Vec<DiskSpec>,
+    /// A virtio-net device on a tap device: tap=NAME[,mac=MAC] (the tap is
+    /// created if it does not exist, which needs CAP_NET_ADMIN); repeat for
+    /// several.
+    #[arg(long = "net", value_name = "SPEC", requires = "kernel")]
+    nets: Vec<vmm::config::NetSpec>,
     /// Boot --kernel even where /dev/kvm is a software nested KVM (guest kernel
     /// mode is emulated there and a stock kernel does not finish booting).
     #[arg(long, requires = "kernel")]
@@ -383,6 +388,7 @@ fn vm_config(a: &RunArgs, vm_id: u64) -> VmConfig {
             cmdline: a.cmdline.clone(),
             console: a.console.clone(),
             disks: a.disks.clone(),
+            nets: a.nets.clone(),
             allow_software_kvm: a.allow_software_kvm,
         }),
         None => GuestConfig::Shim(ShimConfig {

@@ -9,12 +9,14 @@
 //! [`nbd_disk`], on a remote storage node).
 
 pub mod block;
+pub mod chain;
 pub mod nbd_disk;
 pub mod pci;
 pub mod power;
 pub mod serial;
 pub mod virtio_blk;
 pub mod virtio_irq;
+pub mod virtio_net;
 pub mod virtio_pci;
 
 use std::sync::{Arc, Mutex};

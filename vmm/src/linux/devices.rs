@@ -12,6 +12,8 @@ use crate::devices::power::{
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, Uart};
 use crate::devices::virtio_blk::{BlkError, BlockBackend, VirtioBlk};
 use crate::devices::virtio_irq::VirtioInterrupt;
+use crate::devices::virtio_net::tap::Tap;
+use crate::devices::virtio_net::{NetError, VirtioNet, format_mac};
 use crate::devices::virtio_pci::{BAR_SIZE, TransportError, VirtioPci};
 use crate::event_loop::{EventLoopBuilder, EventLoopError};
 use kvm_ioctls::VmFd;
@@ -46,6 +48,9 @@ pub enum DeviceError {
     /// A virtio transport cannot be set up.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A network device cannot be set up.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// The I/O event loop cannot start.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
@@ -96,6 +101,20 @@ pub(super) fn build(
         io.add(blk.clone());
         let irq = Arc::new(VirtioInterrupt::new(vm.clone(), 1));
         let dev = VirtioPci::new(blk, bar, Some(vm.clone()), irq, mem.clone())?;
+        root.lock().unwrap().add(Box::new(dev));
+    }
+    let slots = cfg.disks.len();
+    for (i, n) in cfg.nets.iter().enumerate() {
+        let tap = Tap::open(&n.tap).map_err(NetError::from)?;
+        let mac = n
+            .mac
+            .unwrap_or([0x52, 0x54, 0, 0x12, 0x34, 0x56u8.wrapping_add(i as u8)]);
+        log::info!("net {i}: tap {} (guest MAC {})", n.tap, format_mac(&mac));
+        let bar = layout::PCI_MMIO_START as u32 + (slots + i) as u32 * BAR_SIZE;
+        let net = Arc::new(Mutex::new(VirtioNet::new(tap, mac)?));
+        io.add(net.clone());
+        let irq = Arc::new(VirtioInterrupt::new(vm.clone(), 2));
+        let dev = VirtioPci::new(net, bar, Some(vm.clone()), irq, mem.clone())?;
         root.lock().unwrap().add(Box::new(dev));
     }
     pio.insert(

@@ -15,8 +15,9 @@
 use super::super::block::SECTOR;
 /// Bytes in a sector.
 pub const SECTOR_BYTES: u64 = SECTOR;
+pub use crate::devices::chain::{read_regions, write_regions};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// Largest data part of one request (bytes).
 pub const MAX_REQUEST: usize = 4 << 20;
@@ -284,41 +285,4 @@ fn skip(regions: &[(GuestAddress, usize)], mut n: usize) -> Vec<(GuestAddress, u
         n = 0;
     }
     out
-}
-
-/// Copies from `regions` into `buf` until either ends; returns bytes copied.
-pub fn read_regions<M: GuestMemoryBackend>(
-    mem: &M,
-    regions: &[(GuestAddress, usize)],
-    buf: &mut [u8],
-) -> usize {
-    let mut at = 0;
-    for &(a, l) in regions {
-        let n = l.min(buf.len() - at);
-        if n == 0 || mem.read_slice(&mut buf[at..at + n], a).is_err() {
-            break;
-        }
-        at += n;
-    }
-    at
-}
-
-/// Copies `buf` into `regions` until either ends; false if guest memory refused.
-pub fn write_regions<M: GuestMemoryBackend>(
-    mem: &M,
-    regions: &[(GuestAddress, usize)],
-    buf: &[u8],
-) -> bool {
-    let mut at = 0;
-    for &(a, l) in regions {
-        let n = l.min(buf.len() - at);
-        if n == 0 {
-            break;
-        }
-        if mem.write_slice(&buf[at..at + n], a).is_err() {
-            return false;
-        }
-        at += n;
-    }
-    true
 }
