@@ -54,7 +54,7 @@ impl Packet {
             let p = libc::socket(
                 libc::AF_PACKET,
                 libc::SOCK_RAW,
-                (ETHERTYPE as u16).to_be() as libc::c_int,
+                ETHERTYPE.to_be() as libc::c_int,
             );
             assert!(
                 p >= 0,
