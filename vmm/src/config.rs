@@ -2,16 +2,11 @@
 //! command line (and, serialized, by anything else that starts VMs), checked by
 //! [`VmConfig::validate`] before anything is set up.
 
-use crate::devices::nbd_disk::{NbdUrl, NbdUrlError};
-use crate::devices::virtio_blk::{DiskError, FileBackend};
-pub use crate::devices::virtio_net::NetSpec;
-
-/// PCI slots for disks and network devices (bus 0 has 32; slot 0 is the host
-/// bridge).
-pub const MAX_PCI_DEVICES: usize = 31;
 use crate::excache::{BudgetError, CacheConfig};
-use crate::linux::boot::{self, BootError};
-use crate::linux::layout;
+pub use crate::linux::config::{
+    Console, ConsoleError, DiskSpec, DiskSpecError, LinuxConfig, LinuxConfigError, MAX_PCI_DEVICES,
+    NetSpec,
+};
 use crate::workload::Workload;
 use fabric::LinkModel;
 use guest_shim::abi::{ARENA_BASE, MAX_MAPPED, MAX_VCPUS};
@@ -35,7 +30,7 @@ pub struct VmConfig {
     /// Address-space id on the memory nodes.
     pub vm_id: u64,
     /// Emulated link to the memory nodes.
-    #[serde(with = "as_string")]
+    #[serde(with = "crate::serde_str::as_string")]
     pub link: LinkModel,
     /// Serve the control API on this Unix socket.
     pub api_sock: Option<PathBuf>,
@@ -76,196 +71,6 @@ pub enum ShimImage {
     Elf(Vec<u8>),
 }
 
-/// A Linux VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LinuxConfig {
-    /// bzImage or ELF vmlinux.
-    pub kernel: PathBuf,
-    /// Initial ramdisk.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// Serial console destination.
-    pub console: Console,
-    /// Disks, in PCI slot order.
-    pub disks: Vec<DiskSpec>,
-    /// Network devices on tap devices, in PCI slot order after the disks.
-    #[serde(default)]
-    pub nets: Vec<NetSpec>,
-    /// Boot even on a software KVM (where guest kernel mode is emulated).
-    pub allow_software_kvm: bool,
-}
-
-/// Where the serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Console {
-    /// This process's stdout.
-    Stdio,
-    /// A file (created or truncated).
-    File(PathBuf),
-}
-
-/// Why a `--console` value was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConsoleError {
-    /// Nothing given.
-    #[error("--console needs stdio or a file path")]
-    Empty,
-}
-
-impl std::str::FromStr for Console {
-    type Err = ConsoleError;
-    fn from_str(s: &str) -> Result<Self, ConsoleError> {
-        match s {
-            "stdio" => Ok(Console::Stdio),
-            "" => Err(ConsoleError::Empty),
-            p => Ok(Console::File(PathBuf::from(p))),
-        }
-    }
-}
-
-impl std::fmt::Display for Console {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Console::Stdio => f.write_str("stdio"),
-            Console::File(p) => write!(f, "{}", p.display()),
-        }
-    }
-}
-
-/// A `--disk` option.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DiskSpec {
-    /// A local image file (`file:PATH[,ro]`).
-    File {
-        /// Its path.
-        path: PathBuf,
-        /// Read-only.
-        read_only: bool,
-    },
-    /// An export of a storage node (`nbd://HOST:PORT/EXPORT[,ro]`).
-    Nbd {
-        /// Where.
-        url: NbdUrl,
-        /// Read-only.
-        read_only: bool,
-    },
-}
-
-/// Why a `--disk` value was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DiskSpecError {
-    /// `file:` without a path.
-    #[error("--disk file: needs a path")]
-    NoPath,
-    /// A malformed `nbd://` address.
-    #[error(transparent)]
-    Nbd(#[from] NbdUrlError),
-    /// Another URL scheme.
-    #[error("unsupported disk {0:?}: use file:PATH[,ro] or nbd://HOST:PORT/EXPORT[,ro]")]
-    Unsupported(String),
-}
-
-impl std::str::FromStr for DiskSpec {
-    type Err = DiskSpecError;
-    fn from_str(s: &str) -> Result<Self, DiskSpecError> {
-        let (body, read_only) = match s.strip_suffix(",ro") {
-            Some(b) => (b, true),
-            None => (s, false),
-        };
-        if let Some(p) = body.strip_prefix("file:") {
-            if p.is_empty() {
-                return Err(DiskSpecError::NoPath);
-            }
-            return Ok(DiskSpec::File {
-                path: p.into(),
-                read_only,
-            });
-        }
-        if body.starts_with("nbd://") {
-            return Ok(DiskSpec::Nbd {
-                url: body.parse()?,
-                read_only,
-            });
-        }
-        if body.contains("://") {
-            return Err(DiskSpecError::Unsupported(s.to_string()));
-        }
-        Ok(DiskSpec::File {
-            path: body.into(),
-            read_only,
-        })
-    }
-}
-
-impl std::fmt::Display for DiskSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let read_only = match self {
-            DiskSpec::File { path, read_only } => {
-                write!(f, "file:{}", path.display())?;
-                read_only
-            }
-            DiskSpec::Nbd { url, read_only } => {
-                write!(f, "{url}")?;
-                read_only
-            }
-        };
-        if *read_only {
-            f.write_str(",ro")
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl DiskSpec {
-    /// For logs.
-    pub fn describe(&self) -> String {
-        match self {
-            DiskSpec::File { path, .. } => format!("file {}", path.display()),
-            DiskSpec::Nbd { url, .. } => format!("storage node {url}"),
-        }
-    }
-}
-
-/// Serde through `Display` and `FromStr`: the option's own syntax.
-mod as_string {
-    use serde::{Deserialize, Deserializer, Serializer, de};
-    use std::fmt::Display;
-    use std::str::FromStr;
-
-    /// Writes `v` as its `Display` string.
-    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(v)
-    }
-
-    /// Parses a string with `FromStr`.
-    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
-    where
-        T: FromStr,
-        T::Err: Display,
-        D: Deserializer<'de>,
-    {
-        String::deserialize(d)?.parse().map_err(de::Error::custom)
-    }
-}
-
-macro_rules! serde_as_string {
-    ($($t:ty),*) => {$(
-        impl Serialize for $t {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                as_string::serialize(self, s)
-            }
-        }
-        impl<'de> Deserialize<'de> for $t {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                as_string::deserialize(d)
-            }
-        }
-    )*};
-}
-serde_as_string!(Console, DiskSpec, NetSpec);
-
 /// Why a configuration was refused; each names the option at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -278,20 +83,6 @@ pub enum ConfigError {
         /// Asked.
         mem: u64,
         /// The most the shim maps, in bytes.
-        max: u64,
-    },
-    /// Linux guest RAM that is too small or not whole pages.
-    #[error("--mem for a Linux guest must be a multiple of 4 KiB and at least 64M (got {0})")]
-    LinuxMem(u64),
-    /// More Linux guest RAM than fits below the PCI hole.
-    #[error(
-        "--mem of {mem} bytes is more than the {} GiB a Linux guest can have below the PCI hole in this version",
-        .max >> 30
-    )]
-    LinuxMemTooLarge {
-        /// Asked.
-        mem: u64,
-        /// The most there can be, in bytes.
         max: u64,
     },
     /// `--local-cache` does not fit the guest RAM.
@@ -334,47 +125,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel command line is too long.
-    #[error("--cmdline is {len} bytes; at most {max} fit")]
-    CmdlineTooLong {
-        /// Its length.
-        len: usize,
-        /// The most that fits.
-        max: usize,
-    },
-    /// The kernel is missing or not a kernel.
+    /// A Linux guest's options.
     #[error(transparent)]
-    Kernel(#[from] BootError),
-    /// The initrd cannot be read.
-    #[error("cannot read initrd {}", .path.display())]
-    InitrdRead {
-        /// Its path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The initrd cannot fit in guest RAM.
-    #[error("initrd {} ({size} bytes) does not fit in --mem {mem} bytes next to the kernel", .path.display())]
-    InitrdTooLarge {
-        /// Its path.
-        path: PathBuf,
-        /// Its size.
-        size: u64,
-        /// Guest RAM.
-        mem: u64,
-    },
-    /// A disk image cannot be used.
-    #[error(transparent)]
-    Disk(#[from] DiskError),
-    /// /dev/kvm is a software KVM and the user did not insist.
-    #[error(
-        "/dev/kvm here is a software nested KVM (kvm_pvm): guest kernel mode would be emulated instruction by instruction and a stock kernel would not finish booting; boot Linux in the nested test host (tests/nested/run) or on a machine with VT-x/AMD-V, or pass --allow-software-kvm to try anyway"
-    )]
-    SoftwareKvm,
-    /// More disks and network devices than PCI slots.
-    #[error("{0} --disk and --net devices; at most {MAX_PCI_DEVICES} fit on the PCI bus")]
-    TooManyDevices(usize),
+    Linux(#[from] LinuxConfigError),
 }
 
 /// Each vCPU's share of a shim guest's arena: `mem` over `vcpus`, in whole pages.
@@ -423,56 +176,11 @@ impl VmConfig {
     }
 
     fn validate_linux(&self, l: &LinuxConfig) -> Result<(), ConfigError> {
-        if self.mem % 4096 != 0 || self.mem < (64 << 20) {
-            return Err(ConfigError::LinuxMem(self.mem));
-        }
-        if self.mem > layout::MAX_RAM {
-            return Err(ConfigError::LinuxMemTooLarge {
-                mem: self.mem,
-                max: layout::MAX_RAM,
-            });
-        }
+        LinuxConfig::check_mem(self.mem)?;
         self.cache.check_budget(self.mem)?;
         self.check_vcpus(LINUX_MAX_VCPUS)?;
         self.check_memnodes()?;
-        if l.cmdline.len() >= layout::CMDLINE_MAX {
-            return Err(ConfigError::CmdlineTooLong {
-                len: l.cmdline.len(),
-                max: layout::CMDLINE_MAX - 1,
-            });
-        }
-        // Files next: a missing kernel, a file that is not one, or an initrd
-        // that cannot fit are named before anything else is set up.
-        boot::probe_kernel(&l.kernel)?;
-        if let Some(p) = &l.initrd {
-            let size = std::fs::metadata(p)
-                .map_err(|source| ConfigError::InitrdRead {
-                    path: p.clone(),
-                    source,
-                })?
-                .len();
-            if size + layout::HIMEM_START + (16 << 20) > self.mem {
-                return Err(ConfigError::InitrdTooLarge {
-                    path: p.clone(),
-                    size,
-                    mem: self.mem,
-                });
-            }
-        }
-        if l.disks.len() + l.nets.len() > MAX_PCI_DEVICES {
-            return Err(ConfigError::TooManyDevices(l.disks.len() + l.nets.len()));
-        }
-        for d in &l.disks {
-            match d {
-                DiskSpec::File { path, read_only } => drop(FileBackend::open(path, *read_only)?),
-                // Connected when the VM is built, before KVM is touched (the
-                // address is checked by the parser).
-                DiskSpec::Nbd { .. } => {}
-            }
-        }
-        if crate::linux::software_kvm() && !l.allow_software_kvm {
-            return Err(ConfigError::SoftwareKvm);
-        }
+        l.check_files(self.mem)?;
         Ok(())
     }
 

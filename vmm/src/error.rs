@@ -3,15 +3,11 @@
 
 use crate::api::ApiError;
 use crate::config::ConfigError;
-use crate::devices::OverlapError;
-use crate::devices::virtio_blk::DiskError;
 use crate::excache::{CacheError, PathError};
-use crate::linux::boot::BootError;
-use crate::linux::cpu::CpuError;
+use crate::linux::LinuxError;
 use crate::memory::MemoryError;
 use crate::vcpu::VcpuError;
 use fabric::ClientError;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Build and run failures.
@@ -55,42 +51,9 @@ pub enum VmError {
     /// Writing guest setup data failed.
     #[error("cannot write guest setup data")]
     Setup(#[source] vm_memory::GuestMemoryError),
-    /// Loading the Linux kernel or initrd, or writing its boot data, failed.
+    /// A Linux guest could not be set up.
     #[error(transparent)]
-    Boot(#[from] BootError),
-    /// Setting up a Linux vCPU failed.
-    #[error(transparent)]
-    Cpu(#[from] CpuError),
-    /// A disk image cannot be used.
-    #[error(transparent)]
-    Disk(#[from] DiskError),
-    /// A storage node disk cannot be reached.
-    #[error("disk {url}")]
-    NbdDisk {
-        /// The disk's address.
-        url: String,
-        /// Why.
-        #[source]
-        source: nbd_proto::client::ClientError,
-    },
-    /// The console file cannot be created.
-    #[error("cannot create console file {}", .path.display())]
-    ConsoleFile {
-        /// Its path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// An eventfd could not be created.
-    #[error("cannot create an eventfd")]
-    EventFd(#[source] std::io::Error),
-    /// Two devices claim the same addresses.
-    #[error(transparent)]
-    Devices(#[from] OverlapError),
-    /// The Linux guest's devices cannot be set up.
-    #[error(transparent)]
-    Device(#[from] crate::linux::devices::DeviceError),
+    Linux(#[from] LinuxError),
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     KickHandler(#[source] vmm_sys_util::errno::Error),

@@ -30,6 +30,7 @@ pub mod guest;
 pub mod kvm_stats;
 pub mod linux;
 pub mod memory;
+mod serde_str;
 pub mod vcpu;
 mod vcpu_threads;
 pub mod workload;

@@ -10,22 +10,67 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod layout;
 pub mod vcpu;
 
-pub use crate::config::{Console, DiskSpec, LinuxConfig};
 use crate::devices::nbd_disk::NbdBackend;
 pub use crate::devices::nbd_disk::{NbdUrl, NbdUrlError};
+use crate::devices::virtio_blk::DiskError;
 use crate::devices::virtio_blk::{BlockBackend, FileBackend};
-use crate::error::VmError;
-pub(crate) use crate::error::kvm_call;
+use boot::BootError;
+pub use config::{Console, DiskSpec, LinuxConfig};
+use cpu::CpuError;
+use devices::DeviceError;
 use kvm_bindings::{CpuId, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::sync::Arc;
 pub use vcpu::GuestExit;
 use vm_memory::GuestMemoryMmap;
+
+/// Why a Linux guest could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxError {
+    /// A KVM call failed.
+    #[error("KVM {what} failed")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Writing the CPU or ACPI tables into guest memory failed.
+    #[error("cannot write the guest's CPU and ACPI tables")]
+    Tables(#[source] vm_memory::GuestMemoryError),
+    /// Loading the kernel or initrd, or writing the boot parameters, failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Setting up a vCPU failed.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// The devices could not be set up.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A storage node disk cannot be reached.
+    #[error("disk {url}")]
+    NbdDisk {
+        /// The disk's address.
+        url: String,
+        /// Why.
+        #[source]
+        source: nbd_proto::client::ClientError,
+    },
+}
+
+fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> LinuxError {
+    move |source| LinuxError::Kvm { what, source }
+}
 
 /// True when /dev/kvm is this machine's software nested KVM (kvm_pvm), on which
 /// guest kernel mode is emulated instruction by instruction.
@@ -34,17 +79,17 @@ pub fn software_kvm() -> bool {
 }
 
 /// Opens the disks, in `l.disks` order (a storage node's before KVM is touched).
-pub(crate) fn open_disks(l: &LinuxConfig) -> Result<Vec<Box<dyn BlockBackend>>, VmError> {
+pub(crate) fn open_disks(l: &LinuxConfig) -> Result<Vec<Box<dyn BlockBackend>>, LinuxError> {
     l.disks
         .iter()
-        .map(|d| -> Result<Box<dyn BlockBackend>, VmError> {
+        .map(|d| -> Result<Box<dyn BlockBackend>, LinuxError> {
             Ok(match d {
                 DiskSpec::File { path, read_only } => {
                     Box::new(FileBackend::open(path, *read_only)?)
                 }
                 DiskSpec::Nbd { url, read_only } => {
                     Box::new(NbdBackend::connect(url, *read_only).map_err(|source| {
-                        VmError::NbdDisk {
+                        LinuxError::NbdDisk {
                             url: url.to_string(),
                             source,
                         }
@@ -56,7 +101,7 @@ pub(crate) fn open_disks(l: &LinuxConfig) -> Result<Vec<Box<dyn BlockBackend>>, 
 }
 
 /// The VM-wide parts of a PC: the TSS address, the in-kernel irqchip and PIT.
-pub(crate) fn setup_vm(vm: &VmFd) -> Result<(), VmError> {
+pub(crate) fn setup_vm(vm: &VmFd) -> Result<(), LinuxError> {
     vm.set_tss_address(0xfffb_d000)
         .map_err(kvm_call("set TSS address"))?;
     vm.create_irq_chip()
@@ -76,7 +121,7 @@ pub(crate) fn load(
     l: &LinuxConfig,
     mem_bytes: u64,
     vcpus: usize,
-) -> Result<u64, VmError> {
+) -> Result<u64, LinuxError> {
     let (loaded, header) = boot::load_kernel(mem, &l.kernel)?;
     let initrd = match &l.initrd {
         Some(p) => Some(boot::load_initrd(
@@ -88,8 +133,8 @@ pub(crate) fn load(
         )?),
         None => None,
     };
-    cpu::write_tables(mem).map_err(VmError::Setup)?;
-    let rsdp = acpi::write_tables(mem, vcpus).map_err(VmError::Setup)?;
+    cpu::write_tables(mem).map_err(LinuxError::Tables)?;
+    let rsdp = acpi::write_tables(mem, vcpus).map_err(LinuxError::Tables)?;
     boot::write_boot_params(mem, header, &l.cmdline, initrd, mem_bytes, rsdp)?;
     Ok(loaded.entry)
 }
@@ -100,7 +145,7 @@ pub(crate) fn machine(
     disks: Vec<Box<dyn BlockBackend>>,
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
-) -> Result<Arc<vcpu::Machine>, VmError> {
+) -> Result<Arc<vcpu::Machine>, LinuxError> {
     Ok(Arc::new(devices::build(l, disks, vm, mem)?))
 }
 
@@ -111,6 +156,6 @@ pub(crate) fn setup_vcpu(
     vcpus: usize,
     cpuid: &CpuId,
     entry: u64,
-) -> Result<(), VmError> {
+) -> Result<(), LinuxError> {
     Ok(cpu::setup(v, i, vcpus, cpuid, entry)?)
 }
