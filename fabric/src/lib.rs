@@ -16,6 +16,7 @@
 //! - [`units`]: parsing of sizes, durations and bandwidths for command lines.
 
 pub mod acceptor;
+pub mod auth;
 pub mod client;
 pub mod link_model;
 pub mod proto;

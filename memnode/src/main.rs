@@ -25,6 +25,37 @@ struct Args {
     /// Seconds a new connection may take to send its hello.
     #[arg(long, default_value_t = 10)]
     handshake_timeout: u64,
+    /// The cluster key (32 random bytes, raw or hex; mode 600): every
+    /// connection must prove it, and this node proves it to them. `-` reads it
+    /// from standard input. Make one with `vmm keygen FILE`.
+    #[arg(long, value_name = "FILE")]
+    auth_key: Option<std::path::PathBuf>,
+    /// Serve without a key on an address other hosts can reach (anyone who can
+    /// connect can then read and write every VM's pages here).
+    #[arg(long)]
+    insecure: bool,
+}
+
+/// Why the node refuses to start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    /// A reachable address without a key.
+    #[error(
+        "--listen {0} is reachable from other hosts and no --auth-key is given: anyone could read and write the VMs' pages; give --auth-key FILE (make one with `vmm keygen FILE`), listen on 127.0.0.1, or pass --insecure"
+    )]
+    Unauthenticated(String),
+}
+
+/// True if every address `listen` resolves to is a loopback address.
+fn loopback_only(listen: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    match listen.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
 }
 
 fn main() -> ExitCode {
@@ -42,7 +73,20 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let auth_key = match &args.auth_key {
+        Some(p) => Some(fabric::auth::Key::load(p)?),
+        None if args.insecure || loopback_only(&args.listen) => None,
+        None => return Err(StartError::Unauthenticated(args.listen.clone()).into()),
+    };
+    if auth_key.is_none() {
+        if loopback_only(&args.listen) {
+            log::info!("no --auth-key: any local client is served");
+        } else {
+            log::warn!("--insecure: no --auth-key, any client that can connect is served");
+        }
+    }
     let server = Server::bind(ServerConfig {
+        auth_key,
         listen: args.listen,
         capacity_bytes: args.capacity,
         max_connections: args.max_connections.max(1),

@@ -10,6 +10,7 @@
 use crate::store::{PageStore, StoreError, VmStats};
 pub use fabric::acceptor::ShutdownHandle;
 use fabric::acceptor::{Acceptor, Connections};
+use fabric::auth::{self, Key};
 use fabric::proto::{
     self, DecodeError, ErrorCode, FrameHeader, MAX_BATCH, MAX_FRAME, Message, PAGE_SIZE,
     PROTOCOL_VERSION, ReadReplyBuilder, Role, StatsReply,
@@ -60,6 +61,9 @@ pub struct ServerConfig {
     /// How long sending a reply may block (a client that stopped reading) before
     /// the connection is closed.
     pub send_timeout: Duration,
+    /// The cluster key: with one, every connection must prove it (and gets the
+    /// node's proof), see [`fabric::auth`]; without, any client is served.
+    pub auth_key: Option<Key>,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(30),
+            auth_key: None,
         }
     }
 }
@@ -152,12 +157,15 @@ impl Server {
     pub fn run(&self) {
         let (store, state, config) = (self.store.clone(), self.state.clone(), &self.config);
         let (handshake_timeout, send_timeout) = (config.handshake_timeout, config.send_timeout);
+        let key = Arc::new(config.auth_key.clone());
         let serve = move |stream: TcpStream, peer: SocketAddr| {
             Connection {
                 store: store.clone(),
                 state: state.clone(),
                 handshake_timeout,
                 send_timeout,
+                key: key.clone(),
+                pending: None,
                 session: None,
             }
             .serve(stream, peer)
@@ -226,11 +234,21 @@ enum Close {
     Violation(ErrorCode, String),
 }
 
+/// A hello answered with a challenge, waiting for the client's proof.
+struct Pending {
+    role: Role,
+    vm_id: u64,
+    nc: [u8; auth::NONCE_LEN],
+    ns: [u8; auth::NONCE_LEN],
+}
+
 struct Connection {
     store: Arc<PageStore>,
     state: Arc<NodeState>,
     handshake_timeout: Duration,
     send_timeout: Duration,
+    key: Arc<Option<Key>>,
+    pending: Option<Pending>,
     session: Option<Session>,
 }
 
@@ -428,6 +446,26 @@ impl Connection {
         out: &mut Vec<u8>,
         link: &TcpLink,
     ) -> Result<(), Close> {
+        if let Some(p) = self.pending.take() {
+            let Message::Proof { proof } = msg else {
+                return Err(Close::Violation(
+                    ErrorCode::HandshakeRequired,
+                    format!("expected the client's proof, got {:?}", msg.opcode()),
+                ));
+            };
+            let key = (*self.key)
+                .as_ref()
+                .expect("a challenge was sent with a key");
+            let binding = auth::hello_binding(p.role as u8, PROTOCOL_VERSION, p.vm_id);
+            if !key.verify_client(&binding, &p.nc, &p.ns, proof) {
+                return Err(Close::Violation(
+                    ErrorCode::AuthFailed,
+                    "the client could not prove the cluster key".into(),
+                ));
+            }
+            self.open_session(rid, p.role, p.vm_id, out, link);
+            return Ok(());
+        }
         let Message::Hello {
             role,
             version,
@@ -452,12 +490,51 @@ impl Connection {
                 format!("role {role:?} cannot use a memory node"),
             ));
         }
-        if !auth.is_empty() {
-            log::debug!(
-                "{}: authentication is not configured; ignoring the proof",
-                link.peer()
-            );
+        let Some(key) = &*self.key else {
+            if !auth.is_empty() {
+                log::debug!(
+                    "{}: authentication is not configured here; the client's nonce is ignored",
+                    link.peer()
+                );
+            }
+            self.open_session(rid, role, vm_id, out, link);
+            return Ok(());
+        };
+        let Ok(nc) = <[u8; auth::NONCE_LEN]>::try_from(auth) else {
+            return Err(Close::Violation(
+                ErrorCode::AuthFailed,
+                "this node requires authentication: the client must hold the cluster key (--auth-key)"
+                    .into(),
+            ));
+        };
+        let ns: [u8; auth::NONCE_LEN] = auth::random().map_err(|e| {
+            Close::Violation(ErrorCode::Internal, format!("cannot make a nonce: {e}"))
+        })?;
+        let binding = auth::hello_binding(role as u8, version, vm_id);
+        let proof = key.node_proof(&binding, &nc, &ns);
+        Message::Challenge {
+            nonce: &ns,
+            proof: &proof,
         }
+        .encode(rid, out);
+        self.pending = Some(Pending {
+            role,
+            vm_id,
+            nc,
+            ns,
+        });
+        Ok(())
+    }
+
+    /// The handshake succeeded: the connection acts on `vm_id` from now on.
+    fn open_session(
+        &mut self,
+        rid: u64,
+        role: Role,
+        vm_id: u64,
+        out: &mut Vec<u8>,
+        link: &TcpLink,
+    ) {
         let _ = link.set_recv_timeout(None);
         log::info!("{}: hello from a {role:?} for vm {vm_id}", link.peer());
         let stats = self.store.vm(vm_id);
@@ -471,7 +548,6 @@ impl Connection {
             capacity_pages: self.store.capacity_pages(),
         }
         .encode(rid, out);
-        Ok(())
     }
 }
 

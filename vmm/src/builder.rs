@@ -116,6 +116,7 @@ pub fn build(cfg: &VmConfig) -> Result<Vmm, VmError> {
     let client_cfg = ClientConfig {
         vm_id: cfg.vm_id,
         link_model: cfg.link,
+        auth_key: cfg.auth_key.clone(),
         ..ClientConfig::default()
     };
     let nodes = Placement::connect(&cfg.memnodes, &client_cfg, (cfg.mem / 4096) as usize)

@@ -38,6 +38,10 @@ pub struct VmConfig {
     pub start_paused: bool,
     /// What runs in the VM.
     pub guest: GuestConfig,
+    /// The cluster key the memory nodes are reached with (never serialized:
+    /// a key is given as a file, `--auth-key`).
+    #[serde(skip)]
+    pub auth_key: Option<fabric::auth::Key>,
 }
 
 /// The guest kinds.
@@ -285,6 +289,7 @@ mod tests {
                 image: ShimImage::Builtin,
                 workload: "seq:size=1M".parse().unwrap(),
             }),
+            auth_key: Some(fabric::auth::Key::generate().unwrap()),
         }
     }
 
@@ -311,7 +316,10 @@ mod tests {
         assert_eq!(l.disks, vec!["nbd://h:1/x,ro".parse().unwrap()]);
         assert_eq!(l.nets[0].to_string(), "tap=tap0,mac=52:54:00:00:00:01");
         let j = serde_json::to_value(shim_config()).unwrap();
+        // The key is never serialized.
+        assert!(j.get("auth_key").is_none(), "{j}");
         let back: VmConfig = serde_json::from_value(j).unwrap();
+        assert!(back.auth_key.is_none());
         let GuestConfig::Shim(s) = back.guest else {
             panic!("not shim")
         };

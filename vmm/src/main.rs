@@ -32,6 +32,12 @@ enum Cmd {
     /// Detach a memory node from a running VM: its pages are moved to the other
     /// nodes while the guest runs; waits until it holds none.
     DetachMemnode(NodeArgs),
+    /// Write a new cluster key (32 random bytes as hex, mode 600) for
+    /// `--auth-key` of vmm and memnode; an existing file is not replaced.
+    Keygen {
+        /// The key file to create.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +86,12 @@ struct RunArgs {
     /// fabric costs (see docs/architecture.md, "The fabric").
     #[arg(long = "memnode", value_name = "ADDR")]
     memnodes: Vec<String>,
+    /// The cluster key (file of 32 random bytes, raw or hex; mode 600): the
+    /// memory nodes are reached with it, both sides proving it, and a node that
+    /// cannot is refused. Without --memnode, the node started for the run gets
+    /// this key, or a fresh one when none is given.
+    #[arg(long, value_name = "FILE")]
+    auth_key: Option<PathBuf>,
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: usize,
@@ -220,6 +232,18 @@ enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// The cluster key cannot be loaded or made.
+    #[error(transparent)]
+    Key(#[from] fabric::auth::KeyError),
+    /// The started memory node could not be given its key.
+    #[error("cannot hand the cluster key to {}", .path.display())]
+    MemnodeKey {
+        /// The memnode binary.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The `--stats-json` file could not be written.
     #[error("cannot write {}", .path.display())]
     WriteStats {
@@ -241,6 +265,13 @@ fn main() -> ExitCode {
         Cmd::AttachMemnode(a) => attach_memnode(a).map(|()| ExitCode::SUCCESS),
         Cmd::DetachMemnode(a) => detach_memnode(a).map(|()| ExitCode::SUCCESS),
         Cmd::Stats(a) => stats(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Keygen { file } => fabric::auth::Key::generate()
+            .and_then(|k| k.write_new(&file))
+            .map(|()| {
+                println!("wrote a new cluster key to {}", file.display());
+                ExitCode::SUCCESS
+            })
+            .map_err(CliError::Key),
     };
     match r {
         Ok(code) => code,
@@ -332,8 +363,13 @@ impl Drop for LocalMemnode {
     }
 }
 
-fn start_local_memnode(capacity: u64) -> Result<(LocalMemnode, String), CliError> {
-    use std::io::BufRead;
+/// Starts a memory node for this run on a free loopback port, holding `key`
+/// (handed over its standard input, never in argv).
+fn start_local_memnode(
+    capacity: u64,
+    key: &fabric::auth::Key,
+) -> Result<(LocalMemnode, String), CliError> {
+    use std::io::{BufRead, Write};
     let exe = std::env::current_exe().map_err(CliError::CurrentExe)?;
     let bin = exe.with_file_name("memnode");
     let mut child = std::process::Command::new(&bin)
@@ -342,14 +378,24 @@ fn start_local_memnode(capacity: u64) -> Result<(LocalMemnode, String), CliError
             "127.0.0.1:0",
             "--capacity",
             &capacity.to_string(),
+            "--auth-key",
+            "-",
         ])
         .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .map_err(|source| CliError::MemnodeSpawn {
             path: bin.clone(),
             source,
         })?;
+    {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        writeln!(stdin, "{}", key.to_hex()).map_err(|source| CliError::MemnodeKey {
+            path: bin.clone(),
+            source,
+        })?;
+    }
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
         .read_line(&mut line)
@@ -406,12 +452,23 @@ fn vm_config(a: &RunArgs, vm_id: u64) -> VmConfig {
         api_sock: a.api_sock.clone(),
         start_paused: a.paused,
         guest,
+        auth_key: None,
     }
 }
 
 fn run(mut a: RunArgs) -> Result<ExitCode, CliError> {
+    let mut auth_key = match &a.auth_key {
+        Some(p) => Some(fabric::auth::Key::load(p)?),
+        None => None,
+    };
     let _local_node = if a.memnodes.is_empty() {
-        let (node, addr) = start_local_memnode(a.mem + (64 << 20))?;
+        // The node started for this run gets the given key, else a fresh one.
+        let key = match &auth_key {
+            Some(k) => k.clone(),
+            None => fabric::auth::Key::generate()?,
+        };
+        let (node, addr) = start_local_memnode(a.mem + (64 << 20), &key)?;
+        auth_key = Some(key);
         log::info!("no --memnode given: started a memory node at {addr} for this run");
         a.memnodes.push(addr);
         Some(node)
@@ -431,7 +488,8 @@ fn run(mut a: RunArgs) -> Result<ExitCode, CliError> {
         signal_hook::flag::register(sig, interrupt.clone())
             .map_err(|source| CliError::Signal { sig, source })?;
     }
-    let cfg = vm_config(&a, vm_id);
+    let mut cfg = vm_config(&a, vm_id);
+    cfg.auth_key = auth_key;
     match &cfg.guest {
         GuestConfig::Shim(s) => log::info!(
             "vm {vm_id:#x}: {} MiB guest RAM, {} MiB local cache ({:?}), {} vCPU(s), workload {}, memory nodes {}",

@@ -89,8 +89,9 @@ pub struct ClientConfig {
     pub vm_id: u64,
     /// The role announced in the handshake.
     pub role: Role,
-    /// Authentication proof sent in the handshake.
-    pub auth: Vec<u8>,
+    /// The cluster key: with one, the connection is authenticated both ways
+    /// ([`crate::auth`]) and a node that cannot prove the key is refused.
+    pub auth_key: Option<crate::auth::Key>,
     /// The emulated link (off by default).
     pub link_model: LinkModel,
     /// Most requests in flight at once; further submits wait for a free slot.
@@ -106,7 +107,7 @@ impl Default for ClientConfig {
         ClientConfig {
             vm_id: 0,
             role: Role::Vmm,
-            auth: Vec::new(),
+            auth_key: None,
             link_model: LinkModel::default(),
             max_in_flight: 256,
             connect_timeout: Duration::from_secs(5),
@@ -240,15 +241,43 @@ impl PageClient {
         link.set_recv_timeout(Some(config.reply_timeout))
             .and_then(|()| link.set_send_timeout(Some(config.reply_timeout)))
             .map_err(|e| handshake_err(error_chain(&e)))?;
+        // With a key, the hello carries this side's nonce (see `crate::auth`).
+        let nc: [u8; crate::auth::NONCE_LEN] = match &config.auth_key {
+            Some(_) => crate::auth::random().map_err(|e| handshake_err(e.to_string()))?,
+            None => [0; crate::auth::NONCE_LEN],
+        };
+        let auth: &[u8] = if config.auth_key.is_some() { &nc } else { &[] };
+        let binding = crate::auth::hello_binding(config.role as u8, PROTOCOL_VERSION, config.vm_id);
         let mut buf = Vec::with_capacity(64);
-        Message::hello(config.role, config.vm_id, &config.auth).encode(0, &mut buf);
+        Message::hello(config.role, config.vm_id, auth).encode(0, &mut buf);
         link.send_vectored(&mut [IoSlice::new(&buf)])
             .map_err(|e| handshake_err(error_chain(&e)))?;
-        // Read exactly one frame, byte-accurately, before pipelining starts.
+        // Read frame by frame, byte-accurately, before pipelining starts.
         let mut frame = vec![0u8; HEADER_LEN + Opcode::Error.max_payload()];
         let mut have = 0;
+        let mut challenged = false;
         let node = loop {
+            let mut consumed = 0;
             match proto::decode_frame(&frame[..have]) {
+                Ok(Some((_, Message::Challenge { nonce, proof }, n))) => {
+                    let Some(key) = &config.auth_key else {
+                        return Err(handshake_err(
+                            "the node requires authentication: give this side the cluster key (--auth-key)".into(),
+                        ));
+                    };
+                    if challenged || !key.verify_node(&binding, &nc, nonce, proof) {
+                        return Err(handshake_err(
+                            "authentication failed: the node could not prove the cluster key (not a node of this cluster, or another key)".into(),
+                        ));
+                    }
+                    challenged = true;
+                    let mine = key.client_proof(&binding, &nc, nonce);
+                    buf.clear();
+                    Message::Proof { proof: &mine }.encode(0, &mut buf);
+                    link.send_vectored(&mut [IoSlice::new(&buf)])
+                        .map_err(|e| handshake_err(error_chain(&e)))?;
+                    consumed = n;
+                }
                 Ok(Some((
                     _,
                     Message::HelloOk {
@@ -260,6 +289,11 @@ impl PageClient {
                     },
                     _,
                 ))) => {
+                    if config.auth_key.is_some() && !challenged {
+                        return Err(handshake_err(
+                            "the node did not authenticate (does it run without --auth-key?); refusing it".into(),
+                        ));
+                    }
                     if version != PROTOCOL_VERSION || page_size as usize != PAGE_SIZE {
                         return Err(handshake_err(format!(
                             "node speaks version {version} with {page_size}-byte pages; this build needs version {PROTOCOL_VERSION} with {PAGE_SIZE}-byte pages"
@@ -280,6 +314,11 @@ impl PageClient {
                 }
                 Ok(None) => {}
                 Err(e) => return Err(handshake_err(format!("bad reply: {e}"))),
+            }
+            if consumed > 0 {
+                frame.copy_within(consumed..have, 0);
+                have -= consumed;
+                continue;
             }
             if have == frame.len() {
                 return Err(handshake_err("reply too long".into()));

@@ -35,6 +35,10 @@ pub enum Opcode {
     Pong = 12,
     /// A request failed.
     Error = 13,
+    /// The node's answer to an authenticated hello: its nonce and proof.
+    Challenge = 14,
+    /// The client's proof of the cluster key.
+    Proof = 15,
 }
 
 impl Opcode {
@@ -54,6 +58,8 @@ impl Opcode {
             11 => Opcode::Ping,
             12 => Opcode::Pong,
             13 => Opcode::Error,
+            14 => Opcode::Challenge,
+            15 => Opcode::Proof,
             v => return Err(DecodeError::UnknownOpcode(v)),
         })
     }
@@ -72,6 +78,8 @@ impl Opcode {
             Opcode::StatsOk => 8 + 8 * 64,
             Opcode::Ping | Opcode::Pong => 8,
             Opcode::Error => 8 + MAX_ERROR_MESSAGE,
+            Opcode::Challenge => 64,
+            Opcode::Proof => 32,
         }
     }
 }

@@ -159,6 +159,19 @@ pub enum Message<'a> {
         /// The node's capacity in pages.
         capacity_pages: u64,
     },
+    /// The node's half of an authenticated handshake (see [`crate::auth`]).
+    /// Payload: nonce (32 bytes), proof (32 bytes).
+    Challenge {
+        /// The node's fresh nonce.
+        nonce: &'a [u8; 32],
+        /// The node's proof of the cluster key.
+        proof: &'a [u8; 32],
+    },
+    /// The client's proof of the cluster key. Payload: proof (32 bytes).
+    Proof {
+        /// The proof.
+        proof: &'a [u8; 32],
+    },
     /// Reads pages. Payload: count u32, 0 u32, count page numbers u64.
     ReadPages {
         /// The pages, 1 to [`MAX_BATCH`].
@@ -289,6 +302,8 @@ impl<'a> Message<'a> {
             Message::Ping { .. } => Opcode::Ping,
             Message::Pong { .. } => Opcode::Pong,
             Message::Error { .. } => Opcode::Error,
+            Message::Challenge { .. } => Opcode::Challenge,
+            Message::Proof { .. } => Opcode::Proof,
         }
     }
 
@@ -329,6 +344,19 @@ impl<'a> Message<'a> {
                     page_size: u32_at(p, 4),
                     max_batch: u32_at(p, 8),
                     capacity_pages: u64_at(p, 16),
+                }
+            }
+            Opcode::Challenge => {
+                exact("challenge", p, 64)?;
+                Message::Challenge {
+                    nonce: p[..32].try_into().expect("32 bytes"),
+                    proof: p[32..].try_into().expect("32 bytes"),
+                }
+            }
+            Opcode::Proof => {
+                exact("proof", p, 32)?;
+                Message::Proof {
+                    proof: p.try_into().expect("32 bytes"),
                 }
             }
             Opcode::ReadPages => Message::ReadPages {
@@ -474,6 +502,11 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(&[0; 4]);
                 out.extend_from_slice(&capacity_pages.to_le_bytes());
             }
+            Message::Challenge { nonce, proof } => {
+                out.extend_from_slice(&nonce[..]);
+                out.extend_from_slice(&proof[..]);
+            }
+            Message::Proof { proof } => out.extend_from_slice(&proof[..]),
             Message::ReadPages { gpns } | Message::FreePages { gpns } => {
                 put_count(out, gpns.len());
                 out.extend_from_slice(gpns.raw);

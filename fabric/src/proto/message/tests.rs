@@ -34,6 +34,11 @@ fn every_message_roundtrips() {
         max_batch: MAX_BATCH as u32,
         capacity_pages: 1 << 21,
     });
+    roundtrip(Message::Challenge {
+        nonce: &[1; 32],
+        proof: &[2; 32],
+    });
+    roundtrip(Message::Proof { proof: &[3; 32] });
     roundtrip(Message::ReadPages {
         gpns: Message::gpn_list(&gpns),
     });
