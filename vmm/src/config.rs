@@ -279,6 +279,7 @@ mod tests {
                 host_writes: false,
                 dirty_log: false,
                 rebalance: 0,
+                encrypt_pages: false,
             },
             memnodes: vec!["127.0.0.1:1".into()],
             vm_id: 7,

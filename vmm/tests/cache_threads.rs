@@ -98,6 +98,7 @@ fn cache_over(vm_id: u64, nodes: &[&Daemon], budget: usize, rebalance: u64) -> (
             host_writes: true,
             dirty_log: false,
             rebalance,
+            encrypt_pages: false,
         },
         placement,
         vm,

@@ -45,6 +45,7 @@ fn kvm_host_writes_survive_eviction_and_wait_for_batches() {
             host_writes: true,
             dirty_log: true,
             rebalance: 0,
+            encrypt_pages: false,
         },
         nodes,
         vm,

@@ -22,6 +22,18 @@ pub enum PathError {
         #[source]
         source: ClientError,
     },
+    /// A page a memory node returned failed its integrity check.
+    #[error("memory node {addr} returned a bad page")]
+    Seal {
+        /// The node's address.
+        addr: String,
+        /// What was wrong.
+        #[source]
+        source: super::seal::SealError,
+    },
+    /// A page could not be sealed for writing out.
+    #[error(transparent)]
+    Sealing(super::seal::SealError),
     /// A memory node failed while guest pages were written back to it.
     #[error("memory node {addr} failed")]
     WriteBack {

@@ -301,24 +301,60 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), PathError> {
                 r.clamp(1, node.client.node().max_batch)
             });
             let chunks: Vec<&[usize]> = list.chunks(batch).collect();
-            let mut pending = Vec::new();
+            let guest_page = |p: usize| -> &[u8] {
+                // SAFETY: p is a resident victim: mapped, readable, and not
+                // written while write-protected; the slice lives until the ack below.
+                unsafe { std::slice::from_raw_parts(s.addr(p) as *const u8, PAGE) }
+            };
+            // Each page is sealed for this write-out (see `seal`): with
+            // encryption its ciphertext goes out, else the guest's page itself.
+            let mut sealed = Vec::with_capacity(chunks.len());
+            let mut cipher = Vec::with_capacity(chunks.len());
             for chunk in &chunks {
+                let mut seals = Vec::with_capacity(chunk.len());
+                let mut buf = Vec::new();
+                if s.seals.encrypts() {
+                    buf = vec![0u8; chunk.len() * PAGE];
+                    for (k, &p) in chunk.iter().enumerate() {
+                        let out = &mut buf[k * PAGE..(k + 1) * PAGE];
+                        out.copy_from_slice(guest_page(p));
+                        seals.push(s.seals.seal(p, out).map_err(PathError::Sealing)?);
+                    }
+                } else {
+                    for &p in chunk.iter() {
+                        seals.push(
+                            s.seals
+                                .seal_plain(p, guest_page(p))
+                                .map_err(PathError::Sealing)?,
+                        );
+                    }
+                }
+                sealed.push(seals);
+                cipher.push(buf);
+            }
+            let mut pending = Vec::new();
+            for (c, chunk) in chunks.iter().enumerate() {
                 let batch: Vec<(u64, &[u8])> = chunk
                     .iter()
-                    .map(|&p| {
-                        // SAFETY: p is a resident victim: mapped, readable, and not
-                        // written while write-protected; the slice lives until the ack below.
-                        let data =
-                            unsafe { std::slice::from_raw_parts(s.addr(p) as *const u8, PAGE) };
+                    .enumerate()
+                    .map(|(k, &p)| {
+                        let data = if s.seals.encrypts() {
+                            &cipher[c][k * PAGE..(k + 1) * PAGE]
+                        } else {
+                            guest_page(p)
+                        };
                         (p as u64, data)
                     })
                     .collect();
                 pending.push(node.client.submit_write(&batch).map_err(fail)?);
             }
-            for (w, chunk) in pending.into_iter().zip(chunks) {
+            for ((w, chunk), seals) in pending.into_iter().zip(chunks).zip(&sealed) {
                 match w.wait() {
                     Ok(()) => {
-                        for &p in chunk {
+                        for (&p, &seal) in chunk.iter().zip(seals) {
+                            // What the node now holds is what fetches are checked
+                            // against from here on.
+                            s.seals.commit(p, seal);
                             if let Some(old) = s.nodes.set_node(p as u64, i)
                                 && old != i
                             {

@@ -197,9 +197,13 @@ fn handle(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<(), PathE
             return Err(PathError::NoNode(p));
         };
         let node = s.nodes.node(i);
-        node.client
+        let present = node
+            .client
             .read_page(p as u64, page)
             .map_err(|e| fetch_failed(&node.addr, e))?;
+        s.seals
+            .open(p, present, page)
+            .map_err(|source| sealed_failed(&node.addr, source))?;
         install(s, p, Some(page), write)?;
         s.stats.faults_remote.fetch_add(1, Relaxed);
         record_fetch(s, t0);
@@ -231,6 +235,13 @@ fn install(s: &Shared, p: usize, data: Option<&[u8]>, write: bool) -> Result<(),
     report(installed)?;
     mark_resident(s, &[p]);
     Ok(())
+}
+
+fn sealed_failed(addr: &str, source: super::seal::SealError) -> PathError {
+    PathError::Seal {
+        addr: addr.to_string(),
+        source,
+    }
 }
 
 fn fetch_failed(addr: &str, source: fabric::ClientError) -> PathError {
@@ -413,9 +424,20 @@ fn window(
     }
     for ((n, from, to), read) in runs.into_iter().zip(pending) {
         let out = &mut buf[from * PAGE..to * PAGE];
-        read.wait(out)
+        let present = read
+            .wait(out)
             .map_err(|e| fetch_failed(&nodes[n].addr, e))?;
         let pages = &remote[from..to];
+        // Every page is checked (and decrypted) before anything is installed.
+        for (k, &q) in pages.iter().enumerate() {
+            s.seals
+                .open(
+                    q,
+                    present.0 & (1 << k) != 0,
+                    &mut out[k * PAGE..(k + 1) * PAGE],
+                )
+                .map_err(|source| sealed_failed(&nodes[n].addr, source))?;
+        }
         for (k, &q) in pages.iter().enumerate() {
             if Some(q) == mark {
                 staged = Some((q, Some(out[k * PAGE..(k + 1) * PAGE].into())));

@@ -24,6 +24,7 @@ pub mod fault;
 pub mod fingerprint;
 pub mod placement;
 pub mod readahead;
+pub mod seal;
 pub mod stats;
 pub mod uffd;
 
@@ -85,6 +86,10 @@ pub struct CacheConfig {
     /// Move pages towards an even spread over the nodes at up to this many
     /// pages a second (0: off).
     pub rebalance: u64,
+    /// Encrypt pages before they leave the VMM (AES-256-GCM, see [`seal`]);
+    /// their integrity is checked either way.
+    #[serde(default)]
+    pub encrypt_pages: bool,
 }
 
 impl CacheConfig {
@@ -141,6 +146,9 @@ pub enum CacheError {
     /// An eventfd could not be made.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The page encryption key could not be made.
+    #[error("cannot make the page encryption key")]
+    Key(#[source] fabric::auth::KeyError),
 }
 
 /// Shared between handler threads, the evictor and vCPU threads.
@@ -171,6 +179,8 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     pub(crate) stop_fd: EventFd,
     pub(crate) nodes: Placement,
+    /// Versions and seals of the pages written out ([`seal`]).
+    pub(crate) seals: seal::Seals,
     pub(crate) vm: Arc<VmFd>,
     pub(crate) stats: CacheStats,
     /// Pages the KVM dirty log reported and that have not been evicted since
@@ -370,6 +380,7 @@ impl ExCache {
             stop: AtomicBool::new(false),
             stop_fd: EventFd::new(libc::EFD_NONBLOCK).map_err(CacheError::EventFd)?,
             nodes,
+            seals: seal::Seals::new(pages, cfg.encrypt_pages).map_err(CacheError::Key)?,
             vm,
             stats: CacheStats::new(),
             streams: fault::Streams::new(),
@@ -468,6 +479,7 @@ impl ExCache {
             uffd_eexist: load(&s.retries.eexist),
             remove_events: load(&st.remove_events),
             rebalanced: load(&st.rebalanced),
+            pages_refused: load(&s.seals.refused),
             faults_wp: load(&st.faults_wp),
             fetch_count: h.len(),
             fetch_p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,

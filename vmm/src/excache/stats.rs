@@ -107,6 +107,10 @@ pub struct StatsSnapshot {
     /// Pages moved between nodes by `--rebalance`.
     #[serde(default)]
     pub rebalanced: u64,
+    /// Fetched pages that failed their integrity check (altered, stale,
+    /// swapped or lost by a node; see `excache::seal`).
+    #[serde(default)]
+    pub pages_refused: u64,
     /// Writes held on a page under eviction.
     #[serde(default)]
     pub faults_wp: u64,
