@@ -46,15 +46,13 @@ enum StartError {
     Unauthenticated(String),
 }
 
-/// True if every address `listen` resolves to is a loopback address.
+/// False if some address `listen` resolves to is not a loopback address (one
+/// that does not resolve is left to fail binding, with its own error).
 fn loopback_only(listen: &str) -> bool {
     use std::net::ToSocketAddrs;
     match listen.to_socket_addrs() {
-        Ok(addrs) => {
-            let addrs: Vec<_> = addrs.collect();
-            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
-        }
-        Err(_) => false,
+        Ok(addrs) => addrs.into_iter().all(|a| a.ip().is_loopback()),
+        Err(_) => true,
     }
 }
 

@@ -88,7 +88,7 @@ fn finish(vm: Child) -> (bool, String) {
 #[test]
 fn kvm_a_flipped_byte_is_caught_and_stops_the_vm() {
     let node = memnode();
-    let vm = start_vm(&node.addr, 901, "rand:size=16M,ops=100000000", &[]);
+    let vm = start_vm(&node.addr, 901, "rand:size=16M,ops=3000000", &[]);
     let c = peer(&node.addr, 901);
     wait_pages(&c, 512);
     // Flip one byte in every page the node holds for the VM.
@@ -111,20 +111,42 @@ fn kvm_a_replayed_older_version_is_caught() {
     let vm = start_vm(
         &node.addr,
         902,
-        "rand:size=16M,ops=100000000",
+        "rand:size=16M,ops=3000000",
         &["--encrypt-pages"],
     );
     let c = peer(&node.addr, 902);
     wait_pages(&c, 512);
     let old = snapshot(&c);
-    // The workload rewrites its pages over and over: give it time to, then put
-    // the old versions back (each one a page the node once really held).
-    std::thread::sleep(Duration::from_secs(2));
-    for (g, data) in &old {
+    // Wait until the workload has written newer versions of some of those
+    // pages, then put their old versions back (each one a page the node once
+    // really held).
+    let t = Instant::now();
+    let stale: Vec<(u64, Vec<u8>)> = loop {
+        let now: std::collections::HashMap<u64, Vec<u8>> = snapshot(&c).into_iter().collect();
+        let changed: Vec<(u64, Vec<u8>)> = old
+            .iter()
+            .filter(|(g, d)| now.get(g).is_some_and(|n| n != d))
+            .cloned()
+            .collect();
+        if changed.len() >= 64 {
+            break changed;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the workload rewrote only {} pages",
+            changed.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for (g, data) in &stale {
         c.write_pages(&[(*g, data)]).unwrap();
     }
     let (ok, out) = finish(vm);
-    assert!(!ok, "the VM ran on over replayed pages:\n{out}");
+    assert!(
+        !ok,
+        "the VM ran on over {} replayed pages:\n{out}",
+        stale.len()
+    );
     assert!(out.contains("returned a bad page"), "{out}");
 }
 
