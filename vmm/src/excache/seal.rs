@@ -204,8 +204,11 @@ impl Seals {
                 Ok(())
             };
         }
+        // A node stores no all-zero page (writing one frees its slot): an
+        // absent page is checked as zeros, and if that is not what was written,
+        // the node lost it.
         if !present {
-            return refuse(SealError::Lost { page });
+            data.fill(0);
         }
         let mut want = [0u8; 16];
         want[..8].copy_from_slice(&self.seal[p][0].load(Relaxed).to_le_bytes());
@@ -222,10 +225,10 @@ impl Seals {
                 )
                 .is_ok(),
         };
-        if ok {
-            Ok(())
-        } else {
-            refuse(SealError::Mismatch { page })
+        match (ok, present) {
+            (true, _) => Ok(()),
+            (false, true) => refuse(SealError::Mismatch { page }),
+            (false, false) => refuse(SealError::Lost { page }),
         }
     }
 }
@@ -282,6 +285,16 @@ mod tests {
             s.open(0, true, &mut v2).unwrap();
             assert_eq!(v2, page(2));
             assert_eq!(s.refused.load(Relaxed), 5);
+            // A page written as zeros: a node stores none and reports it
+            // absent, which is right in integrity mode (in encrypt mode its
+            // ciphertext is not zeros, and absent means lost).
+            let mut zeros = vec![0u8; PAGE];
+            s.commit(2, s.seal(2, &mut zeros).unwrap());
+            let mut got = vec![0xffu8; PAGE];
+            assert_eq!(s.open(2, false, &mut got).is_ok(), !encrypt);
+            if !encrypt {
+                assert_eq!(got, vec![0u8; PAGE]);
+            }
         }
     }
 }
