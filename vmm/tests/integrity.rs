@@ -183,3 +183,41 @@ fn kvm_encrypted_pages_run_verified_and_the_node_holds_ciphertext() {
     let same = plain.iter().zip(&sealed).filter(|(a, b)| a == b).count();
     assert!(same < 64, "{same} of 4096 bytes equal the plaintext");
 }
+
+#[test]
+fn kvm_every_workload_runs_verified_with_encrypted_pages() {
+    let node = memnode();
+    // Each working set twice the cache or more: pages go out and come back.
+    for (w, cache) in [
+        ("seq:size=16M", "4M"),
+        ("rand:size=16M,ops=200000", "4M"),
+        ("chase:size=512K", "256K"),
+        ("hash:size=512K,ops=2000", "256K"),
+    ] {
+        let out = Command::new(VMM)
+            .args([
+                "run",
+                "--workload",
+                w,
+                "--mem",
+                "64M",
+                "--local-cache",
+                cache,
+            ])
+            .args(["--memnode", &node.addr, "--encrypt-pages", "--stats-json"])
+            .arg(std::env::temp_dir().join(format!("integrity-{}.json", std::process::id())))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{w}: {text}");
+        assert!(
+            text.contains("verified") && !text.contains("FAILED"),
+            "{w}: {text}"
+        );
+        assert!(
+            !text.contains(" 0 remote"),
+            "{w}: nothing came back from the node: {text}"
+        );
+    }
+}
