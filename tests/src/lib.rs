@@ -97,3 +97,20 @@ pub fn sibling_bin(sibling: &str, name: &str) -> PathBuf {
     );
     p
 }
+
+/// Writes a benchmark's JSON `text` to `$SPLITVISOR_BENCH_OUT`, or else to
+/// `target/bench/NAME.json` of the workspace; returns the path written.
+pub fn write_bench_output(name: &str, text: &str) -> PathBuf {
+    let path = std::env::var_os("SPLITVISOR_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/bench")
+                .join(format!("{name}.json"))
+        });
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).expect("create the benchmark output directory");
+    }
+    std::fs::write(&path, text).expect("write the benchmark output");
+    path
+}

@@ -157,16 +157,10 @@ fn main() {
             "encryption_fault_p50_at_most_1_15x": fault_ratio(2) <= 1.15,
         }
     });
-    let path = std::env::var("SPLITVISOR_BENCH_OUT").unwrap_or_else(|_| {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-        dir.join("page_security.json")
-            .to_string_lossy()
-            .into_owned()
-    });
-    if let Some(d) = std::path::Path::new(&path).parent() {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    let path = splitvisor_tests::write_bench_output(
+        "page_security",
+        &serde_json::to_string_pretty(&out).unwrap(),
+    );
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
-    println!("wrote {path}");
+    println!("wrote {}", path.display());
 }

@@ -174,21 +174,15 @@ fn main() {
             "seq_at_25pct_at_most_1_5x": seq25 <= 1.5,
         }
     });
-    let path = std::env::var("SPLITVISOR_BENCH_OUT").unwrap_or_else(|_| {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-        dir.join("remote_memory.json")
-            .to_string_lossy()
-            .into_owned()
-    });
-    if let Some(d) = std::path::Path::new(&path).parent() {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    let path = splitvisor_tests::write_bench_output(
+        "remote_memory",
+        &serde_json::to_string_pretty(&out).unwrap(),
+    );
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
     for l in table {
         println!("{l}");
     }
-    println!("wrote {path}");
+    println!("wrote {}", path.display());
 }
 
 /// The run with the median elapsed time, and every run's time (s, rounded),
