@@ -3,6 +3,8 @@
 //! second disk on the same loop keeps completing requests, and a notification
 //! returns at once, as a vCPU's would), its request completes with IOERR after
 //! the I/O timeout, and the node is named once in the log, not once per request.
+//! A reconnect to a node that hangs in the handshake does not stall the loop
+//! either; the request that waited for it succeeds once the node answers.
 //! (The Linux-guest side of this runs in the nested host's disk scenarios.)
 
 use splitvisor_tests::{Daemon, sibling_bin};
@@ -214,8 +216,39 @@ fn a_silent_storage_node_fails_its_request_after_the_timeout_and_stalls_nothing_
     assert_eq!(failed, 1, "{lines:#?}");
     assert!(lines.len() <= 8, "too many log lines: {lines:#?}");
 
+    // Once the backoff has passed, a request starts a reconnect. The stopped
+    // node's socket still accepts (the kernel's backlog), so the NBD handshake
+    // hangs: that happens on a thread of its own, and the loop serves the
+    // other disk meanwhile.
+    std::thread::sleep(Duration::from_millis(500));
+    let waits = r.request(0, 0);
+    for i in 0..5u16 {
+        let s = l.request(0, 0);
+        let took = l.wait_used(22 + i, Duration::from_secs(5));
+        assert!(
+            took < Duration::from_secs(2),
+            "the local disk took {took:?} during a reconnect"
+        );
+        assert_eq!(l.status(s), 0);
+    }
+    assert_eq!(r.used(), 7, "the request waits for the reconnect");
+    // The node resumes: the handshake completes, and the waiting request goes
+    // out on the new connection and succeeds.
     // SAFETY: as above.
     unsafe { libc::kill(node.child.id() as i32, libc::SIGCONT) };
+    r.wait_used(8, IO_TIMEOUT + Duration::from_secs(5));
+    assert_eq!(
+        r.status(waits),
+        0,
+        "the request that waited for the reconnect"
+    );
+    let lines = LOG.0.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("reconnected to the storage node")),
+        "{lines:#?}"
+    );
     drop(io);
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);

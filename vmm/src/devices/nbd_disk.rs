@@ -18,6 +18,13 @@
 //! request, with exponential backoff (from [`BACKOFF_MIN`] to [`BACKOFF_MAX`]):
 //! within the backoff period requests fail at once instead of each waiting for a
 //! connect timeout. A reconnected export must have the same size.
+//!
+//! A reconnect runs on a thread of its own (owned by the backend and joined),
+//! never on the event loop: the loop serves every other device meanwhile.
+//! Requests submitted while it runs wait for its outcome (they are bounded by
+//! the device's in-flight limit), then go out in order, or fail if the node
+//! is still unreachable. The thread's result wakes the loop through the same
+//! eventfd as completions.
 
 use super::block::{BlockBackend, BlockOp, OpKind};
 use fabric::client::error_chain;
@@ -115,10 +122,20 @@ pub struct NbdBackend {
     next_write: u64,
     /// Flushes waiting for the writes before them: (tag, first later write).
     held: VecDeque<(u64, u64)>,
+    /// A reconnect under way on its own thread, and its outcome.
+    connecting: Option<Reconnect>,
+    /// Ops submitted while reconnecting, in order.
+    waiting: Vec<(u64, BlockOp)>,
     /// Requests that failed (for logs and tests).
     pub failures: u64,
     /// Successful reconnects.
     pub reconnects: u64,
+}
+
+/// A connection attempt on its own thread.
+struct Reconnect {
+    thread: std::thread::JoinHandle<()>,
+    result: mpsc::Receiver<Result<NbdClient, ClientError>>,
 }
 
 /// An op whose pieces are with the node.
@@ -167,15 +184,18 @@ impl NbdBackend {
             writes: BTreeSet::new(),
             next_write: 0,
             held: VecDeque::new(),
+            connecting: None,
+            waiting: Vec::new(),
             failures: 0,
             reconnects: 0,
         })
     }
 
-    /// The connection, reconnecting if it was lost and the backoff has passed.
-    fn client(&mut self) -> io::Result<NbdClient> {
-        if let Some(c) = &self.client {
-            return Ok(c.clone());
+    /// Starts a reconnect on its own thread if the connection is lost and the
+    /// backoff has passed; `Err` if the node counts as down until then.
+    fn reconnect(&mut self) -> io::Result<()> {
+        if self.connecting.is_some() {
+            return Ok(());
         }
         let now = Instant::now();
         if now < self.next_try {
@@ -185,23 +205,60 @@ impl NbdBackend {
                 self.next_try - now
             )));
         }
-        match NbdClient::connect_with(&self.url.addr, &self.url.export, &self.config) {
+        let (tx, result) = mpsc::channel();
+        let (url, config, ready) = (self.url.clone(), self.config.clone(), self.ready.clone());
+        let thread = std::thread::Builder::new()
+            .name("vmm-nbd-connect".into())
+            .spawn(move || {
+                let _ = tx.send(NbdClient::connect_with(&url.addr, &url.export, &config));
+                let _ = ready.write(1);
+            })
+            .map_err(|e| io::Error::other(format!("cannot start a reconnect thread: {e}")))?;
+        self.connecting = Some(Reconnect { thread, result });
+        Ok(())
+    }
+
+    /// Takes a finished reconnect's outcome: the waiting ops go out on the new
+    /// connection, or fail if there is none.
+    fn reconnected(&mut self) {
+        let Some(r) = &self.connecting else {
+            return;
+        };
+        let outcome = match r.result.try_recv() {
+            Ok(o) => o,
+            Err(mpsc::TryRecvError::Empty) => return,
+            Err(mpsc::TryRecvError::Disconnected) => Err(ClientError::Io {
+                addr: self.url.addr.clone(),
+                during: "reconnecting",
+                source: Arc::new(io::Error::other(
+                    "the reconnect thread ended without a result",
+                )),
+            }),
+        };
+        let r = self.connecting.take().expect("checked above");
+        let _ = r.thread.join();
+        let failure = match outcome {
             Ok(c) if c.size() != self.size => {
                 self.retry_later();
-                Err(io::Error::other(format!(
+                format!(
                     "storage node {}: export {:?} is now {} bytes, was {}: not using it",
                     self.url.addr,
                     self.url.export,
                     c.size(),
                     self.size
-                )))
+                )
             }
             Ok(c) => {
                 log::warn!("disk {}: reconnected to the storage node", self.url);
                 self.reconnects += 1;
                 self.backoff = BACKOFF_MIN;
-                self.client = Some(c.clone());
-                Ok(c)
+                self.client = Some(c);
+                // In order, through `submit`, so a flush still waits for the
+                // writes before it.
+                for (tag, op) in std::mem::take(&mut self.waiting) {
+                    self.submit(tag, op);
+                }
+                return;
             }
             Err(e) => {
                 self.retry_later();
@@ -212,8 +269,13 @@ impl NbdBackend {
                     error_chain(&e),
                     self.backoff
                 );
-                Err(io::Error::other(error_chain(&e)))
+                error_chain(&e)
             }
+        };
+        for (tag, mut op) in std::mem::take(&mut self.waiting) {
+            self.failures += 1;
+            op.result = Err(io::Error::other(failure.clone()));
+            self.finished.push((tag, op));
         }
     }
 
@@ -243,14 +305,19 @@ impl NbdBackend {
         }
     }
 
-    /// Sends `op`'s pieces to the node.
+    /// Sends `op`'s pieces to the node (or holds it while reconnecting).
     fn start(&mut self, tag: u64, mut op: BlockOp) {
-        let client = match self.client() {
-            Ok(c) => c,
-            Err(e) => {
-                self.failures += 1;
-                op.result = Err(e);
-                self.finished.push((tag, op));
+        let client = match &self.client {
+            Some(c) => c.clone(),
+            None => {
+                match self.reconnect() {
+                    Ok(()) => self.waiting.push((tag, op)),
+                    Err(e) => {
+                        self.failures += 1;
+                        op.result = Err(e);
+                        self.finished.push((tag, op));
+                    }
+                }
                 return;
             }
         };
@@ -342,6 +409,16 @@ impl NbdBackend {
 
 static RECONNECTS: fabric::ratelimit::RateLimiter = fabric::ratelimit::RateLimiter::new(1);
 
+impl Drop for NbdBackend {
+    fn drop(&mut self) {
+        // Whoever starts a thread joins it: a reconnect ends within the
+        // connect timeout.
+        if let Some(r) = self.connecting.take() {
+            let _ = r.thread.join();
+        }
+    }
+}
+
 impl BlockBackend for NbdBackend {
     fn size(&self) -> u64 {
         self.size
@@ -363,6 +440,7 @@ impl BlockBackend for NbdBackend {
     }
     fn completions(&mut self, out: &mut Vec<(u64, BlockOp)>) {
         let _ = self.ready.read();
+        self.reconnected();
         while let Ok((tag, at, c)) = self.rx.try_recv() {
             let Some(p) = self.pending.get_mut(&tag) else {
                 continue;
