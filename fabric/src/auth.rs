@@ -21,6 +21,21 @@
 //! replayed to a client fails too. The two proofs have different labels, so
 //! one side's proof is never valid as the other's. Comparisons are constant
 //! time (`hmac`'s `verify_slice`). The key never appears in `Debug` output.
+//!
+//! # Per-VM isolation
+//!
+//! The cluster key admits a peer to the cluster; it does not say which VM the
+//! peer may act for. For that every VMM also holds a per-VM secret (random per
+//! run, or `vmm run --vm-secret FILE` so that a later VMM can take the VM over).
+//! From it and the VM id the VMM derives an Ed25519 signing key
+//! ([`Key::vm_identity`]); in every VMM handshake it sends the public key and a
+//! signature over the same transcript as the proofs (hello, `Nc`, `Ns`, under
+//! its own label). The node binds a VM id to the first public key that proves
+//! itself and refuses every later session for that id whose key differs. The
+//! node only ever sees public keys and signatures, so neither it nor anyone on
+//! the network (another tenant holding the cluster key included) learns
+//! anything that lets them act for the VM, and a recorded session replays as
+//! badly as the cluster proof does.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -33,11 +48,11 @@ pub const NONCE_LEN: usize = 32;
 /// Bytes in a proof.
 pub const PROOF_LEN: usize = 32;
 
-/// Why a key could not be loaded or made.
+/// Why a key (cluster key or per-VM secret) could not be loaded or made.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The file cannot be read.
-    #[error("cannot read the auth key {path}")]
+    #[error("cannot read the key file {path}")]
     Read {
         /// The file.
         path: String,
@@ -47,14 +62,14 @@ pub enum KeyError {
     },
     /// The file is neither 32 raw bytes nor 64 hex digits.
     #[error(
-        "the auth key {path} must hold 32 random bytes, raw or as 64 hex digits (make one with `vmm keygen FILE`, or `head -c 32 /dev/urandom > FILE`)"
+        "the key file {path} must hold 32 random bytes, raw or as 64 hex digits (make one with `vmm keygen FILE`, or `head -c 32 /dev/urandom > FILE`)"
     )]
     Format {
         /// The file.
         path: String,
     },
     /// The file can be read by other users.
-    #[error("the auth key {path} is readable by other users (mode {mode:o}); chmod 600 it")]
+    #[error("the key file {path} is readable by other users (mode {mode:o}); chmod 600 it")]
     Permissions {
         /// The file.
         path: String,
@@ -65,7 +80,7 @@ pub enum KeyError {
     #[error("the system random number generator failed: {0}")]
     Random(getrandom::Error),
     /// The key file cannot be written.
-    #[error("cannot write the auth key {path}")]
+    #[error("cannot write the key file {path}")]
     Write {
         /// The file.
         path: String,
@@ -75,7 +90,7 @@ pub enum KeyError {
     },
 }
 
-/// A cluster key.
+/// A 32-byte secret: a cluster key, or a VMM's per-VM secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Key([u8; KEY_LEN]);
 
@@ -209,6 +224,73 @@ impl Key {
     }
 }
 
+/// A VM's public identity on the nodes: an Ed25519 public key.
+pub type VmPublicKey = [u8; VM_KEY_LEN];
+/// Bytes in a VM's public key.
+pub const VM_KEY_LEN: usize = 32;
+/// Bytes in a VM's handshake signature.
+pub const VM_SIG_LEN: usize = 64;
+
+/// A VMM's signing identity for one VM (see the module docs).
+pub struct VmIdentity(ed25519_dalek::SigningKey);
+
+impl std::fmt::Debug for VmIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VmIdentity({:02x?})", self.public())
+    }
+}
+
+impl Key {
+    /// The signing identity this per-VM secret gives VM `vm_id`: an Ed25519
+    /// key whose seed is `HMAC-SHA-256(secret, label | vm_id)`, so one secret
+    /// file gives each VM id its own identity.
+    pub fn vm_identity(&self, vm_id: u64) -> VmIdentity {
+        let seed: [u8; 32] = self
+            .mac(VM_SEED_LABEL, &vm_id.to_le_bytes(), &[], &[])
+            .finalize()
+            .into_bytes()
+            .into();
+        VmIdentity(ed25519_dalek::SigningKey::from_bytes(&seed))
+    }
+}
+
+impl VmIdentity {
+    /// The public key a node binds the VM to.
+    pub fn public(&self) -> VmPublicKey {
+        self.0.verifying_key().to_bytes()
+    }
+
+    /// Signs a handshake's transcript.
+    pub fn sign(&self, hello: &[u8], nc: &[u8], ns: &[u8]) -> [u8; VM_SIG_LEN] {
+        use ed25519_dalek::Signer;
+        self.0.sign(&vm_transcript(hello, nc, ns)).to_bytes()
+    }
+}
+
+/// Checks a VM's handshake signature (strict verification: no malleable or
+/// small-order keys).
+pub fn verify_vm(key: &VmPublicKey, hello: &[u8], nc: &[u8], ns: &[u8], sig: &[u8]) -> bool {
+    let Ok(vk) = ed25519_dalek::VerifyingKey::from_bytes(key) else {
+        return false;
+    };
+    let Ok(sig) = ed25519_dalek::Signature::from_slice(sig) else {
+        return false;
+    };
+    vk.verify_strict(&vm_transcript(hello, nc, ns), &sig)
+        .is_ok()
+}
+
+fn vm_transcript(hello: &[u8], nc: &[u8], ns: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(64 + hello.len() + nc.len() + ns.len());
+    for part in [VM_SIG_LABEL, hello, nc, ns] {
+        t.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        t.extend_from_slice(part);
+    }
+    t
+}
+
+const VM_SEED_LABEL: &[u8] = b"splitvisor-vm-seed-v1";
+const VM_SIG_LABEL: &[u8] = b"splitvisor-vm-v1";
 const NODE_LABEL: &[u8] = b"splitvisor-node-v1";
 const CLIENT_LABEL: &[u8] = b"splitvisor-client-v1";
 
@@ -251,6 +333,42 @@ mod tests {
         );
         assert!(k.verify_node(&h, &nc, &ns, &k.node_proof(&h, &nc, &ns)));
         assert_eq!(format!("{k:?}"), "Key(<redacted>)");
+    }
+
+    #[test]
+    fn vm_signatures_bind_the_secret_the_vm_and_the_nonces() {
+        let secret = Key::generate().unwrap();
+        let id = secret.vm_identity(42);
+        assert_eq!(
+            id.public(),
+            secret.vm_identity(42).public(),
+            "deterministic"
+        );
+        assert_ne!(id.public(), secret.vm_identity(43).public(), "per VM id");
+        assert_ne!(
+            id.public(),
+            Key::generate().unwrap().vm_identity(42).public(),
+            "per secret"
+        );
+        let h = hello_binding(1, 1, 42);
+        let (nc, ns) = ([1u8; 32], [2u8; 32]);
+        let sig = id.sign(&h, &nc, &ns);
+        assert!(verify_vm(&id.public(), &h, &nc, &ns, &sig));
+        assert!(
+            !verify_vm(&id.public(), &h, &nc, &[3u8; 32], &sig),
+            "replayed"
+        );
+        assert!(
+            !verify_vm(&id.public(), &hello_binding(1, 1, 7), &nc, &ns, &sig),
+            "another VM id"
+        );
+        let other = secret.vm_identity(43);
+        assert!(
+            !verify_vm(&other.public(), &h, &nc, &ns, &sig),
+            "another key"
+        );
+        assert!(!verify_vm(&[0u8; 32], &h, &nc, &ns, &sig), "a bad key");
+        assert!(!format!("{id:?}").contains(&secret.to_hex()[..8]));
     }
 
     #[test]

@@ -11,5 +11,6 @@
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod vms;
 
 pub use server::{Server, ServerConfig, ServerError, ShutdownHandle};

@@ -16,6 +16,10 @@ struct Args {
     /// Most memory to store, e.g. 8G, 512M.
     #[arg(long, default_value = "8G", value_parser = fabric::units::parse_size)]
     capacity: u64,
+    /// Most memory any one VM may store here, e.g. 1G (default: only
+    /// --capacity bounds it), so that one VM cannot fill a node others use.
+    #[arg(long, value_name = "SIZE", value_parser = fabric::units::parse_size)]
+    vm_quota: Option<u64>,
     /// Serve Prometheus metrics over HTTP on this address, at /metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
@@ -90,6 +94,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_connections: args.max_connections.max(1),
         handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
         send_timeout: Duration::from_secs(30),
+        vm_quota_bytes: args.vm_quota,
     })?;
     if let Some(m) = &args.metrics {
         let bound = memnode::metrics::serve(m, server.store().clone(), server.state().clone())?;

@@ -73,9 +73,9 @@ pub fn render(store: &PageStore, state: &NodeState) -> String {
         "Requests answered with an error.",
         &mut one(state.errors.load(Relaxed)),
     );
-    let vms = store.vms();
-    type Field = fn(&crate::store::VmStats) -> &std::sync::atomic::AtomicU64;
-    let per_vm: [(&str, &str, &str, Field); 7] = [
+    let vms = store.vms().snapshot();
+    type Field = fn(&crate::vms::VmStats) -> &std::sync::atomic::AtomicU64;
+    let per_vm: [(&str, &str, &str, Field); 8] = [
         ("pages_stored", "gauge", "Pages stored, per VM.", |v| {
             &v.pages
         }),
@@ -111,6 +111,12 @@ pub fn render(store: &PageStore, state: &NodeState) -> String {
             "counter",
             "Page bytes sent, per VM.",
             |v| &v.bytes_out,
+        ),
+        (
+            "quota_refusals_total",
+            "counter",
+            "Writes refused because the VM was at its quota (--vm-quota), per VM.",
+            |v| &v.quota_refusals,
         ),
     ];
     for (name, kind, help, field) in per_vm {

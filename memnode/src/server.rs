@@ -64,6 +64,8 @@ pub struct ServerConfig {
     /// The cluster key: with one, every connection must prove it (and gets the
     /// node's proof), see [`fabric::auth`]; without, any client is served.
     pub auth_key: Option<Key>,
+    /// Most bytes any one VM may store here (`None`: only the capacity bounds it).
+    pub vm_quota_bytes: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +77,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(30),
             auth_key: None,
+            vm_quota_bytes: None,
         }
     }
 }
@@ -126,7 +129,10 @@ impl Server {
         });
         Ok(Server {
             acceptor,
-            store: Arc::new(PageStore::new(capacity_pages)),
+            store: Arc::new(PageStore::with_vm_quota(
+                capacity_pages,
+                config.vm_quota_bytes.map(|b| b / PAGE_SIZE as u64),
+            )),
             state,
             config,
         })
@@ -187,7 +193,7 @@ impl Server {
         stats_reply(
             &self.store,
             &self.state,
-            vm.map(|v| self.store.vm(v)).as_deref(),
+            vm.and_then(|v| self.store.vms().get(v)).as_deref(),
         )
     }
 }
@@ -205,7 +211,8 @@ fn stats_reply(store: &PageStore, state: &NodeState, vm: Option<&VmStats>) -> St
     let mut r = StatsReply {
         node_pages: store.used_pages(),
         node_capacity_pages: store.capacity_pages(),
-        node_vms: store.vms_with_pages(),
+        node_vms: store.vms().with_pages(),
+        vm_quota_pages: store.vm_quota_pages().unwrap_or(0),
         node_connections: state.connections(),
         node_errors: state.errors.load(Relaxed),
         node_overhead_bytes: store.overhead_bytes(),
@@ -409,7 +416,7 @@ impl Connection {
                         count: gpns.len() as u32,
                     }
                     .encode(rid, out),
-                    Err(e @ StoreError::OutOfCapacity { .. }) => {
+                    Err(e @ (StoreError::OutOfCapacity { .. } | StoreError::OverQuota { .. })) => {
                         warn_limited!(PEER_ERRORS, "{}: vm {vm}: {e}", link.peer());
                         self.refuse(rid, out, ErrorCode::OutOfCapacity, &e.to_string());
                     }
@@ -447,24 +454,48 @@ impl Connection {
         link: &TcpLink,
     ) -> Result<(), Close> {
         if let Some(p) = self.pending.take() {
-            let Message::Proof { proof } = msg else {
+            let Message::Proof { proof, vm } = msg else {
                 return Err(Close::Violation(
                     ErrorCode::HandshakeRequired,
                     format!("expected the client's proof, got {:?}", msg.opcode()),
                 ));
             };
-            let key = (*self.key)
-                .as_ref()
-                .expect("a challenge was sent with a key");
             let binding = auth::hello_binding(p.role as u8, PROTOCOL_VERSION, p.vm_id);
-            if !key.verify_client(&binding, &p.nc, &p.ns, proof) {
-                return Err(Close::Violation(
-                    ErrorCode::AuthFailed,
-                    "the client could not prove the cluster key".into(),
-                ));
+            if let Some(key) = &*self.key {
+                let Some(proof) = proof else {
+                    return Err(Close::Violation(
+                        ErrorCode::AuthFailed,
+                        "this node requires authentication: the client must hold the cluster key (--auth-key)"
+                            .into(),
+                    ));
+                };
+                if !key.verify_client(&binding, &p.nc, &p.ns, proof) {
+                    return Err(Close::Violation(
+                        ErrorCode::AuthFailed,
+                        "the client could not prove the cluster key".into(),
+                    ));
+                }
             }
-            self.open_session(rid, p.role, p.vm_id, out, link);
-            return Ok(());
+            // A VMM proves which VM it acts for; an admin tool acts for none.
+            let owner = match (p.role, vm) {
+                (Role::Vmm, None) => {
+                    return Err(Close::Violation(
+                        ErrorCode::AuthFailed,
+                        "a VMM must prove its VM's identity (a VM key and signature)".into(),
+                    ));
+                }
+                (Role::Vmm, Some((vm_key, sig))) => {
+                    if !auth::verify_vm(vm_key, &binding, &p.nc, &p.ns, sig) {
+                        return Err(Close::Violation(
+                            ErrorCode::AuthFailed,
+                            "the VM signature does not verify".into(),
+                        ));
+                    }
+                    Some(*vm_key)
+                }
+                _ => None,
+            };
+            return self.open_session(rid, p.role, p.vm_id, owner.as_ref(), out, link);
         }
         let Message::Hello {
             role,
@@ -490,28 +521,25 @@ impl Connection {
                 format!("role {role:?} cannot use a memory node"),
             ));
         }
-        let Some(key) = &*self.key else {
-            if !auth.is_empty() {
-                log::debug!(
-                    "{}: authentication is not configured here; the client's nonce is ignored",
-                    link.peer()
-                );
-            }
-            self.open_session(rid, role, vm_id, out, link);
-            return Ok(());
-        };
         let Ok(nc) = <[u8; auth::NONCE_LEN]>::try_from(auth) else {
             return Err(Close::Violation(
                 ErrorCode::AuthFailed,
-                "this node requires authentication: the client must hold the cluster key (--auth-key)"
-                    .into(),
+                format!(
+                    "the hello must carry a {}-byte nonce, not {} bytes",
+                    auth::NONCE_LEN,
+                    auth.len()
+                ),
             ));
         };
         let ns: [u8; auth::NONCE_LEN] = auth::random().map_err(|e| {
             Close::Violation(ErrorCode::Internal, format!("cannot make a nonce: {e}"))
         })?;
+        // Without a cluster key the node proves nothing (zeros), and a client
+        // holding a key refuses it.
         let binding = auth::hello_binding(role as u8, version, vm_id);
-        let proof = key.node_proof(&binding, &nc, &ns);
+        let proof = (*self.key).as_ref().map_or([0; auth::PROOF_LEN], |key| {
+            key.node_proof(&binding, &nc, &ns)
+        });
         Message::Challenge {
             nonce: &ns,
             proof: &proof,
@@ -526,37 +554,45 @@ impl Connection {
         Ok(())
     }
 
-    /// The handshake succeeded: the connection acts on `vm_id` from now on.
+    /// The handshake succeeded: the connection acts on `vm_id` from now on,
+    /// if the VM is not bound to another VMM.
     fn open_session(
         &mut self,
         rid: u64,
         role: Role,
         vm_id: u64,
+        owner: Option<&auth::VmPublicKey>,
         out: &mut Vec<u8>,
         link: &TcpLink,
-    ) {
+    ) -> Result<(), Close> {
+        let stats = self
+            .store
+            .vms()
+            .open(vm_id, owner)
+            .map_err(|e| Close::Violation(ErrorCode::AuthFailed, e.to_string()))?;
         let _ = link.set_recv_timeout(None);
-        log::info!("{}: hello from a {role:?} for vm {vm_id}", link.peer());
-        let stats = self.store.vm(vm_id);
-        stats.connections.fetch_add(1, Relaxed);
+        log::info!("{}: hello from a {role:?} for vm {vm_id:#x}", link.peer());
         self.session = Some(Session { vm_id, role, stats });
+        let capacity_pages = self.store.capacity_pages();
         Message::HelloOk {
             role: Role::MemNode,
             version: PROTOCOL_VERSION,
             page_size: PAGE_SIZE as u32,
             max_batch: MAX_BATCH as u32,
-            capacity_pages: self.store.capacity_pages(),
+            capacity_pages: self
+                .store
+                .vm_quota_pages()
+                .map_or(capacity_pages, |q| q.min(capacity_pages)),
         }
         .encode(rid, out);
+        Ok(())
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         if let Some(sess) = self.session.take() {
-            sess.stats.connections.fetch_sub(1, Relaxed);
-            drop(sess.stats);
-            self.store.forget_if_idle(sess.vm_id);
+            self.store.vms().close(sess.vm_id, sess.stats);
         }
     }
 }

@@ -9,7 +9,8 @@
 //! - pages never written are not stored at all, and a write of an all-zero page
 //!   frees the slot instead of storing zeros (a page reads back as zeros either way).
 //!
-//! Capacity counts stored pages across all VMs. A write batch reserves room for its
+//! Capacity counts stored pages across all VMs; a per-VM quota, if set, counts
+//! each VM's own. A write batch reserves room for its
 //! new pages before it stores any, so a batch that does not fit fails whole. (One
 //! race remains: if another connection of the same VM frees one of the batch's
 //! pages between the count and the store, that page needs room the count did not
@@ -19,8 +20,10 @@
 
 use fabric::proto::PAGE_SIZE;
 use hashbrown::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
+
+pub use crate::vms::{VmStats, VmTable};
 
 const SHARDS: usize = 64;
 const CHUNK_PAGES: usize = 16;
@@ -38,6 +41,20 @@ pub enum StoreError {
         /// The node's capacity in pages.
         capacity: u64,
     },
+    /// The write would take the VM past its quota on this node.
+    #[error(
+        "vm {vm:#x} is at its quota on this node: {needed} new pages requested, {pages} of its {quota} pages in use (memnode --vm-quota)"
+    )]
+    OverQuota {
+        /// The VM.
+        vm: u64,
+        /// New pages the write needed.
+        needed: u64,
+        /// The VM's pages on the node.
+        pages: u64,
+        /// Its quota in pages.
+        quota: u64,
+    },
     /// The write's data is not a whole number of pages matching its page list.
     #[error("write of {pages} pages carries {bytes} bytes")]
     BadWrite {
@@ -46,27 +63,6 @@ pub enum StoreError {
         /// Bytes carried.
         bytes: usize,
     },
-}
-
-/// Per-VM counters.
-#[derive(Debug, Default)]
-pub struct VmStats {
-    /// Open connections acting on this VM.
-    pub connections: AtomicU64,
-    /// Pages stored.
-    pub pages: AtomicU64,
-    /// Page reads served.
-    pub reads: AtomicU64,
-    /// Reads of pages never written.
-    pub zero_reads: AtomicU64,
-    /// Page writes stored.
-    pub writes: AtomicU64,
-    /// Pages freed.
-    pub frees: AtomicU64,
-    /// Page bytes received.
-    pub bytes_in: AtomicU64,
-    /// Page bytes sent.
-    pub bytes_out: AtomicU64,
 }
 
 struct Slab {
@@ -108,8 +104,9 @@ struct Shard {
 pub struct PageStore {
     shards: Box<[Mutex<Shard>]>,
     capacity_pages: u64,
+    vm_quota_pages: Option<u64>,
     used: AtomicU64,
-    vms: RwLock<std::collections::HashMap<u64, Arc<VmStats>>>,
+    vms: VmTable,
 }
 
 fn shard_of(vm: u64, gpn: u64) -> usize {
@@ -129,6 +126,12 @@ fn is_zero(page: &[u8]) -> bool {
 impl PageStore {
     /// An empty store holding at most `capacity_pages` pages.
     pub fn new(capacity_pages: u64) -> Self {
+        Self::with_vm_quota(capacity_pages, None)
+    }
+
+    /// An empty store holding at most `capacity_pages` pages, and at most
+    /// `vm_quota_pages` for any one VM.
+    pub fn with_vm_quota(capacity_pages: u64, vm_quota_pages: Option<u64>) -> Self {
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
@@ -144,8 +147,9 @@ impl PageStore {
         PageStore {
             shards,
             capacity_pages,
+            vm_quota_pages,
             used: AtomicU64::new(0),
-            vms: RwLock::new(std::collections::HashMap::new()),
+            vms: VmTable::default(),
         }
     }
 
@@ -159,47 +163,14 @@ impl PageStore {
         self.used.load(Relaxed)
     }
 
-    /// The counters of `vm`, created on first use.
-    pub fn vm(&self, vm: u64) -> Arc<VmStats> {
-        if let Some(s) = self.vms.read().unwrap().get(&vm) {
-            return s.clone();
-        }
-        self.vms.write().unwrap().entry(vm).or_default().clone()
+    /// The per-VM quota in pages, if any.
+    pub fn vm_quota_pages(&self) -> Option<u64> {
+        self.vm_quota_pages
     }
 
-    /// Forgets a VM's counters once it has no pages and no connections, so that
-    /// clients naming ever new VM ids cannot grow the table without bound.
-    pub fn forget_if_idle(&self, vm: u64) {
-        let mut vms = self.vms.write().unwrap();
-        if let Some(s) = vms.get(&vm)
-            && s.pages.load(Relaxed) == 0
-            && s.connections.load(Relaxed) == 0
-        {
-            vms.remove(&vm);
-        }
-    }
-
-    /// A snapshot of every VM's counters.
-    pub fn vms(&self) -> Vec<(u64, Arc<VmStats>)> {
-        let mut v: Vec<_> = self
-            .vms
-            .read()
-            .unwrap()
-            .iter()
-            .map(|(k, s)| (*k, s.clone()))
-            .collect();
-        v.sort_by_key(|(k, _)| *k);
-        v
-    }
-
-    /// VMs that have pages stored.
-    pub fn vms_with_pages(&self) -> u64 {
-        self.vms
-            .read()
-            .unwrap()
-            .values()
-            .filter(|s| s.pages.load(Relaxed) > 0)
-            .count() as u64
+    /// The node's VMs.
+    pub fn vms(&self) -> &VmTable {
+        &self.vms
     }
 
     /// Calls `f` with the page's data if it is stored; returns whether it was.
@@ -256,7 +227,7 @@ impl PageStore {
                         .contains_key(&(vm, *g))
             })
             .count() as u64;
-        self.reserve(needed)?;
+        self.reserve(stats, vm, needed)?;
         let mut reserved = needed;
         let mut result = Ok(());
         for (gpn, page) in pages() {
@@ -274,7 +245,7 @@ impl PageStore {
                 // A concurrent free of the same page may have made this one new
                 // although it was stored when counted: reserve it then.
                 if reserved == 0 {
-                    if let Err(e) = self.reserve(1) {
+                    if let Err(e) = self.reserve(stats, vm, 1) {
                         result = Err(e);
                         break;
                     }
@@ -284,28 +255,48 @@ impl PageStore {
                 let slot = shard.slab.alloc();
                 shard.slab.page_mut(slot).copy_from_slice(page);
                 shard.map.insert((vm, gpn), slot);
-                stats.pages.fetch_add(1, Relaxed);
             }
             stats.writes.fetch_add(1, Relaxed);
             stats.bytes_in.fetch_add(PAGE_SIZE as u64, Relaxed);
         }
         self.used.fetch_sub(reserved, Relaxed);
+        stats.pages.fetch_sub(reserved, Relaxed);
         result
     }
 
-    fn reserve(&self, n: u64) -> Result<(), StoreError> {
+    /// Reserves room for `n` new pages of `vm`: within its quota (counted in
+    /// its `pages`) and within the node's capacity (counted in `used`).
+    fn reserve(&self, stats: &VmStats, vm: u64, n: u64) -> Result<(), StoreError> {
         if n == 0 {
             return Ok(());
         }
+        let quota = self.vm_quota_pages.unwrap_or(u64::MAX);
+        stats
+            .pages
+            .fetch_update(Relaxed, Relaxed, |p| {
+                (p.saturating_add(n) <= quota).then_some(p + n)
+            })
+            .map_err(|pages| {
+                stats.quota_refusals.fetch_add(1, Relaxed);
+                StoreError::OverQuota {
+                    vm,
+                    needed: n,
+                    pages,
+                    quota,
+                }
+            })?;
         self.used
             .fetch_update(Relaxed, Relaxed, |u| {
                 (u + n <= self.capacity_pages).then_some(u + n)
             })
             .map(|_| ())
-            .map_err(|used| StoreError::OutOfCapacity {
-                needed: n,
-                used,
-                capacity: self.capacity_pages,
+            .map_err(|used| {
+                stats.pages.fetch_sub(n, Relaxed);
+                StoreError::OutOfCapacity {
+                    needed: n,
+                    used,
+                    capacity: self.capacity_pages,
+                }
             })
     }
 
@@ -352,7 +343,7 @@ mod tests {
     #[test]
     fn write_read_free() {
         let s = PageStore::new(100);
-        let st = s.vm(1);
+        let st = s.vms().open(1, None).unwrap();
         assert!(!s.read(&st, 1, 5, |_| panic!("never written")));
         s.write(&st, 1, [5u64, 6].into_iter(), &[page(1), page(2)].concat())
             .unwrap();
@@ -360,7 +351,7 @@ mod tests {
         assert!(s.read(&st, 1, 6, |p| got.extend_from_slice(p)));
         assert_eq!(got, page(2));
         // Another VM's page 6 is a different page.
-        let other = s.vm(2);
+        let other = s.vms().open(2, None).unwrap();
         assert!(!s.read(&other, 2, 6, |_| {}));
         assert_eq!(s.used_pages(), 2);
         assert_eq!(s.free(&st, 1, [6u64, 7].into_iter()), 1);
@@ -372,7 +363,7 @@ mod tests {
     #[test]
     fn zero_pages_are_not_stored() {
         let s = PageStore::new(10);
-        let st = s.vm(1);
+        let st = s.vms().open(1, None).unwrap();
         s.write(&st, 1, [1u64].into_iter(), &page(0)).unwrap();
         assert_eq!(s.used_pages(), 0);
         s.write(&st, 1, [1u64].into_iter(), &page(9)).unwrap();
@@ -384,9 +375,39 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_quota_bounds_one_vm_and_leaves_room_for_others() {
+        let s = PageStore::with_vm_quota(10, Some(2));
+        let (a, b) = (
+            s.vms().open(1, None).unwrap(),
+            s.vms().open(2, None).unwrap(),
+        );
+        s.write(&a, 1, [0u64, 1].into_iter(), &[page(1), page(1)].concat())
+            .unwrap();
+        let e = s.write(&a, 1, [2u64].into_iter(), &page(1)).unwrap_err();
+        assert_eq!(
+            e,
+            StoreError::OverQuota {
+                vm: 1,
+                needed: 1,
+                pages: 2,
+                quota: 2
+            }
+        );
+        assert!(e.to_string().contains("--vm-quota"), "{e}");
+        assert_eq!(a.quota_refusals.load(Relaxed), 1);
+        // Overwrites and another VM's pages still fit; a free makes room.
+        s.write(&a, 1, [1u64].into_iter(), &page(2)).unwrap();
+        s.write(&b, 2, [0u64, 1].into_iter(), &[page(3), page(3)].concat())
+            .unwrap();
+        assert_eq!(s.free(&a, 1, [0u64].into_iter()), 1);
+        s.write(&a, 1, [2u64].into_iter(), &page(1)).unwrap();
+        assert_eq!((a.pages.load(Relaxed), s.used_pages()), (2, 4));
+    }
+
+    #[test]
     fn capacity_is_enforced_whole_batch() {
         let s = PageStore::new(3);
-        let st = s.vm(1);
+        let st = s.vms().open(1, None).unwrap();
         s.write(&st, 1, [0u64, 1].into_iter(), &[page(1), page(1)].concat())
             .unwrap();
         // Two new pages do not fit in the one free page: nothing is stored.
@@ -421,7 +442,7 @@ mod tests {
     #[test]
     fn a_page_repeated_in_a_batch_needs_room_once() {
         let s = PageStore::new(1);
-        let st = s.vm(1);
+        let st = s.vms().open(1, None).unwrap();
         s.write(
             &st,
             1,
@@ -438,7 +459,7 @@ mod tests {
     #[test]
     fn bad_write_lengths_are_refused() {
         let s = PageStore::new(3);
-        let st = s.vm(1);
+        let st = s.vms().open(1, None).unwrap();
         assert!(matches!(
             s.write(&st, 1, [0u64, 1].into_iter(), &page(1)),
             Err(StoreError::BadWrite { pages: 2, .. })
@@ -449,7 +470,7 @@ mod tests {
     fn overhead_per_page_is_small() {
         let n = 20_000u64;
         let s = PageStore::new(n);
-        let st = s.vm(1);
+        let st = s.vms().open(1, None).unwrap();
         for g in 0..n {
             s.write(&st, 1, [g].into_iter(), &page(1 + (g % 200) as u8))
                 .unwrap();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Node, pattern};
+use common::{Node, pattern, vm_secret};
 use fabric::auth::{self, Key};
 use fabric::proto::{self, ErrorCode, Message, Role};
 use fabric::{ClientConfig, PageClient};
@@ -16,12 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 fn key_file(tag: &str, key: &Key) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("splitvisor-auth-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("cluster.key");
-    key.write_new(&p).unwrap();
-    p
+    splitvisor_tests::secret_file(&format!("auth-{tag}"), &key.to_hex())
 }
 
 fn connect(addr: &str, vm: u64, key: Option<&Key>) -> Result<PageClient, String> {
@@ -30,6 +25,7 @@ fn connect(addr: &str, vm: u64, key: Option<&Key>) -> Result<PageClient, String>
         &ClientConfig {
             vm_id: vm,
             auth_key: key.cloned(),
+            vm_secret: Some(vm_secret().clone()),
             ..ClientConfig::default()
         },
     )
@@ -89,8 +85,14 @@ fn only_holders_of_the_key_are_served_and_a_replayed_handshake_fails() {
     };
     let binding = auth::hello_binding(Role::Vmm as u8, proto::PROTOCOL_VERSION, 1);
     let proof = key.client_proof(&binding, &nc, nonce);
+    let id = vm_secret().vm_identity(1);
+    let (vm_key, vm_sig) = (id.public(), id.sign(&binding, &nc, nonce));
     let mut proof_frame = Vec::new();
-    Message::Proof { proof: &proof }.encode(0, &mut proof_frame);
+    Message::Proof {
+        proof: Some(&proof),
+        vm: Some((&vm_key, &vm_sig)),
+    }
+    .encode(0, &mut proof_frame);
     s.write_all(&proof_frame).unwrap();
     assert_eq!(
         read_frame(&mut s).0,
@@ -120,10 +122,10 @@ fn only_holders_of_the_key_are_served_and_a_replayed_handshake_fails() {
 #[test]
 fn a_client_with_a_key_refuses_nodes_that_cannot_prove_it() {
     let key = Key::generate().unwrap();
-    // A node run without a key (loopback): it answers the hello at once.
+    // A node run without a key (loopback): its challenge proves nothing.
     let open = Node::start(&[]);
     let e = connect(&open.addr, 1, Some(&key)).err().expect("refused");
-    assert!(e.contains("did not authenticate"), "{e}");
+    assert!(e.contains("could not prove the cluster key"), "{e}");
     // A fake node that sends a challenge with a made-up proof.
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();

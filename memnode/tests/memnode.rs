@@ -114,8 +114,55 @@ fn errors_until_closed(s: &mut TcpStream) -> Vec<(ErrorCode, String)> {
 
 fn raw_hello(vm: u64) -> Vec<u8> {
     let mut b = Vec::new();
-    Message::hello(Role::Vmm, vm, b"").encode(1, &mut b);
+    Message::hello(Role::Vmm, vm, &[1; 32]).encode(1, &mut b);
     b
+}
+
+/// A raw connection through the whole handshake (hello, the node's challenge,
+/// this side's proof, `HelloOk`) as a VMM of `vm`.
+fn raw_session(addr: &str, vm: u64) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let nc = [1u8; 32];
+    s.write_all(&raw_hello(vm)).unwrap();
+    let mut buf = vec![0u8; 256];
+    let mut have = 0;
+    let mut next_frame = |s: &mut TcpStream| -> Vec<u8> {
+        loop {
+            if let Ok(Some((_, _, n))) = proto::decode_frame(&buf[..have]) {
+                let f = buf[..n].to_vec();
+                buf.copy_within(n..have, 0);
+                have -= n;
+                return f;
+            }
+            let n = s.read(&mut buf[have..]).unwrap();
+            assert!(n > 0, "closed during the handshake");
+            have += n;
+        }
+    };
+    let frame = next_frame(&mut s);
+    let Ok(Some((_, Message::Challenge { nonce, .. }, _))) = proto::decode_frame(&frame) else {
+        panic!("expected a challenge");
+    };
+    let binding = fabric::auth::hello_binding(Role::Vmm as u8, PROTOCOL_VERSION, vm);
+    let id = common::vm_secret().vm_identity(vm);
+    let (key, sig) = (id.public(), id.sign(&binding, &nc, nonce));
+    let mut out = Vec::new();
+    Message::Proof {
+        proof: None,
+        vm: Some((&key, &sig)),
+    }
+    .encode(2, &mut out);
+    s.write_all(&out).unwrap();
+    let frame = next_frame(&mut s);
+    assert!(
+        matches!(
+            proto::decode_frame(&frame),
+            Ok(Some((_, Message::HelloOk { .. }, _)))
+        ),
+        "expected HelloOk"
+    );
+    s
 }
 
 #[test]
@@ -124,21 +171,26 @@ fn garbage_gets_an_error_and_a_disconnect_and_others_go_on() {
     let good = node.client(7);
     good.write_pages(&[(1, &pattern(7, 1, 0))]).unwrap();
 
-    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+    // (what, whether the bytes follow a completed handshake, the bytes, the
+    // error expected)
+    let cases: Vec<(&str, bool, Vec<u8>, ErrorCode)> = vec![
         (
             "http request",
+            false,
             b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
             ErrorCode::Malformed,
         ),
         (
             "random bytes",
+            false,
             (0..200u32).map(|i| (i * 7919 % 251) as u8).collect(),
             ErrorCode::Malformed,
         ),
         (
             "oversized length",
+            true,
             {
-                let mut h = raw_hello(1);
+                let mut h = Vec::new();
                 let mut f = Vec::new();
                 f.extend_from_slice(&MAGIC.to_le_bytes());
                 f.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
@@ -153,6 +205,7 @@ fn garbage_gets_an_error_and_a_disconnect_and_others_go_on() {
         ),
         (
             "unknown version",
+            false,
             {
                 let mut h = raw_hello(1);
                 h[4] = 77;
@@ -162,6 +215,7 @@ fn garbage_gets_an_error_and_a_disconnect_and_others_go_on() {
         ),
         (
             "request before hello",
+            false,
             {
                 let mut b = Vec::new();
                 Message::Stats.encode(1, &mut b);
@@ -171,17 +225,15 @@ fn garbage_gets_an_error_and_a_disconnect_and_others_go_on() {
         ),
         (
             "second hello",
-            {
-                let mut b = raw_hello(1);
-                b.extend_from_slice(&raw_hello(1));
-                b
-            },
+            true,
+            raw_hello(1),
             ErrorCode::HandshakeRequired,
         ),
         (
             "reply sent as request",
+            true,
             {
-                let mut b = raw_hello(1);
+                let mut b = Vec::new();
                 Message::Pong { nonce: 1 }.encode(2, &mut b);
                 b
             },
@@ -189,16 +241,21 @@ fn garbage_gets_an_error_and_a_disconnect_and_others_go_on() {
         ),
         (
             "memnode role",
+            false,
             {
                 let mut b = Vec::new();
-                Message::hello(Role::MemNode, 1, b"").encode(1, &mut b);
+                Message::hello(Role::MemNode, 1, &[1; 32]).encode(1, &mut b);
                 b
             },
             ErrorCode::BadRequest,
         ),
     ];
-    for (name, bytes, want) in cases {
-        let mut s = TcpStream::connect(&node.addr).unwrap();
+    for (name, after_handshake, bytes, want) in cases {
+        let mut s = if after_handshake {
+            raw_session(&node.addr, 1)
+        } else {
+            TcpStream::connect(&node.addr).unwrap()
+        };
         s.write_all(&bytes).unwrap();
         let errors = errors_until_closed(&mut s);
         assert!(
@@ -337,10 +394,12 @@ fn link_model_adds_latency_both_ways() {
         rtt >= Duration::from_millis(4),
         "ping took {rtt:?} on a 2 ms link"
     );
-    // A page read also pays serialisation: 4 KiB at 1 Gbit is ~33 us.
+    // A page read also pays serialisation: 4 KiB at 1 Gbit is ~33 us (the
+    // page is stored first, so that the reply carries it).
+    slow.write_pages(&[(0, &pattern(0, 0, 0))]).unwrap();
     let t = Instant::now();
     let mut buf = vec![0u8; PAGE_SIZE];
-    slow.read_page(0, &mut buf).unwrap();
+    assert!(slow.read_page(0, &mut buf).unwrap());
     assert!(t.elapsed() >= Duration::from_micros(4033));
     // Requests in flight overlap their latency instead of queueing behind it.
     let t = Instant::now();

@@ -114,3 +114,23 @@ pub fn write_bench_output(name: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).expect("write the benchmark output");
     path
 }
+
+/// Writes a secret (a cluster key or a VM secret, as hex) to a new file of mode
+/// 0600 in a fresh directory of its own, named by `tag` and this process; the
+/// caller removes the directory when done.
+pub fn secret_file(tag: &str, hex: &str) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir().join(format!("splitvisor-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("secret.key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&p)
+        .unwrap();
+    writeln!(f, "{hex}").unwrap();
+    p
+}

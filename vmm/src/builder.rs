@@ -113,11 +113,14 @@ pub fn build(cfg: &VmConfig) -> Result<Vmm, VmError> {
         None => None,
     };
 
+    // Without a given secret, the default is a fresh one for this run.
+    let defaults = ClientConfig::default();
     let client_cfg = ClientConfig {
         vm_id: cfg.vm_id,
         link_model: cfg.link,
         auth_key: cfg.auth_key.clone(),
-        ..ClientConfig::default()
+        vm_secret: cfg.vm_secret.clone().or(defaults.vm_secret.clone()),
+        ..defaults
     };
     let nodes = Placement::connect(&cfg.memnodes, &client_cfg, (cfg.mem / 4096) as usize)
         .map_err(VmError::Memnode)?;

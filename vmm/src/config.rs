@@ -42,6 +42,11 @@ pub struct VmConfig {
     /// a key is given as a file, `--auth-key`).
     #[serde(skip)]
     pub auth_key: Option<fabric::auth::Key>,
+    /// The VM's secret, which the memory nodes bind this VM id to (never
+    /// serialized: given as a file, `--vm-secret`). `None`: a fresh one for
+    /// this run.
+    #[serde(skip)]
+    pub vm_secret: Option<fabric::auth::Key>,
 }
 
 /// The guest kinds.
@@ -291,6 +296,7 @@ mod tests {
                 workload: "seq:size=1M".parse().unwrap(),
             }),
             auth_key: Some(fabric::auth::Key::generate().unwrap()),
+            vm_secret: Some(fabric::auth::Key::generate().unwrap()),
         }
     }
 
@@ -319,8 +325,10 @@ mod tests {
         let j = serde_json::to_value(shim_config()).unwrap();
         // The key is never serialized.
         assert!(j.get("auth_key").is_none(), "{j}");
+        assert!(j.get("vm_secret").is_none(), "{j}");
         let back: VmConfig = serde_json::from_value(j).unwrap();
         assert!(back.auth_key.is_none());
+        assert!(back.vm_secret.is_none());
         let GuestConfig::Shim(s) = back.guest else {
             panic!("not shim")
         };

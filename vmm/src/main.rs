@@ -92,6 +92,12 @@ struct RunArgs {
     /// this key, or a fresh one when none is given.
     #[arg(long, value_name = "FILE")]
     auth_key: Option<PathBuf>,
+    /// The VM's secret (a key file like --auth-key's): the memory nodes bind
+    /// this VM id to it, so only a VMM holding it can act for the VM (a later
+    /// VMM given the same --vm-id and secret can take the VM over). Default: a
+    /// fresh secret for this run.
+    #[arg(long, value_name = "FILE")]
+    vm_secret: Option<PathBuf>,
     /// Encrypt guest pages before they leave the VMM (AES-256-GCM under a key
     /// made for this run, never sent anywhere): memory nodes store ciphertext.
     /// Every fetched page's integrity is checked with or without this.
@@ -459,6 +465,7 @@ fn vm_config(a: &RunArgs, vm_id: u64) -> VmConfig {
         start_paused: a.paused,
         guest,
         auth_key: None,
+        vm_secret: None,
     }
 }
 
@@ -496,6 +503,10 @@ fn run(mut a: RunArgs) -> Result<ExitCode, CliError> {
     }
     let mut cfg = vm_config(&a, vm_id);
     cfg.auth_key = auth_key;
+    cfg.vm_secret = match &a.vm_secret {
+        Some(p) => Some(fabric::auth::Key::load(p)?),
+        None => None,
+    };
     match &cfg.guest {
         GuestConfig::Shim(s) => log::info!(
             "vm {vm_id:#x}: {} MiB guest RAM, {} MiB local cache ({:?}), {} vCPU(s), workload {}, memory nodes {}",

@@ -112,6 +112,7 @@ fn vm_pages_on(addr: &str, vm_id: u64) -> u64 {
         addr,
         &fabric::ClientConfig {
             vm_id,
+            role: fabric::proto::Role::Admin,
             ..Default::default()
         },
     )

@@ -112,6 +112,7 @@ fn kvm_attach_then_detach_mid_run_keeps_every_page() {
         &a.addr,
         &fabric::ClientConfig {
             vm_id,
+            role: fabric::proto::Role::Admin,
             ..Default::default()
         },
     )
@@ -271,7 +272,10 @@ fn kvm_a_full_node_sends_pages_elsewhere_and_all_full_is_a_clear_error() {
         "{stdout}\n{stderr}"
     );
     assert!(
-        stderr.contains(&format!("memory node {} is full", a.addr)),
+        stderr.contains(&format!(
+            "memory node {} takes no more of this VM's pages",
+            a.addr
+        )) && stderr.contains("out of capacity"),
         "{stderr}"
     );
     // Every page the other VM left room for on the first node is ours.

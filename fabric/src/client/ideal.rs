@@ -214,6 +214,7 @@ impl IdealStore {
             node_overhead_bytes: (self.present.len() * 8
                 + self.locks.len() * std::mem::size_of::<Mutex<()>>())
                 as u64,
+            vm_quota_pages: 0,
         }
     }
 }

@@ -92,6 +92,10 @@ pub struct ClientConfig {
     /// The cluster key: with one, the connection is authenticated both ways
     /// ([`crate::auth`]) and a node that cannot prove the key is refused.
     pub auth_key: Option<crate::auth::Key>,
+    /// The VM's secret (see [`crate::auth`]): a VMM connection proves with it
+    /// that it acts for `vm_id`, and a node binds the VM to it. The default is
+    /// a fresh random one, shared by the clients made from this config.
+    pub vm_secret: Option<crate::auth::Key>,
     /// The emulated link (off by default).
     pub link_model: LinkModel,
     /// Most requests in flight at once; further submits wait for a free slot.
@@ -108,6 +112,9 @@ impl Default for ClientConfig {
             vm_id: 0,
             role: Role::Vmm,
             auth_key: None,
+            vm_secret: Some(
+                crate::auth::Key::generate().expect("the system random number generator works"),
+            ),
             link_model: LinkModel::default(),
             max_in_flight: 256,
             connect_timeout: Duration::from_secs(5),
@@ -241,15 +248,23 @@ impl PageClient {
         link.set_recv_timeout(Some(config.reply_timeout))
             .and_then(|()| link.set_send_timeout(Some(config.reply_timeout)))
             .map_err(|e| handshake_err(error_chain(&e)))?;
-        // With a key, the hello carries this side's nonce (see `crate::auth`).
-        let nc: [u8; crate::auth::NONCE_LEN] = match &config.auth_key {
-            Some(_) => crate::auth::random().map_err(|e| handshake_err(e.to_string()))?,
-            None => [0; crate::auth::NONCE_LEN],
-        };
-        let auth: &[u8] = if config.auth_key.is_some() { &nc } else { &[] };
+        // The hello carries this side's nonce; the node answers with its own
+        // (see `crate::auth`).
+        let nc: [u8; crate::auth::NONCE_LEN] =
+            crate::auth::random().map_err(|e| handshake_err(e.to_string()))?;
         let binding = crate::auth::hello_binding(config.role as u8, PROTOCOL_VERSION, config.vm_id);
-        let mut buf = Vec::with_capacity(64);
-        Message::hello(config.role, config.vm_id, auth).encode(0, &mut buf);
+        // A VMM proves that it acts for its VM; an admin tool needs no VM.
+        let identity = match (config.role, &config.vm_secret) {
+            (Role::Vmm, Some(secret)) => Some(secret.vm_identity(config.vm_id)),
+            (Role::Vmm, None) => {
+                return Err(handshake_err(
+                    "a VMM connection needs its VM's secret (ClientConfig::vm_secret)".into(),
+                ));
+            }
+            _ => None,
+        };
+        let mut buf = Vec::with_capacity(256);
+        Message::hello(config.role, config.vm_id, &nc).encode(0, &mut buf);
         link.send_vectored(&mut [IoSlice::new(&buf)])
             .map_err(|e| handshake_err(error_chain(&e)))?;
         // Read frame by frame, byte-accurately, before pipelining starts.
@@ -260,20 +275,30 @@ impl PageClient {
             let mut consumed = 0;
             match proto::decode_frame(&frame[..have]) {
                 Ok(Some((_, Message::Challenge { nonce, proof }, n))) => {
-                    let Some(key) = &config.auth_key else {
+                    if challenged {
+                        return Err(handshake_err("a second challenge".into()));
+                    }
+                    if let Some(key) = &config.auth_key
+                        && !key.verify_node(&binding, &nc, nonce, proof)
+                    {
                         return Err(handshake_err(
-                            "the node requires authentication: give this side the cluster key (--auth-key)".into(),
-                        ));
-                    };
-                    if challenged || !key.verify_node(&binding, &nc, nonce, proof) {
-                        return Err(handshake_err(
-                            "authentication failed: the node could not prove the cluster key (not a node of this cluster, or another key)".into(),
+                            "authentication failed: the node could not prove the cluster key (not a node of this cluster, another key, or a node without --auth-key)".into(),
                         ));
                     }
                     challenged = true;
-                    let mine = key.client_proof(&binding, &nc, nonce);
+                    let mine = config
+                        .auth_key
+                        .as_ref()
+                        .map(|key| key.client_proof(&binding, &nc, nonce));
+                    let vm = identity
+                        .as_ref()
+                        .map(|id| (id.public(), id.sign(&binding, &nc, nonce)));
                     buf.clear();
-                    Message::Proof { proof: &mine }.encode(0, &mut buf);
+                    Message::Proof {
+                        proof: mine.as_ref(),
+                        vm: vm.as_ref().map(|(k, s)| (k, s)),
+                    }
+                    .encode(0, &mut buf);
                     link.send_vectored(&mut [IoSlice::new(&buf)])
                         .map_err(|e| handshake_err(error_chain(&e)))?;
                     consumed = n;
@@ -289,9 +314,10 @@ impl PageClient {
                     },
                     _,
                 ))) => {
-                    if config.auth_key.is_some() && !challenged {
+                    if !challenged {
                         return Err(handshake_err(
-                            "the node did not authenticate (does it run without --auth-key?); refusing it".into(),
+                            "the node accepted the connection without a challenge; refusing it"
+                                .into(),
                         ));
                     }
                     if version != PROTOCOL_VERSION || page_size as usize != PAGE_SIZE {

@@ -79,7 +79,7 @@ impl Opcode {
             Opcode::Ping | Opcode::Pong => 8,
             Opcode::Error => 8 + MAX_ERROR_MESSAGE,
             Opcode::Challenge => 64,
-            Opcode::Proof => 32,
+            Opcode::Proof => super::message::PROOF_PAYLOAD,
         }
     }
 }

@@ -91,10 +91,23 @@ pub struct StatsReply {
     pub node_errors: u64,
     /// Bytes of bookkeeping the store spends beyond the page data itself.
     pub node_overhead_bytes: u64,
+    /// Most pages this connection's VM may store on the node (`memnode
+    /// --vm-quota`); 0 when there is no per-VM quota.
+    pub vm_quota_pages: u64,
 }
 
 impl StatsReply {
-    const FIELDS: usize = 11;
+    const FIELDS: usize = 12;
+
+    /// Pages this connection's VM may still store on the node: the node's free
+    /// pages, bounded by what is left of the VM's quota.
+    pub fn vm_room(&self) -> u64 {
+        let free = self.node_capacity_pages.saturating_sub(self.node_pages);
+        match self.vm_quota_pages {
+            0 => free,
+            q => free.min(q.saturating_sub(self.vm_pages)),
+        }
+    }
 
     fn to_array(self) -> [u64; Self::FIELDS] {
         [
@@ -109,6 +122,7 @@ impl StatsReply {
             self.node_connections,
             self.node_errors,
             self.node_overhead_bytes,
+            self.vm_quota_pages,
         ]
     }
 
@@ -126,6 +140,7 @@ impl StatsReply {
             node_connections: g(8),
             node_errors: g(9),
             node_overhead_bytes: g(10),
+            vm_quota_pages: g(11),
         }
     }
 }
@@ -167,10 +182,16 @@ pub enum Message<'a> {
         /// The node's proof of the cluster key.
         proof: &'a [u8; 32],
     },
-    /// The client's proof of the cluster key. Payload: proof (32 bytes).
+    /// The client's half of the handshake. Payload: flags u8 (bit 0: cluster
+    /// proof present, bit 1: VM proof present), 0 × 7, the cluster proof (32
+    /// bytes), the VM's public key (32 bytes), the VM's signature (64 bytes);
+    /// absent parts are zeros.
     Proof {
-        /// The proof.
-        proof: &'a [u8; 32],
+        /// The client's proof of the cluster key, if it holds one.
+        proof: Option<&'a [u8; 32]>,
+        /// The VM's public key and its signature of the handshake (a VMM's
+        /// proof that it acts for the VM; see [`crate::auth`]).
+        vm: Option<(&'a [u8; 32], &'a [u8; 64])>,
     },
     /// Reads pages. Payload: count u32, 0 u32, count page numbers u64.
     ReadPages {
@@ -242,6 +263,9 @@ fn need(what: &'static str, buf: &[u8], n: usize) -> Result<(), DecodeError> {
         Ok(())
     }
 }
+
+/// Bytes in a `Proof` payload.
+pub(crate) const PROOF_PAYLOAD: usize = 8 + 32 + 32 + 64;
 
 fn exact(what: &'static str, buf: &[u8], n: usize) -> Result<(), DecodeError> {
     need(what, buf, n)?;
@@ -354,9 +378,22 @@ impl<'a> Message<'a> {
                 }
             }
             Opcode::Proof => {
-                exact("proof", p, 32)?;
+                exact("proof", p, PROOF_PAYLOAD)?;
+                let flags = p[0];
+                if flags & !3 != 0 || p[1..8].iter().any(|&b| b != 0) {
+                    return Err(DecodeError::invalid(
+                        "proof flags",
+                        format!("{:02x?} (only bits 0 and 1 are defined)", &p[..8]),
+                    ));
+                }
                 Message::Proof {
-                    proof: p.try_into().expect("32 bytes"),
+                    proof: (flags & 1 != 0).then(|| p[8..40].try_into().expect("32 bytes")),
+                    vm: (flags & 2 != 0).then(|| {
+                        (
+                            p[40..72].try_into().expect("32 bytes"),
+                            p[72..136].try_into().expect("64 bytes"),
+                        )
+                    }),
                 }
             }
             Opcode::ReadPages => Message::ReadPages {
@@ -506,7 +543,18 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(&nonce[..]);
                 out.extend_from_slice(&proof[..]);
             }
-            Message::Proof { proof } => out.extend_from_slice(&proof[..]),
+            Message::Proof { proof, vm } => {
+                let flags = u8::from(proof.is_some()) | (u8::from(vm.is_some()) << 1);
+                out.extend_from_slice(&[flags, 0, 0, 0, 0, 0, 0, 0]);
+                out.extend_from_slice(proof.map_or(&[0u8; 32][..], |p| &p[..]));
+                match vm {
+                    Some((key, sig)) => {
+                        out.extend_from_slice(&key[..]);
+                        out.extend_from_slice(&sig[..]);
+                    }
+                    None => out.extend_from_slice(&[0u8; 96]),
+                }
+            }
             Message::ReadPages { gpns } | Message::FreePages { gpns } => {
                 put_count(out, gpns.len());
                 out.extend_from_slice(gpns.raw);

@@ -24,12 +24,14 @@ impl Node {
         ))
     }
 
-    /// A client for `vm`.
+    /// A client for `vm`, acting for it with this test process's VM secret
+    /// ([`vm_secret`]), so that every client of one VM id is the same VMM.
     pub fn client(&self, vm: u64) -> PageClient {
         PageClient::connect(
             &self.addr,
             &ClientConfig {
                 vm_id: vm,
+                vm_secret: Some(vm_secret().clone()),
                 ..ClientConfig::default()
             },
         )
@@ -40,6 +42,13 @@ impl Node {
     pub fn stop(self, sig: i32) -> std::process::ExitStatus {
         self.0.stop(sig)
     }
+}
+
+/// This test process's VM secret: the nodes bind each VM id to the first VMM
+/// identity that uses it, and the tests' clients all act as one VMM.
+pub fn vm_secret() -> &'static fabric::auth::Key {
+    static SECRET: std::sync::OnceLock<fabric::auth::Key> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| fabric::auth::Key::generate().unwrap())
 }
 
 /// A page whose every byte depends on (vm, gpn, version), so misplaced or stale

@@ -89,7 +89,7 @@ fn write_copies(
                     .collect();
                 nodes[i].client.write_pages(&batch).map_err(|source| {
                     if super::placement::is_out_of_capacity(&source) {
-                        nodes[i].mark_full();
+                        nodes[i].mark_full(&source);
                     }
                     PathError::TakeMoved {
                         addr: nodes[i].addr.clone(),

@@ -64,9 +64,12 @@ pub enum PathError {
     },
     /// Every memory node is full or leaving: dirty pages cannot be written back.
     #[error(
-        "every memory node is full (or leaving): cannot write back guest pages; attach a memory node with free capacity"
+        "every memory node is full (or leaving): cannot write back guest pages; attach a memory node with free capacity ({reasons})"
     )]
-    AllFull,
+    AllFull {
+        /// What the full nodes said.
+        reasons: String,
+    },
     /// No memory node has room for the pages a drain or rebalance moves.
     #[error("no memory node has room for the pages being moved")]
     NoRoomToMove,
@@ -135,9 +138,11 @@ mod tests {
     #[test]
     fn every_node_full_keeps_its_text() {
         assert!(
-            PathError::AllFull
-                .to_string()
-                .starts_with("every memory node is full")
+            PathError::AllFull {
+                reasons: "a: out of capacity".into()
+            }
+            .to_string()
+            .starts_with("every memory node is full")
         );
     }
 }

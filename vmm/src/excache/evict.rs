@@ -279,7 +279,9 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), PathError> {
         // (a drain waits for it; see `placement::Reservations`).
         let mut reserved = s.nodes.reservations();
         let Some((nodes, per_node)) = reserved.assign(&todo, None) else {
-            return Err(PathError::AllFull);
+            return Err(PathError::AllFull {
+                reasons: s.nodes.full_reasons(),
+            });
         };
         room.resize(nodes.len(), None);
         let per_node: Vec<Vec<usize>> = per_node
@@ -367,7 +369,7 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), PathError> {
                             Ok(()) if node.free_pages() > 0 && room[i] != Some(1) => {
                                 room[i] = Some(node.free_pages() as usize);
                             }
-                            _ => node.mark_full(),
+                            _ => node.mark_full(&e),
                         }
                         todo.extend_from_slice(chunk);
                     }

@@ -54,6 +54,8 @@ pub struct Node {
     pub addr: String,
     state: AtomicU8,
     full: AtomicBool,
+    /// Why it last counted as full (the node's own words).
+    full_reason: std::sync::Mutex<Option<String>>,
     /// This VM's pages on it.
     pub pages: AtomicU64,
     free_estimate: AtomicU64,
@@ -89,14 +91,25 @@ impl Node {
         self.full.load(Acquire)
     }
 
-    /// Marks it full.
-    pub fn mark_full(&self) {
+    /// Marks it full for this VM, for the reason the node gave (out of
+    /// capacity, or the VM at its quota there).
+    pub fn mark_full(&self, why: &ClientError) {
+        let why = fabric::client::error_chain(why);
         if !self.full.swap(true, AcqRel) {
             log::warn!(
-                "memory node {} is full; placing pages on other nodes",
+                "memory node {} takes no more of this VM's pages ({why}); placing pages on other nodes",
                 self.addr
             );
         }
+        *self.full_reason.lock().unwrap() = Some(why);
+    }
+
+    /// Why it counts as full, if it does.
+    pub fn full_reason(&self) -> Option<String> {
+        if !self.is_full() {
+            return None;
+        }
+        self.full_reason.lock().unwrap().clone()
     }
 
     /// Free pages on the node as last reported.
@@ -112,7 +125,7 @@ impl Node {
     /// Asks the node for its capacity and use.
     pub fn refresh(&self) -> Result<(), ClientError> {
         let s = self.client.stats()?;
-        let free = s.node_capacity_pages.saturating_sub(s.node_pages);
+        let free = s.vm_room();
         self.free_estimate.store(free, Relaxed);
         self.capacity.store(s.node_capacity_pages, Relaxed);
         if free > 0 {
@@ -230,6 +243,7 @@ impl Placement {
             addr: addr.to_string(),
             state: AtomicU8::new(NodeState::Active as u8),
             full: AtomicBool::new(false),
+            full_reason: std::sync::Mutex::new(None),
             pages: AtomicU64::new(0),
             free_estimate: AtomicU64::new(u64::MAX),
             capacity: AtomicU64::new(0),
@@ -237,6 +251,21 @@ impl Placement {
         };
         node.refresh()?;
         Ok(node)
+    }
+
+    /// Why the nodes that take no more of this VM's pages refused them, for
+    /// the error that stops a VM with nowhere to put its pages.
+    pub fn full_reasons(&self) -> String {
+        let reasons: Vec<String> = self
+            .nodes()
+            .iter()
+            .filter_map(|n| n.full_reason().map(|r| format!("{}: {r}", n.addr)))
+            .collect();
+        if reasons.is_empty() {
+            "no node has room".into()
+        } else {
+            reasons.join("; ")
+        }
     }
 
     /// All nodes ever attached, by index.

@@ -38,7 +38,18 @@ fn every_message_roundtrips() {
         nonce: &[1; 32],
         proof: &[2; 32],
     });
-    roundtrip(Message::Proof { proof: &[3; 32] });
+    roundtrip(Message::Proof {
+        proof: Some(&[3; 32]),
+        vm: None,
+    });
+    roundtrip(Message::Proof {
+        proof: None,
+        vm: Some((&[4; 32], &[5; 64])),
+    });
+    roundtrip(Message::Proof {
+        proof: Some(&[3; 32]),
+        vm: Some((&[4; 32], &[5; 64])),
+    });
     roundtrip(Message::ReadPages {
         gpns: Message::gpn_list(&gpns),
     });
@@ -68,6 +79,7 @@ fn every_message_roundtrips() {
         node_connections: 9,
         node_errors: 10,
         node_overhead_bytes: 11,
+        vm_quota_pages: 12,
     }));
     roundtrip(Message::Ping { nonce: 99 });
     roundtrip(Message::Pong { nonce: 99 });
