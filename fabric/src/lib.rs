@@ -14,11 +14,13 @@
 //! - [`client`]: the pipelined, thread-safe page client.
 //! - [`acceptor`]: the node daemons' accept loop, connection limit and shutdown.
 //! - [`units`]: parsing of sizes, durations and bandwidths for command lines.
+//! - [`prometheus`]: the metrics text format every component serves.
 
 pub mod acceptor;
 pub mod auth;
 pub mod client;
 pub mod link_model;
+pub mod prometheus;
 pub mod proto;
 pub mod ratelimit;
 pub mod transport;

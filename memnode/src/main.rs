@@ -96,10 +96,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         send_timeout: Duration::from_secs(30),
         vm_quota_bytes: args.vm_quota,
     })?;
-    if let Some(m) = &args.metrics {
-        let bound = memnode::metrics::serve(m, server.store().clone(), server.state().clone())?;
-        log::info!("metrics on http://{bound}/metrics");
-    }
+    // Served until the node stops (dropped at the end of `run`).
+    let _metrics = match &args.metrics {
+        Some(m) => {
+            let metrics =
+                memnode::metrics::serve(m, server.store().clone(), server.state().clone())?;
+            log::info!("metrics on http://{}/metrics", metrics.addr());
+            Some(metrics)
+        }
+        None => None,
+    };
     server.shutdown_handle().on_termination_signals()?;
     log::info!(
         "capacity {} pages ({} MiB)",

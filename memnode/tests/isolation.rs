@@ -170,12 +170,9 @@ fn a_vm_at_its_quota_gets_a_clear_error_and_other_vms_are_served() {
     assert!(!a.read_page(16, &mut page).unwrap());
     assert!(a.read_page(3, &mut page).unwrap());
     assert_eq!(page, pattern(1, 3, 9));
-    let mut s = TcpStream::connect(&maddr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut metrics = String::new();
-    s.read_to_string(&mut metrics).unwrap();
+    let (_, metrics) = splitvisor_tests::http_get(&maddr, "/metrics");
     assert!(
-        metrics.contains("memnode_quota_refusals_total{vm=\"1\"} 1"),
+        metrics.contains("splitvisor_memnode_vm_quota_refusals_total{vm=\"1\"} 1"),
         "{metrics}"
     );
 }

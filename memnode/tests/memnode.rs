@@ -441,21 +441,16 @@ fn metrics_endpoint_serves_prometheus_text() {
     let mut buf = vec![0u8; PAGE_SIZE];
     c.read_page(3, &mut buf).unwrap();
     c.read_page(99, &mut buf).unwrap();
-    let mut s = TcpStream::connect(&maddr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    assert!(
-        body.starts_with("HTTP/1.1 200") || body.starts_with("HTTP/1.0 200"),
-        "{body}"
-    );
+    let (code, body) = splitvisor_tests::http_get(&maddr, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    splitvisor_tests::promtool_check(&body);
     for line in [
-        "memnode_pages_stored{vm=\"42\"} 2",
-        "memnode_page_reads_total{vm=\"42\"} 2",
-        "memnode_zero_page_reads_total{vm=\"42\"} 1",
-        "memnode_page_writes_total{vm=\"42\"} 2",
-        "memnode_capacity_pages 256",
-        "# TYPE memnode_errors_total counter",
+        "splitvisor_memnode_vm_stored_pages{vm=\"42\"} 2",
+        "splitvisor_memnode_vm_page_reads_total{vm=\"42\"} 2",
+        "splitvisor_memnode_vm_zero_page_reads_total{vm=\"42\"} 1",
+        "splitvisor_memnode_vm_page_writes_total{vm=\"42\"} 2",
+        "splitvisor_memnode_capacity_pages 256",
+        "# TYPE splitvisor_memnode_errors_total counter",
     ] {
         assert!(
             body.lines().any(|l| l == line),

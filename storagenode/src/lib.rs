@@ -41,6 +41,7 @@
 //! node's tests and benchmark drive it with) live in the `nbd-proto` crate: this
 //! crate depends on it, so a client needs none of the server.
 
+pub mod metrics;
 pub mod server;
 pub mod volume;
 

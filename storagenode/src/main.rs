@@ -40,6 +40,9 @@ struct Args {
     /// thread); for measurements.
     #[arg(long)]
     no_fast_path: bool,
+    /// Serve Prometheus metrics over HTTP on this address, at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 fn parse_create(s: &str) -> Result<(String, u64), String> {
@@ -113,6 +116,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         volumes,
     )?;
+    // Served until the node stops (dropped at the end of `run`).
+    let _metrics = match &args.metrics {
+        Some(addr) => {
+            let m = storagenode::metrics::serve(
+                addr,
+                storagenode::metrics::Sources {
+                    stats: server.stats().clone(),
+                    connections: server.connections(),
+                    volumes: server.volumes().clone(),
+                },
+            )?;
+            log::info!("metrics on http://{}/metrics", m.addr());
+            Some(m)
+        }
+        None => None,
+    };
     server.shutdown_handle().on_termination_signals()?;
     let names = server.volumes().list()?;
     log::info!(

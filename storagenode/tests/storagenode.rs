@@ -448,3 +448,34 @@ fn sigterm_and_sigint_stop_cleanly() {
         drop(idle);
     }
 }
+
+#[test]
+fn metrics_count_the_traffic_and_pass_promtool() {
+    let dir = TempDir::new("metrics");
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let maddr = probe.local_addr().unwrap().to_string();
+    drop(probe);
+    let node = Node::start(dir.path(), &["--create", "disk0:64M", "--metrics", &maddr]);
+    let c = node.client("disk0");
+    c.write_at(0, &pattern(7, 65536), false).unwrap();
+    c.flush().unwrap();
+    let mut back = vec![0u8; 4096];
+    c.read_at(0, &mut back).unwrap();
+    let (code, text) = splitvisor_tests::http_get(&maddr, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    splitvisor_tests::promtool_check(&text);
+    for line in [
+        "splitvisor_storagenode_volumes 1",
+        "splitvisor_storagenode_written_bytes_total 65536",
+        "splitvisor_storagenode_read_bytes_total 4096",
+        "splitvisor_storagenode_flushes_total 1",
+        "splitvisor_storagenode_open_connections 1",
+        "splitvisor_storagenode_sessions_total 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+    assert_eq!(splitvisor_tests::http_get(&maddr, "/other").0, 404);
+}

@@ -18,7 +18,6 @@ use crate::vcpu::{GuestExits, Vcpu, VcpuEnd};
 use fabric::ClientConfig;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::Duration;
@@ -66,7 +65,7 @@ pub struct Vmm {
     vm: Arc<VmFd>,
     ram: GuestRam,
     info: VmInfo,
-    api_sock: Option<PathBuf>,
+    api: crate::api::Endpoints,
     start_paused: bool,
 }
 
@@ -175,7 +174,10 @@ pub fn build(cfg: &VmConfig) -> Result<Vmm, VmError> {
             local_cache_bytes: cfg.cache.budget_pages as u64 * 4096,
             workload: cfg.workload_name(),
         },
-        api_sock: cfg.api_sock.clone(),
+        api: crate::api::Endpoints {
+            sock: cfg.api_sock.clone(),
+            metrics: cfg.metrics.clone(),
+        },
         start_paused: cfg.start_paused,
     })
 }
@@ -235,7 +237,7 @@ impl Vmm {
             vcpus,
             self.start_paused,
             &self.cache,
-            self.api_sock.as_deref().map(|p| (p, self.info.clone())),
+            self.api.any().then(|| (&self.api, self.info.clone())),
             move |_, mut vcpu: Vcpu<G>, ctl| vcpu.run(&cache, ctl),
         )?;
         // Wait for the guest to end, a vCPU to fail, the user, or the cache.

@@ -34,6 +34,9 @@ pub struct VmConfig {
     pub link: LinkModel,
     /// Serve the control API on this Unix socket.
     pub api_sock: Option<PathBuf>,
+    /// Serve Prometheus metrics over TCP on this loopback address (or port).
+    #[serde(default)]
+    pub metrics: Option<String>,
     /// Start with the vCPUs paused (resumed through the API).
     pub start_paused: bool,
     /// What runs in the VM.
@@ -290,6 +293,7 @@ mod tests {
             vm_id: 7,
             link: "latency=2us".parse().unwrap(),
             api_sock: None,
+            metrics: None,
             start_paused: false,
             guest: GuestConfig::Shim(ShimConfig {
                 image: ShimImage::Builtin,

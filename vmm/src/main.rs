@@ -135,6 +135,10 @@ struct RunArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Serve Prometheus metrics (`GET /metrics`, also on the API socket) over
+    /// TCP on this loopback address, e.g. 127.0.0.1:9101 or just 9101.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Start with the vCPUs paused, until `PUT /vm/resume` on the API socket
     /// (attach memory nodes or start measuring first). The run's elapsed time
     /// includes the time paused.
@@ -462,6 +466,7 @@ fn vm_config(a: &RunArgs, vm_id: u64) -> VmConfig {
         vm_id,
         link: a.link,
         api_sock: a.api_sock.clone(),
+        metrics: a.metrics.clone(),
         start_paused: a.paused,
         guest,
         auth_key: None,

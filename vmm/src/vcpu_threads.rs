@@ -7,7 +7,6 @@ use crate::control::RunControl;
 use crate::error::VmError;
 use crate::excache::ExCache;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -60,7 +59,7 @@ pub(crate) fn start<V, T, F>(
     vcpus: Vec<V>,
     start_paused: bool,
     cache: &Arc<ExCache>,
-    api_on: Option<(&Path, VmInfo)>,
+    api_on: Option<(&api::Endpoints, VmInfo)>,
     body: F,
 ) -> Result<VcpuThreads<T>, VmError>
 where
@@ -131,8 +130,8 @@ where
         threads.push(t);
     }
     let api = match api_on {
-        Some((path, info)) => Some(
-            api::serve(path, info, cache.clone(), control.clone()).map_err(|e| {
+        Some((at, info)) => Some(
+            api::serve(at, info, cache.clone(), control.clone()).map_err(|e| {
                 control.stop.store(true, SeqCst);
                 control.kick_all();
                 VmError::Api(e)

@@ -153,6 +153,11 @@ impl Server {
         &self.stats
     }
 
+    /// The open connections and the count of accepted ones.
+    pub fn connections(&self) -> Arc<fabric::acceptor::Connections> {
+        self.acceptor.connections().clone()
+    }
+
     /// Connections accepted since start (refused ones included).
     pub fn accepted(&self) -> u64 {
         self.acceptor.connections().accepted()

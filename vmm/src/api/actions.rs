@@ -3,7 +3,7 @@
 //! the loop; an attach, which connects to a node and may block on the network,
 //! runs on a worker thread that the loop owns and joins.
 
-use super::{VmInfo, error, respond};
+use super::{VmInfo, error, respond, respond_text};
 use crate::control::RunControl;
 use crate::excache::ExCache;
 use crate::excache::placement::PlacementError;
@@ -33,6 +33,8 @@ pub enum Action {
     Pause,
     /// Resume them.
     Resume,
+    /// Prometheus metrics.
+    Metrics,
 }
 
 /// Outcomes of background detaches, by node address.
@@ -100,6 +102,15 @@ impl Handler {
             }
             Action::Detach(addr) => self.detach(&addr),
             Action::Attach(addr) => return self.attach(addr, req),
+            Action::Metrics => {
+                let text = super::metrics::render(
+                    &self.cache,
+                    &self.control,
+                    &self.info,
+                    self.started.elapsed(),
+                );
+                return respond_text(req, text);
+            }
         };
         respond(req, code, &body);
     }

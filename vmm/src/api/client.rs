@@ -44,6 +44,19 @@ pub fn request_with_body(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<(u16, serde_json::Value), ClientError> {
+    let (code, text) = request_text(sock, method, path, body)?;
+    let v = serde_json::from_str(text.trim()).map_err(ClientError::Json)?;
+    Ok((code, v))
+}
+
+/// Sends `method path` (with an optional JSON body) and returns the status
+/// code and the body as text (`GET /metrics` answers in Prometheus's format).
+pub fn request_text(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<(u16, String), ClientError> {
     let mut s =
         std::os::unix::net::UnixStream::connect(sock).map_err(|source| ClientError::Connect {
             path: sock.to_path_buf(),
@@ -65,6 +78,5 @@ pub fn request_with_body(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or(ClientError::Malformed)?;
-    let v = serde_json::from_str(body.trim()).map_err(ClientError::Json)?;
-    Ok((code, v))
+    Ok((code, body.to_string()))
 }

@@ -10,6 +10,7 @@
 //! | `PUT /memnodes` `{"addr": "HOST:PORT"}` | attach a memory node (`POST` too) |
 //! | `DELETE /memnodes/HOST:PORT` | detach it: 202, then drained in the background |
 //! | `PUT /vm/pause`, `PUT /vm/resume` | pause or resume the vCPUs |
+//! | `GET /metrics` | Prometheus text format ([`metrics`]; also on `--metrics ADDR` over TCP) |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request), 404 (unknown
 //! path or node), 405 (wrong method) or 409 (the request conflicts with the
@@ -29,16 +30,17 @@
 
 pub mod actions;
 pub mod client;
+pub mod metrics;
 
 pub use actions::Action;
-pub use client::{request, request_with_body};
+pub use client::{request, request_text, request_with_body};
 
 use crate::control::RunControl;
 use crate::event_loop::{EventLoop, EventLoopBuilder, EventLoopError};
 use crate::excache::ExCache;
 use serde_json::json;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -68,6 +70,36 @@ pub enum ApiError {
     /// The HTTP thread could not start.
     #[error("cannot start the API thread")]
     Spawn(#[source] std::io::Error),
+    /// The metrics address is not a loopback address (or cannot be parsed).
+    #[error(
+        "--metrics {0}: give a loopback address (127.0.0.1:PORT, [::1]:PORT) or just a port; metrics are served to this host only"
+    )]
+    MetricsNotLoopback(String),
+    /// The metrics listener could not be bound.
+    #[error("cannot serve metrics on {addr}")]
+    MetricsBind {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Where the API is served.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    /// The control API's Unix socket (`--api-sock`).
+    pub sock: Option<PathBuf>,
+    /// A TCP listener for `GET /metrics` only (`--metrics ADDR`), on loopback.
+    pub metrics: Option<String>,
+}
+
+impl Endpoints {
+    /// Whether anything is to be served.
+    pub fn any(&self) -> bool {
+        self.sock.is_some() || self.metrics.is_some()
+    }
 }
 
 /// Static facts about the VM, reported by `GET /vm`.
@@ -88,34 +120,50 @@ pub struct VmInfo {
 /// A running API server; stops when dropped (the HTTP thread, then the control
 /// loop and the workers it owns, are joined).
 pub struct ApiServer {
-    server: Arc<tiny_http::Server>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// The HTTP listeners and their threads.
+    listeners: Vec<(Arc<tiny_http::Server>, std::thread::JoinHandle<()>)>,
     control_loop: Option<EventLoop>,
-    path: PathBuf,
+    path: Option<PathBuf>,
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl ApiServer {
+    /// The address the metrics listener is bound to, if there is one.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
+    }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
+        for (server, _) in &self.listeners {
+            server.unblock();
+        }
+        for (_, t) in self.listeners.drain(..) {
             let _ = t.join();
         }
         drop(self.control_loop.take());
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
-/// Binds `path` (owner-only) and serves the API: HTTP on the `api` thread,
-/// actions on the `vmm-control` loop.
+/// Binds the endpoints (the socket owner-only, the metrics listener on
+/// loopback) and serves the API: HTTP on one thread per listener, actions on
+/// the `vmm-control` loop.
 pub fn serve(
-    path: &Path,
+    at: &Endpoints,
     info: VmInfo,
     cache: Arc<ExCache>,
     control: Arc<RunControl>,
 ) -> Result<ApiServer, ApiError> {
-    if path.exists() {
+    if let Some(path) = &at.sock
+        && path.exists()
+    {
         return Err(ApiError::Exists(path.to_path_buf()));
     }
+    let metrics_at = at.metrics.as_deref().map(loopback_addr).transpose()?;
     let (tx, rx) = mpsc::channel();
     let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(ApiError::EventFd)?;
     let handler = actions::Handler::new(
@@ -127,53 +175,124 @@ pub fn serve(
     );
     let mut lb = EventLoopBuilder::new("vmm-control")?;
     lb.add(Arc::new(Mutex::new(handler)));
-    let control_loop = lb.start()?;
-    // Created under umask 077, so the socket is never accessible to others.
-    // SAFETY: umask(2) only changes this process's file-creation mask.
-    let old = unsafe { libc::umask(0o077) };
-    let server = tiny_http::Server::http_unix(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let server = Arc::new(server.map_err(|source| ApiError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })?);
-    let s = server.clone();
-    let thread = std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            for mut req in s.incoming_requests() {
-                let mut body = Vec::new();
-                let read = req
-                    .as_reader()
-                    .take(MAX_BODY as u64 + 1)
-                    .read_to_end(&mut body);
-                let action = if read.is_err() || body.len() > MAX_BODY {
-                    Err(error(
-                        400,
-                        &format!("request body unreadable or over {MAX_BODY} bytes"),
-                    ))
-                } else {
-                    route(req.method(), req.url(), &body)
-                };
-                match action {
-                    Ok(a) => {
-                        if tx.send((a, req)).is_err() || wake.write(1).is_err() {
-                            // The loop has stopped: the VM is ending.
-                            break;
+    let mut api = ApiServer {
+        listeners: Vec::new(),
+        control_loop: Some(lb.start()?),
+        path: None,
+        metrics_addr: None,
+    };
+    if let Some(path) = &at.sock {
+        // Created under umask 077, so the socket is never accessible to others.
+        // SAFETY: umask(2) only changes this process's file-creation mask.
+        let old = unsafe { libc::umask(0o077) };
+        let server = tiny_http::Server::http_unix(path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old) };
+        let server = server.map_err(|source| ApiError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        api.path = Some(path.to_path_buf());
+        api.listen(server, "api", tx.clone(), &wake, route)?;
+    }
+    if let Some(addr) = metrics_at {
+        let server = tiny_http::Server::http(addr).map_err(|source| ApiError::MetricsBind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        api.metrics_addr = server.server_addr().to_ip();
+        if let Some(a) = api.metrics_addr {
+            log::info!("metrics on http://{a}/metrics");
+        }
+        api.listen(server, "api-metrics", tx, &wake, route_metrics_only)?;
+    }
+    Ok(api)
+}
+
+type Router = fn(&tiny_http::Method, &str, &[u8]) -> Result<Action, (u16, serde_json::Value)>;
+
+impl ApiServer {
+    /// Serves `server` on thread `name`: each request becomes an action on the
+    /// control loop (or is answered at once if malformed).
+    fn listen(
+        &mut self,
+        server: tiny_http::Server,
+        name: &str,
+        tx: mpsc::Sender<(Action, tiny_http::Request)>,
+        wake: &EventFd,
+        route: Router,
+    ) -> Result<(), ApiError> {
+        let server = Arc::new(server);
+        let (s, wake) = (server.clone(), wake.try_clone().map_err(ApiError::EventFd)?);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                for mut req in s.incoming_requests() {
+                    let mut body = Vec::new();
+                    let read = req
+                        .as_reader()
+                        .take(MAX_BODY as u64 + 1)
+                        .read_to_end(&mut body);
+                    let action = if read.is_err() || body.len() > MAX_BODY {
+                        Err(error(
+                            400,
+                            &format!("request body unreadable or over {MAX_BODY} bytes"),
+                        ))
+                    } else {
+                        route(req.method(), req.url(), &body)
+                    };
+                    match action {
+                        Ok(a) => {
+                            if tx.send((a, req)).is_err() || wake.write(1).is_err() {
+                                // The loop has stopped: the VM is ending.
+                                break;
+                            }
                         }
+                        Err((code, v)) => respond(req, code, &v),
                     }
-                    Err((code, v)) => respond(req, code, &v),
                 }
-            }
-        })
-        .map_err(ApiError::Spawn)?;
-    Ok(ApiServer {
-        server,
-        thread: Some(thread),
-        control_loop: Some(control_loop),
-        path: path.to_path_buf(),
-    })
+            })
+            .map_err(ApiError::Spawn)?;
+        self.listeners.push((server, thread));
+        Ok(())
+    }
+}
+
+/// `ADDR` for `--metrics`: a loopback socket address, or a bare port (on
+/// 127.0.0.1).
+fn loopback_addr(given: &str) -> Result<std::net::SocketAddr, ApiError> {
+    let addr = match given.parse::<u16>() {
+        Ok(port) => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Err(_) => given
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| ApiError::MetricsNotLoopback(given.into()))?,
+    };
+    if !addr.ip().is_loopback() {
+        return Err(ApiError::MetricsNotLoopback(given.into()));
+    }
+    Ok(addr)
+}
+
+/// The metrics listener serves `GET /metrics` and nothing else.
+fn route_metrics_only(
+    method: &tiny_http::Method,
+    url: &str,
+    body: &[u8],
+) -> Result<Action, (u16, serde_json::Value)> {
+    match url.split('?').next() {
+        Some("/metrics") => route(method, "/metrics", body),
+        _ => Err(error(404, "this listener serves GET /metrics only")),
+    }
+}
+
+/// Sends a Prometheus text reply.
+pub(crate) fn respond_text(req: tiny_http::Request, body: String) {
+    let header = tiny_http::Header::from_bytes(
+        &b"Content-Type"[..],
+        fabric::prometheus::CONTENT_TYPE.as_bytes(),
+    )
+    .expect("static header");
+    let _ = req.respond(tiny_http::Response::from_string(body).with_header(header));
 }
 
 /// Sends a JSON reply.
@@ -215,10 +334,11 @@ fn route(
         (Get, "/vm") => Ok(Action::Info),
         (Get, "/stats") => Ok(Action::Stats),
         (Get, "/memnodes") => Ok(Action::Nodes),
+        (Get, "/metrics") => Ok(Action::Metrics),
         (Put | Post, "/memnodes") => attach_body(body).map(Action::Attach),
         (Put, "/vm/pause") => Ok(Action::Pause),
         (Put, "/vm/resume") => Ok(Action::Resume),
-        (_, "/vm" | "/stats" | "/memnodes" | "/vm/pause" | "/vm/resume") => {
+        (_, "/vm" | "/stats" | "/memnodes" | "/vm/pause" | "/vm/resume" | "/metrics") => {
             Err(error(405, &format!("{method} is not allowed on {path}")))
         }
         _ => Err(error(404, &format!("no such resource: {path}"))),
@@ -261,5 +381,27 @@ mod tests {
         assert_eq!(code(Method::Get, "/nothing", b""), 404);
         assert_eq!(code(Method::Delete, "/stats", b""), 405);
         assert_eq!(code(Method::Get, "/../etc", b""), 400);
+        assert_eq!(route(&Method::Get, "/metrics", b""), Ok(Action::Metrics));
+        assert_eq!(code(Method::Post, "/metrics", b""), 405);
+        assert_eq!(
+            route_metrics_only(&Method::Get, "/metrics?x", b""),
+            Ok(Action::Metrics)
+        );
+        assert_eq!(
+            route_metrics_only(&Method::Get, "/stats", b"")
+                .unwrap_err()
+                .0,
+            404
+        );
+    }
+
+    #[test]
+    fn metrics_are_served_on_loopback_only() {
+        assert_eq!(loopback_addr("9100").unwrap().to_string(), "127.0.0.1:9100");
+        assert!(loopback_addr("[::1]:9100").is_ok());
+        for bad in ["0.0.0.0:9100", "10.0.0.1:9100", "localhost:9100", "x"] {
+            let e = loopback_addr(bad).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("loopback"), "{e}");
+        }
     }
 }
