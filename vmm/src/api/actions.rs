@@ -35,6 +35,8 @@ pub enum Action {
     Resume,
     /// Prometheus metrics.
     Metrics,
+    /// The OpenAPI document.
+    OpenApi,
 }
 
 /// Outcomes of background detaches, by node address.
@@ -109,7 +111,10 @@ impl Handler {
                     &self.info,
                     self.started.elapsed(),
                 );
-                return respond_text(req, text);
+                return respond_text(req, fabric::prometheus::CONTENT_TYPE, text);
+            }
+            Action::OpenApi => {
+                return respond_text(req, "application/yaml", super::OPENAPI.to_string());
             }
         };
         respond(req, code, &body);

@@ -10,6 +10,7 @@
 //! | `PUT /memnodes` `{"addr": "HOST:PORT"}` | attach a memory node (`POST` too) |
 //! | `DELETE /memnodes/HOST:PORT` | detach it: 202, then drained in the background |
 //! | `PUT /vm/pause`, `PUT /vm/resume` | pause or resume the vCPUs |
+//! | `GET /api/openapi` | the API's OpenAPI 3 document (docs/openapi.yaml) |
 //! | `GET /metrics` | Prometheus text format ([`metrics`]; also on `--metrics ADDR` over TCP) |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request), 404 (unknown
@@ -285,13 +286,13 @@ fn route_metrics_only(
     }
 }
 
-/// Sends a Prometheus text reply.
-pub(crate) fn respond_text(req: tiny_http::Request, body: String) {
-    let header = tiny_http::Header::from_bytes(
-        &b"Content-Type"[..],
-        fabric::prometheus::CONTENT_TYPE.as_bytes(),
-    )
-    .expect("static header");
+/// The API's OpenAPI document.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
+
+/// Sends a text reply of `content_type`.
+pub(crate) fn respond_text(req: tiny_http::Request, content_type: &str, body: String) {
+    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes())
+        .expect("static header");
     let _ = req.respond(tiny_http::Response::from_string(body).with_header(header));
 }
 
@@ -335,12 +336,15 @@ fn route(
         (Get, "/stats") => Ok(Action::Stats),
         (Get, "/memnodes") => Ok(Action::Nodes),
         (Get, "/metrics") => Ok(Action::Metrics),
+        (Get, "/api/openapi") => Ok(Action::OpenApi),
         (Put | Post, "/memnodes") => attach_body(body).map(Action::Attach),
         (Put, "/vm/pause") => Ok(Action::Pause),
         (Put, "/vm/resume") => Ok(Action::Resume),
-        (_, "/vm" | "/stats" | "/memnodes" | "/vm/pause" | "/vm/resume" | "/metrics") => {
-            Err(error(405, &format!("{method} is not allowed on {path}")))
-        }
+        (
+            _,
+            "/vm" | "/stats" | "/memnodes" | "/vm/pause" | "/vm/resume" | "/metrics"
+            | "/api/openapi",
+        ) => Err(error(405, &format!("{method} is not allowed on {path}"))),
         _ => Err(error(404, &format!("no such resource: {path}"))),
     }
 }
