@@ -60,7 +60,9 @@ struct StatsArgs {
     /// Print the raw JSON.
     #[arg(long)]
     json: bool,
-    /// Print a line a second with rates until the VM ends.
+    /// Until the VM ends: on a terminal, a live view redrawn every second
+    /// (rates, the fetch latency histogram, memory nodes), fitting its width;
+    /// otherwise a line a second with rates (`--json`: the raw JSON).
     #[arg(long)]
     watch: bool,
 }
@@ -674,6 +676,32 @@ fn write_stats(
     })
 }
 
+/// `vmm stats --watch` on a terminal: the live view, redrawn every second.
+fn watch_view(sock: &std::path::Path) -> Result<(), CliError> {
+    use vmm::api::watch::{Sample, render, terminal_width};
+    let Some(mut prev) = Sample::read(sock) else {
+        println!("the VM has ended");
+        return Ok(());
+    };
+    let mut at = std::time::Instant::now();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let Some(cur) = Sample::read(sock) else {
+            println!("the VM has ended");
+            return Ok(());
+        };
+        let secs = at.elapsed().as_secs_f64();
+        at = std::time::Instant::now();
+        // Home the cursor and clear the screen, then draw.
+        print!(
+            "\x1b[H\x1b[2J{}",
+            render(&prev, &cur, secs, terminal_width())
+        );
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        prev = cur;
+    }
+}
+
 fn get_stats(sock: &std::path::Path) -> Result<serde_json::Value, CliError> {
     match vmm::api::request(sock, "GET", "/stats")? {
         (200, v) => Ok(v),
@@ -695,6 +723,9 @@ fn stats(a: StatsArgs) -> Result<(), CliError> {
             println!("{}", s.summary());
         }
         return Ok(());
+    }
+    if !a.json && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        return watch_view(&a.api_sock);
     }
     let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
     let mut prev = first;

@@ -32,6 +32,7 @@
 pub mod actions;
 pub mod client;
 pub mod metrics;
+pub mod watch;
 
 pub use actions::Action;
 pub use client::{request, request_text, request_with_body};
