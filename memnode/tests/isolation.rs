@@ -135,9 +135,7 @@ fn an_authenticated_vmm_claiming_another_vms_id_is_refused() {
 #[test]
 fn a_vm_at_its_quota_gets_a_clear_error_and_other_vms_are_served() {
     // 16 pages per VM on a node of 256.
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let maddr = probe.local_addr().unwrap().to_string();
-    drop(probe);
+    let maddr = splitvisor_tests::free_loopback_addr();
     let node = Node::start(&["--capacity", "1M", "--vm-quota", "64K", "--metrics", &maddr]);
     let (a, b) = (node.client(1), node.client(2));
     assert_eq!(

@@ -431,9 +431,7 @@ fn sigterm_and_sigint_stop_cleanly() {
 
 #[test]
 fn metrics_endpoint_serves_prometheus_text() {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let maddr = probe.local_addr().unwrap().to_string();
-    drop(probe);
+    let maddr = splitvisor_tests::free_loopback_addr();
     let node = Node::start(&["--capacity", "1M", "--metrics", &maddr]);
     let c = node.client(42);
     c.write_pages(&[(3, &pattern(42, 3, 0)), (4, &pattern(42, 4, 0))])

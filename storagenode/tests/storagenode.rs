@@ -452,9 +452,7 @@ fn sigterm_and_sigint_stop_cleanly() {
 #[test]
 fn metrics_count_the_traffic_and_pass_promtool() {
     let dir = TempDir::new("metrics");
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let maddr = probe.local_addr().unwrap().to_string();
-    drop(probe);
+    let maddr = splitvisor_tests::free_loopback_addr();
     let node = Node::start(dir.path(), &["--create", "disk0:64M", "--metrics", &maddr]);
     let c = node.client("disk0");
     c.write_at(0, &pattern(7, 65536), false).unwrap();

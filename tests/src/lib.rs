@@ -184,3 +184,10 @@ pub fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A loopback address (`127.0.0.1:PORT`) whose port was free a moment ago, for
+/// a daemon's `--metrics` listener.
+pub fn free_loopback_addr() -> String {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().to_string()
+}

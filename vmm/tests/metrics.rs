@@ -20,9 +20,7 @@ fn value(text: &str, prefix: &str) -> f64 {
 #[test]
 fn kvm_metrics_are_served_on_the_socket_and_on_loopback_and_pass_promtool() {
     let node = Daemon::memnode(&sibling_bin(VMM, "memnode"), &["--capacity", "1G"]);
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = probe.local_addr().unwrap().port();
-    drop(probe);
+    let metrics_addr = splitvisor_tests::free_loopback_addr();
     let sock = std::env::temp_dir().join(format!("vmm-metrics-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
     let child = Command::new(VMM)
@@ -38,7 +36,7 @@ fn kvm_metrics_are_served_on_the_socket_and_on_loopback_and_pass_promtool() {
             &node.addr,
             "--paused",
             "--metrics",
-            &port.to_string(),
+            &metrics_addr,
         ])
         .arg("--api-sock")
         .arg(&sock)
@@ -66,7 +64,6 @@ fn kvm_metrics_are_served_on_the_socket_and_on_loopback_and_pass_promtool() {
     );
     assert_eq!(value(&t, &active), 1.0);
     // The loopback listener serves the same, and nothing else.
-    let metrics_addr = format!("127.0.0.1:{port}");
     let (code, tcp) = http_get(&metrics_addr, "/metrics");
     assert_eq!(code, 200, "{tcp}");
     promtool_check(&tcp);
