@@ -89,15 +89,13 @@ fn suite(pin: bool, quick: bool) -> serde_json::Value {
         &["--capacity", "2G"],
     );
     let rss_empty = rss_bytes(node.child.id());
-    // Store pages with distinct contents.
-    let client = PageClient::connect(
-        &node.addr,
-        &ClientConfig {
-            vm_id: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    // Store pages with distinct contents. (Both clients act for VM 1 with one
+    // config, hence one VM secret: the node binds the VM to it.)
+    let config = ClientConfig {
+        vm_id: 1,
+        ..Default::default()
+    };
+    let client = PageClient::connect(&node.addr, &config).unwrap();
     let pages: Vec<Vec<u8>> = (0..64u64).map(|i| vec![(i as u8) | 1; PAGE_SIZE]).collect();
     for base in (0..stored_pages).step_by(64) {
         let batch: Vec<(u64, &[u8])> = (0..64)
@@ -118,9 +116,8 @@ fn suite(pin: bool, quick: bool) -> serde_json::Value {
     let modelled = PageClient::connect(
         &node.addr,
         &ClientConfig {
-            vm_id: 1,
             link_model: "latency=2us,bw=100Gbit".parse().unwrap(),
-            ..Default::default()
+            ..config.clone()
         },
     )
     .unwrap();

@@ -224,6 +224,15 @@ fn vmm(memnode: &str, workload: &str, mem: u64, cache: u64, prefetch: usize) -> 
     v
 }
 
+/// The VM secret of this bench's own clients: a node binds each VM id to the
+/// first secret that uses it, and the bench reconnects as the same VMM.
+fn vm_secret() -> fabric::auth::Key {
+    static SECRET: std::sync::OnceLock<fabric::auth::Key> = std::sync::OnceLock::new();
+    SECRET
+        .get_or_init(|| fabric::auth::Key::generate().unwrap())
+        .clone()
+}
+
 /// Seconds for one client to write `out` pages to the node and then read `inp`
 /// pages back: batches of 64, 4 in flight, as the evictor and prefetcher send them.
 fn fabric_stream_s(addr: &str, out: u64, inp: u64) -> f64 {
@@ -231,6 +240,7 @@ fn fabric_stream_s(addr: &str, out: u64, inp: u64) -> f64 {
         addr,
         &ClientConfig {
             vm_id: 0xbe0d,
+            vm_secret: Some(vm_secret()),
             ..Default::default()
         },
     )
@@ -313,6 +323,7 @@ fn fabric_rtt_ns(addr: &str, n: usize) -> (u64, u64) {
         addr,
         &ClientConfig {
             vm_id: 0xbe0c,
+            vm_secret: Some(vm_secret()),
             ..Default::default()
         },
     )

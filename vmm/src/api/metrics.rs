@@ -137,6 +137,18 @@ pub fn render(cache: &ExCache, control: &RunControl, info: &VmInfo, uptime: Dura
         n(s.pages_refused),
     )
     .single(
+        "seal_checks_total",
+        Kind::Counter,
+        "Fetched pages whose integrity seal was checked (and decrypted with --encrypt-pages).",
+        n(s.seal_checks),
+    )
+    .single(
+        "seal_check_seconds_total",
+        Kind::Counter,
+        "Time spent checking (and decrypting) fetched pages.",
+        s.seal_check_mean_us * s.seal_checks as f64 / 1e6,
+    )
+    .single(
         "rebalanced_pages_total",
         Kind::Counter,
         "Pages moved between nodes by --rebalance.",

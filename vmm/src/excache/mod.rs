@@ -481,6 +481,11 @@ impl ExCache {
             rebalanced: load(&st.rebalanced),
             pages_refused: load(&s.seals.refused),
             faults_wp: load(&st.faults_wp),
+            seal_checks: load(&s.seals.checks),
+            seal_check_mean_us: match load(&s.seals.checks) {
+                0 => 0.0,
+                n => load(&s.seals.check_ns) as f64 / n as f64 / 1000.0,
+            },
             fetch_count: h.len(),
             fetch_p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
             fetch_p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,

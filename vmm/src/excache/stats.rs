@@ -114,6 +114,12 @@ pub struct StatsSnapshot {
     /// Writes held on a page under eviction.
     #[serde(default)]
     pub faults_wp: u64,
+    /// Fetched pages whose seal was checked.
+    #[serde(default)]
+    pub seal_checks: u64,
+    /// The mean time one check (and decryption) took, µs.
+    #[serde(default)]
+    pub seal_check_mean_us: f64,
     /// Remote fetches measured.
     pub fetch_count: u64,
     /// Fetch service time p50, µs.
