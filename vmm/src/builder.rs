@@ -119,6 +119,7 @@ pub fn build(cfg: &VmConfig) -> Result<Vmm, VmError> {
         link_model: cfg.link,
         auth_key: cfg.auth_key.clone(),
         vm_secret: cfg.vm_secret.clone().or(defaults.vm_secret.clone()),
+        reply_timeout: cfg.node_timeout,
         ..defaults
     };
     let nodes = Placement::connect(&cfg.memnodes, &client_cfg, (cfg.mem / 4096) as usize)

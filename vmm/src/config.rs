@@ -32,6 +32,11 @@ pub struct VmConfig {
     /// Emulated link to the memory nodes.
     #[serde(with = "crate::serde_str::as_string")]
     pub link: LinkModel,
+    /// How long a memory node may leave a request unanswered before it
+    /// counts as failed (a stopped or partitioned node must not hang the
+    /// guest).
+    #[serde(default = "default_node_timeout")]
+    pub node_timeout: std::time::Duration,
     /// Serve the control API on this Unix socket.
     pub api_sock: Option<PathBuf>,
     /// Serve Prometheus metrics over TCP on this loopback address (or port).
@@ -50,6 +55,11 @@ pub struct VmConfig {
     /// this run.
     #[serde(skip)]
     pub vm_secret: Option<fabric::auth::Key>,
+}
+
+/// The default `node_timeout`: the fabric client's reply timeout.
+pub fn default_node_timeout() -> std::time::Duration {
+    fabric::ClientConfig::default().reply_timeout
 }
 
 /// The guest kinds.
@@ -140,6 +150,9 @@ pub enum ConfigError {
     /// A Linux guest's options.
     #[error(transparent)]
     Linux(#[from] LinuxConfigError),
+    /// The metrics address is not on loopback.
+    #[error(transparent)]
+    Metrics(#[from] crate::api::ApiError),
 }
 
 /// Each vCPU's share of a shim guest's arena: `mem` over `vcpus`, in whole pages.
@@ -152,6 +165,9 @@ impl VmConfig {
     /// kernel, initrd and disk files are there and fit, before anything is set
     /// up.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(m) = &self.metrics {
+            crate::api::loopback_addr(m)?;
+        }
         match &self.guest {
             GuestConfig::Shim(s) => self.validate_shim(s),
             GuestConfig::Linux(l) => self.validate_linux(l),
@@ -292,6 +308,7 @@ mod tests {
             memnodes: vec!["127.0.0.1:1".into()],
             vm_id: 7,
             link: "latency=2us".parse().unwrap(),
+            node_timeout: std::time::Duration::from_millis(750),
             api_sock: None,
             metrics: None,
             start_paused: false,

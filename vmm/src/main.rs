@@ -127,6 +127,10 @@ struct RunArgs {
     /// Emulated link to the memory nodes, e.g. latency=2us,bw=100Gbit.
     #[arg(long, default_value = "off")]
     link: LinkModel,
+    /// How long a memory node may leave a request unanswered before it counts
+    /// as failed (then the VM stops with an error naming it), e.g. 500ms, 10s.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = fabric::units::parse_duration)]
+    node_timeout: std::time::Duration,
     /// Address-space id on the memory nodes (default: derived from the process id).
     #[arg(long)]
     vm_id: Option<u64>,
@@ -467,6 +471,7 @@ fn vm_config(a: &RunArgs, vm_id: u64) -> VmConfig {
         memnodes: a.memnodes.clone(),
         vm_id,
         link: a.link,
+        node_timeout: a.node_timeout,
         api_sock: a.api_sock.clone(),
         metrics: a.metrics.clone(),
         start_paused: a.paused,

@@ -478,6 +478,48 @@ fn kvm_memnode_dying_mid_run_stops_the_vm_with_an_error_naming_it() {
 }
 
 #[test]
+fn kvm_a_stopped_memnode_fails_the_vm_within_the_node_timeout() {
+    require_kvm();
+    let node = memnode(&["--capacity", "256M"]);
+    let addr = node.addr.clone();
+    let child = start_long_run(&[
+        "run",
+        "--workload",
+        "rand:size=16M,ops=50000000",
+        "--mem",
+        "16M",
+        "--local-cache",
+        "1M",
+        "--memnode",
+        &addr,
+        "--node-timeout",
+        "500ms",
+    ]);
+    // SIGSTOP: the node's sockets stay open, it just never answers.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(node.child.id() as i32, libc::SIGSTOP) };
+    let stopped = std::time::Instant::now();
+    let out = wait_for_exit(
+        child,
+        Duration::from_secs(30),
+        "vmm hung on a stopped memory node",
+    );
+    let took = stopped.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(node.child.id() as i32, libc::SIGCONT) };
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("vmm: error:") && err.contains(&addr) && err.contains("no reply within"),
+        "stderr: {err}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the VM took {took:?} to give up on a node with a 500 ms timeout"
+    );
+}
+
+#[test]
 fn kvm_bad_input_gets_one_clear_error_line() {
     require_kvm();
     let node = memnode(&["--capacity", "16M"]);

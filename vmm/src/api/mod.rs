@@ -262,7 +262,7 @@ impl ApiServer {
 
 /// `ADDR` for `--metrics`: a loopback socket address, or a bare port (on
 /// 127.0.0.1).
-fn loopback_addr(given: &str) -> Result<std::net::SocketAddr, ApiError> {
+pub(crate) fn loopback_addr(given: &str) -> Result<std::net::SocketAddr, ApiError> {
     let addr = match given.parse::<u16>() {
         Ok(port) => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         Err(_) => given
