@@ -447,12 +447,10 @@ fn kvm_unreachable_memnode_at_start_is_one_clear_error() {
     );
 }
 
-#[test]
-fn kvm_memnode_dying_mid_run_stops_the_vm_with_an_error_naming_it() {
-    require_kvm();
-    let node = memnode(&["--capacity", "256M"]);
-    let addr = node.addr.clone();
-    let child = start_long_run(&[
+/// A random workload over the memory node at `addr` (with `extra` options)
+/// that runs far longer than any test, started as [`start_long_run`] does.
+fn start_rand_over(addr: &str, extra: &[&str]) -> Child {
+    let mut args = vec![
         "run",
         "--workload",
         "rand:size=16M,ops=50000000",
@@ -461,8 +459,18 @@ fn kvm_memnode_dying_mid_run_stops_the_vm_with_an_error_naming_it() {
         "--local-cache",
         "1M",
         "--memnode",
-        &addr,
-    ]);
+        addr,
+    ];
+    args.extend_from_slice(extra);
+    start_long_run(&args)
+}
+
+#[test]
+fn kvm_memnode_dying_mid_run_stops_the_vm_with_an_error_naming_it() {
+    require_kvm();
+    let node = memnode(&["--capacity", "256M"]);
+    let addr = node.addr.clone();
+    let child = start_rand_over(&addr, &[]);
     drop(node); // kills the memory node
     let out = wait_for_exit(
         child,
@@ -482,19 +490,7 @@ fn kvm_a_stopped_memnode_fails_the_vm_within_the_node_timeout() {
     require_kvm();
     let node = memnode(&["--capacity", "256M"]);
     let addr = node.addr.clone();
-    let child = start_long_run(&[
-        "run",
-        "--workload",
-        "rand:size=16M,ops=50000000",
-        "--mem",
-        "16M",
-        "--local-cache",
-        "1M",
-        "--memnode",
-        &addr,
-        "--node-timeout",
-        "500ms",
-    ]);
+    let child = start_rand_over(&addr, &["--node-timeout", "500ms"]);
     // SIGSTOP: the node's sockets stay open, it just never answers.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(node.child.id() as i32, libc::SIGSTOP) };
