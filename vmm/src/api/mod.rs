@@ -126,14 +126,6 @@ pub struct ApiServer {
     listeners: Vec<(Arc<tiny_http::Server>, std::thread::JoinHandle<()>)>,
     control_loop: Option<EventLoop>,
     path: Option<PathBuf>,
-    metrics_addr: Option<std::net::SocketAddr>,
-}
-
-impl ApiServer {
-    /// The address the metrics listener is bound to, if there is one.
-    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
-        self.metrics_addr
-    }
 }
 
 impl Drop for ApiServer {
@@ -181,7 +173,6 @@ pub fn serve(
         listeners: Vec::new(),
         control_loop: Some(lb.start()?),
         path: None,
-        metrics_addr: None,
     };
     if let Some(path) = &at.sock {
         // Created under umask 077, so the socket is never accessible to others.
@@ -202,8 +193,7 @@ pub fn serve(
             addr: addr.to_string(),
             source,
         })?;
-        api.metrics_addr = server.server_addr().to_ip();
-        if let Some(a) = api.metrics_addr {
+        if let Some(a) = server.server_addr().to_ip() {
             log::info!("metrics on http://{a}/metrics");
         }
         api.listen(server, "api-metrics", tx, &wake, route_metrics_only)?;
