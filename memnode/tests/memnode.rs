@@ -240,6 +240,16 @@ fn garbage_gets_an_error_and_a_disconnect_and_others_go_on() {
             ErrorCode::BadRequest,
         ),
         (
+            "hello without a nonce",
+            false,
+            {
+                let mut b = Vec::new();
+                Message::hello(Role::Vmm, 1, b"").encode(1, &mut b);
+                b
+            },
+            ErrorCode::AuthFailed,
+        ),
+        (
             "memnode role",
             false,
             {

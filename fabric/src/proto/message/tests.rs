@@ -279,6 +279,19 @@ fn invalid_fields() {
             "count {count}"
         );
     }
+    // A proof with undefined flag bits, or a short one.
+    for (flags, len) in [(4u8, 136usize), (1, 136), (0, 32)] {
+        let mut p = vec![0u8; len];
+        p[0] = flags;
+        p[3] = u8::from(flags == 1); // a nonzero reserved byte
+        assert!(
+            matches!(
+                decode_frame(&frame(15, &p)),
+                Err(DecodeError::Invalid { .. } | DecodeError::Truncated { .. })
+            ),
+            "proof flags {flags}, {len} bytes"
+        );
+    }
     // Trailing bytes after a read request.
     let mut p = vec![1, 0, 0, 0, 0, 0, 0, 0];
     p.extend_from_slice(&[0; 9]);
