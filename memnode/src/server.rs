@@ -45,6 +45,9 @@ pub enum ServerError {
     /// The capacity is too small to hold a page.
     #[error("capacity of {0} bytes holds no 4 KiB page")]
     TooSmall(u64),
+    /// The node's instance number could not be drawn.
+    #[error("cannot draw the node's instance number")]
+    Instance(#[source] fabric::auth::KeyError),
 }
 
 /// How the server runs.
@@ -87,6 +90,10 @@ pub struct NodeState {
     /// Requests answered with an error.
     pub errors: AtomicU64,
     conns: Arc<Connections>,
+    /// Drawn at random when the node starts and sent in every `HelloOk`: a
+    /// VMM that sees another instance at a known address knows the node
+    /// restarted empty.
+    pub instance: u64,
 }
 
 impl NodeState {
@@ -126,6 +133,7 @@ impl Server {
         let state = Arc::new(NodeState {
             errors: AtomicU64::new(0),
             conns: acceptor.connections().clone(),
+            instance: u64::from_le_bytes(fabric::auth::random().map_err(ServerError::Instance)?),
         });
         Ok(Server {
             acceptor,
@@ -583,6 +591,7 @@ impl Connection {
                 .store
                 .vm_quota_pages()
                 .map_or(capacity_pages, |q| q.min(capacity_pages)),
+            instance: self.state.instance,
         }
         .encode(rid, out);
         Ok(())

@@ -122,8 +122,13 @@ pub fn build(cfg: &VmConfig) -> Result<Vmm, VmError> {
         reply_timeout: cfg.node_timeout,
         ..defaults
     };
-    let nodes = Placement::connect(&cfg.memnodes, &client_cfg, (cfg.mem / 4096) as usize)
-        .map_err(VmError::Memnode)?;
+    let nodes = Placement::connect(
+        &cfg.memnodes,
+        &client_cfg,
+        (cfg.mem / 4096) as usize,
+        cfg.replicas,
+    )
+    .map_err(VmError::Memnode)?;
     let mut cache_cfg = cfg.cache.clone();
     // Linux's RAM is all behind the cache, and the VMM writes it (the loader,
     // the devices).

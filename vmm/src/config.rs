@@ -25,8 +25,11 @@ pub struct VmConfig {
     pub vcpus: usize,
     /// The local cache.
     pub cache: CacheConfig,
-    /// Memory node addresses.
+    /// Memory nodes, each `ADDR[,zone=NAME]`.
     pub memnodes: Vec<String>,
+    /// Copies of each page on distinct memory nodes (`--replicas`).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
     /// Address-space id on the memory nodes.
     pub vm_id: u64,
     /// Emulated link to the memory nodes.
@@ -57,9 +60,16 @@ pub struct VmConfig {
     pub vm_secret: Option<fabric::auth::Key>,
 }
 
-/// The default `node_timeout`: the fabric client's reply timeout.
+/// The default `node_timeout`: a memory node answers in microseconds to
+/// milliseconds, so half a second without an answer is a failure, and a
+/// stopped or partitioned node costs the guest at most that.
 pub fn default_node_timeout() -> std::time::Duration {
-    fabric::ClientConfig::default().reply_timeout
+    std::time::Duration::from_millis(500)
+}
+
+/// The default `replicas`: one copy (a node's failure loses its pages).
+pub fn default_replicas() -> usize {
+    1
 }
 
 /// The guest kinds.
@@ -121,6 +131,21 @@ pub enum ConfigError {
     /// No memory node.
     #[error("at least one --memnode is needed")]
     NoMemnode,
+    /// A `--memnode` value is malformed.
+    #[error(transparent)]
+    Memnode(#[from] crate::excache::replicas::NodeSpecError),
+    /// `--replicas` out of range or above the nodes given.
+    #[error(
+        "--replicas must be 1 to {max} and at most the number of --memnode ({nodes}), got {got}"
+    )]
+    Replicas {
+        /// The most copies.
+        max: usize,
+        /// Nodes given.
+        nodes: usize,
+        /// Asked.
+        got: usize,
+    },
     /// The workload does not fit a vCPU's share of guest RAM.
     #[error(
         "workload size {size} exceeds each vCPU's share of guest RAM ({share} bytes of --mem {mem} over {vcpus} vCPUs)"
@@ -226,6 +251,17 @@ impl VmConfig {
         if self.memnodes.is_empty() {
             return Err(ConfigError::NoMemnode);
         }
+        for m in &self.memnodes {
+            m.parse::<crate::excache::replicas::NodeSpec>()?;
+        }
+        let max = crate::excache::replicas::MAX_REPLICAS;
+        if self.replicas == 0 || self.replicas > max || self.replicas > self.memnodes.len() {
+            return Err(ConfigError::Replicas {
+                max,
+                nodes: self.memnodes.len(),
+                got: self.replicas,
+            });
+        }
         Ok(())
     }
 
@@ -304,8 +340,10 @@ mod tests {
                 dirty_log: false,
                 rebalance: 0,
                 encrypt_pages: false,
+                rereplicate_rate: 1000,
             },
             memnodes: vec!["127.0.0.1:1".into()],
+            replicas: 1,
             vm_id: 7,
             link: "latency=2us".parse().unwrap(),
             node_timeout: std::time::Duration::from_millis(750),

@@ -7,7 +7,6 @@ use crate::excache::{CacheError, PathError};
 use crate::linux::LinuxError;
 use crate::memory::MemoryError;
 use crate::vcpu::VcpuError;
-use fabric::ClientError;
 use std::sync::Arc;
 
 /// Build and run failures.
@@ -31,9 +30,9 @@ pub enum VmError {
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    /// A memory node is unreachable.
-    #[error("memory node unreachable")]
-    Memnode(#[source] ClientError),
+    /// A memory node is unreachable, named twice or wrongly.
+    #[error(transparent)]
+    Memnode(crate::excache::placement::PlacementError),
     /// The cache could not start.
     #[error(transparent)]
     Cache(#[from] CacheError),

@@ -86,8 +86,19 @@ struct RunArgs {
     /// loopback port for the run. `ideal` (or `ideal:TAG`) is an in-process node
     /// standing for a perfect interconnect: the baseline that shows what the
     /// fabric costs (see docs/architecture.md, "The fabric").
-    #[arg(long = "memnode", value_name = "ADDR")]
+    /// `ADDR,zone=NAME` puts the node in a failure domain: a page's copies
+    /// (--replicas) go to distinct zones whenever enough zones have room.
+    #[arg(long = "memnode", value_name = "ADDR[,zone=NAME]")]
     memnodes: Vec<String>,
+    /// Copies of every page, on distinct memory nodes (1 to 4, at most the
+    /// number of --memnode). With 2 or more the VM runs on through a node's
+    /// failure and makes new copies in the background.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Most new copies a second the background makes after a node failed
+    /// (pages/s).
+    #[arg(long, value_name = "PAGES_PER_S", default_value_t = vmm::excache::default_rereplicate_rate())]
+    rereplicate_rate: u64,
     /// The cluster key (file of 32 random bytes, raw or hex; mode 600): the
     /// memory nodes are reached with it, both sides proving it, and a node that
     /// cannot is refused. Without --memnode, the node started for the run gets
@@ -128,8 +139,10 @@ struct RunArgs {
     #[arg(long, default_value = "off")]
     link: LinkModel,
     /// How long a memory node may leave a request unanswered before it counts
-    /// as failed (then the VM stops with an error naming it), e.g. 500ms, 10s.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = fabric::units::parse_duration)]
+    /// as failed, e.g. 500ms, 10s. A failed node is never used again; its
+    /// pages are read from their other copies (--replicas), or the VM stops
+    /// with an error naming it and the pages lost.
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = fabric::units::parse_duration)]
     node_timeout: std::time::Duration,
     /// Address-space id on the memory nodes (default: derived from the process id).
     #[arg(long)]
@@ -447,6 +460,7 @@ fn vm_config(a: &RunArgs, vm_id: u64) -> VmConfig {
         host_writes: false,
         dirty_log: a.dirty_log,
         rebalance: a.rebalance.unwrap_or(0),
+        rereplicate_rate: a.rereplicate_rate,
         encrypt_pages: a.encrypt_pages,
     };
     let guest = match &a.kernel {
@@ -469,6 +483,7 @@ fn vm_config(a: &RunArgs, vm_id: u64) -> VmConfig {
         vcpus: a.vcpus,
         cache,
         memnodes: a.memnodes.clone(),
+        replicas: a.replicas,
         vm_id,
         link: a.link,
         node_timeout: a.node_timeout,

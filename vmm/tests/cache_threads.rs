@@ -27,7 +27,11 @@ fn cache_threads() -> Vec<String> {
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
         .map(|n| n.trim().to_string())
         .filter(|n| {
-            n.starts_with("fault-") || n.starts_with("evictor-") || n == "rebalance" || n == "drain"
+            n.starts_with("fault-")
+                || n.starts_with("evictor-")
+                || n == "rebalance"
+                || n == "drain"
+                || n == "repair"
         })
         .collect();
     names.sort();
@@ -85,6 +89,7 @@ fn cache_over(vm_id: u64, nodes: &[&Daemon], budget: usize, rebalance: u64) -> (
             ..Default::default()
         },
         PAGES,
+        1,
     )
     .unwrap();
     let cache = ExCache::start(
@@ -99,6 +104,7 @@ fn cache_over(vm_id: u64, nodes: &[&Daemon], budget: usize, rebalance: u64) -> (
             dirty_log: false,
             rebalance,
             encrypt_pages: false,
+            rereplicate_rate: vmm::excache::default_rereplicate_rate(),
         },
         placement,
         vm,

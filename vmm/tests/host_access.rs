@@ -32,6 +32,7 @@ fn kvm_host_writes_survive_eviction_and_wait_for_batches() {
             ..Default::default()
         },
         PAGES,
+        1,
     )
     .unwrap();
     let cache = ExCache::start(
@@ -46,6 +47,7 @@ fn kvm_host_writes_survive_eviction_and_wait_for_batches() {
             dirty_log: true,
             rebalance: 0,
             encrypt_pages: false,
+            rereplicate_rate: vmm::excache::default_rereplicate_rate(),
         },
         nodes,
         vm,

@@ -41,6 +41,9 @@ pub enum IdealError {
         #[source]
         source: std::io::Error,
     },
+    /// The store's instance number could not be drawn.
+    #[error("cannot draw the ideal node's instance number")]
+    Random(#[source] crate::auth::KeyError),
     /// A page number beyond the store.
     #[error("page {gpn} is beyond the ideal memory node's {capacity} pages")]
     OutOfRange {

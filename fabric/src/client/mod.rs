@@ -134,6 +134,9 @@ pub struct NodeInfo {
     pub capacity_pages: u64,
     /// Most pages per batch the node accepts.
     pub max_batch: usize,
+    /// The node process's instance (drawn at random when it started): the
+    /// same address with another instance is a new, empty node.
+    pub instance: u64,
 }
 
 /// Which pages of a batch were present on the node: bit `i` set for the `i`-th page
@@ -311,6 +314,7 @@ impl PageClient {
                         page_size,
                         max_batch,
                         capacity_pages,
+                        instance,
                     },
                     _,
                 ))) => {
@@ -330,6 +334,7 @@ impl PageClient {
                         role,
                         capacity_pages,
                         max_batch: (max_batch as usize).clamp(1, MAX_BATCH),
+                        instance,
                     };
                 }
                 Ok(Some((_, Message::Error { code, message }, _))) => {
@@ -385,6 +390,12 @@ impl PageClient {
                     role: Role::MemNode,
                     capacity_pages: store.capacity(),
                     max_batch: MAX_BATCH,
+                    instance: u64::from_le_bytes(crate::auth::random().map_err(|e| {
+                        ClientError::Ideal {
+                            addr: addr.to_string(),
+                            source: IdealError::Random(e),
+                        }
+                    })?),
                 },
                 store,
                 shaper: Shaper::new(config.link_model),

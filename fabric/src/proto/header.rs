@@ -68,7 +68,7 @@ impl Opcode {
     pub fn max_payload(self) -> usize {
         match self {
             Opcode::Hello => 16 + MAX_AUTH_LEN,
-            Opcode::HelloOk => 24,
+            Opcode::HelloOk => 32,
             Opcode::ReadPages | Opcode::FreePages => 8 + 8 * MAX_BATCH,
             Opcode::ReadPagesOk => 8 + MAX_BATCH + MAX_BATCH * PAGE_SIZE,
             Opcode::WritePages => 8 + MAX_BATCH * (8 + PAGE_SIZE),

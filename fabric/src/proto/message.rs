@@ -161,7 +161,7 @@ pub enum Message<'a> {
         auth: &'a [u8],
     },
     /// Accepts a connection. Payload: role u8, 0 u8, version u16, page size u32,
-    /// max batch u32, 0 u32, capacity in pages u64.
+    /// max batch u32, 0 u32, capacity in pages u64, instance u64.
     HelloOk {
         /// The node's role.
         role: Role,
@@ -173,6 +173,10 @@ pub enum Message<'a> {
         max_batch: u32,
         /// The node's capacity in pages.
         capacity_pages: u64,
+        /// A random number the node drew when it started: a node that comes
+        /// back at the same address with another instance is a new, empty
+        /// node.
+        instance: u64,
     },
     /// The node's half of an authenticated handshake (see [`crate::auth`]).
     /// Payload: nonce (32 bytes), proof (32 bytes).
@@ -361,13 +365,14 @@ impl<'a> Message<'a> {
                 }
             }
             Opcode::HelloOk => {
-                exact("hello reply", p, 24)?;
+                exact("hello reply", p, 32)?;
                 Message::HelloOk {
                     role: Role::from_wire(p[0])?,
                     version: u16_at(p, 2),
                     page_size: u32_at(p, 4),
                     max_batch: u32_at(p, 8),
                     capacity_pages: u64_at(p, 16),
+                    instance: u64_at(p, 24),
                 }
             }
             Opcode::Challenge => {
@@ -531,6 +536,7 @@ impl<'a> Message<'a> {
                 page_size,
                 max_batch,
                 capacity_pages,
+                instance,
             } => {
                 out.extend_from_slice(&[*role as u8, 0]);
                 out.extend_from_slice(&version.to_le_bytes());
@@ -538,6 +544,7 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(&max_batch.to_le_bytes());
                 out.extend_from_slice(&[0; 4]);
                 out.extend_from_slice(&capacity_pages.to_le_bytes());
+                out.extend_from_slice(&instance.to_le_bytes());
             }
             Message::Challenge { nonce, proof } => {
                 out.extend_from_slice(&nonce[..]);

@@ -37,7 +37,7 @@ pub use message::{
 /// Frame magic, the bytes `SPVF` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SPVF");
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of a guest page, the unit the memory protocol moves.
 pub const PAGE_SIZE: usize = 4096;
 /// Size of the fixed frame header.

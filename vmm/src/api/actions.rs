@@ -25,6 +25,8 @@ pub enum Action {
     Stats,
     /// The memory nodes.
     Nodes,
+    /// What happened to the memory nodes.
+    Events,
     /// Attach the node at this address.
     Attach(String),
     /// Detach the node at this address (drained in the background).
@@ -94,6 +96,7 @@ impl Handler {
                 serde_json::to_value(self.cache.snapshot()).unwrap_or_default(),
             ),
             Action::Nodes => self.nodes(),
+            Action::Events => (200, json!(self.cache.node_events())),
             Action::Pause => {
                 self.control.set_paused(true);
                 (200, json!({"state": "paused"}))

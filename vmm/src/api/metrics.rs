@@ -153,6 +153,36 @@ pub fn render(cache: &ExCache, control: &RunControl, info: &VmInfo, uptime: Dura
         Kind::Counter,
         "Pages moved between nodes by --rebalance.",
         n(s.rebalanced),
+    )
+    .single(
+        "replicas",
+        Kind::Gauge,
+        "Copies each page should have (--replicas).",
+        n(s.replicas),
+    )
+    .single(
+        "pages_below_replicas",
+        Kind::Gauge,
+        "Pages with fewer live copies than --replicas (a node holding one failed).",
+        n(s.pages_below_replicas),
+    )
+    .single(
+        "pages_without_copy",
+        Kind::Gauge,
+        "Pages whose every copy was on failed nodes.",
+        n(s.pages_without_copy),
+    )
+    .single(
+        "rereplicated_pages_total",
+        Kind::Counter,
+        "New copies made in the background of pages that lost one.",
+        n(s.rereplicated),
+    )
+    .single(
+        "node_failures_total",
+        Kind::Counter,
+        "Memory nodes declared failed (no answer within --node-timeout, a lost connection, an error reply, a bad page).",
+        n(s.node_failures),
     );
     let bounds_ns: Vec<u64> = FETCH_BUCKETS_S.iter().map(|b| (b * 1e9) as u64).collect();
     let (below, count, sum_ns) = cache.fetch_latency(&bounds_ns);
@@ -164,7 +194,15 @@ pub fn render(cache: &ExCache, control: &RunControl, info: &VmInfo, uptime: Dura
         sum_ns / 1e9,
         count,
     );
-    let nodes = cache.node_list();
+    // A node attached again at an address (after it failed or left) is
+    // shown as it is now.
+    let all = cache.node_list();
+    let nodes: Vec<_> = all
+        .iter()
+        .enumerate()
+        .filter(|(k, n)| !all[k + 1..].iter().any(|m| m.addr == n.addr))
+        .map(|(_, n)| n)
+        .collect();
     e.family(
         "node_pages",
         Kind::Gauge,
@@ -183,6 +221,7 @@ pub fn render(cache: &ExCache, control: &RunControl, info: &VmInfo, uptime: Dura
             ("active", NodeState::Active),
             ("draining", NodeState::Draining),
             ("detached", NodeState::Detached),
+            ("dead", NodeState::Dead),
         ] {
             e.sample(
                 "node_state",

@@ -7,6 +7,7 @@
 //! | `GET /vm` | VM info and state (`running` or `paused`) |
 //! | `GET /stats` | the cache statistics (the `--stats-json` `stats` object) |
 //! | `GET /memnodes` | memory nodes: state, this VM's pages on each, capacity |
+//! | `GET /events` | what happened to the memory nodes (attached, failed, drained), with times |
 //! | `PUT /memnodes` `{"addr": "HOST:PORT"}` | attach a memory node (`POST` too) |
 //! | `DELETE /memnodes/HOST:PORT` | detach it: 202, then drained in the background |
 //! | `PUT /vm/pause`, `PUT /vm/resume` | pause or resume the vCPUs |
@@ -326,6 +327,7 @@ fn route(
         (Get, "/vm") => Ok(Action::Info),
         (Get, "/stats") => Ok(Action::Stats),
         (Get, "/memnodes") => Ok(Action::Nodes),
+        (Get, "/events") => Ok(Action::Events),
         (Get, "/metrics") => Ok(Action::Metrics),
         (Get, "/api/openapi") => Ok(Action::OpenApi),
         (Put | Post, "/memnodes") => attach_body(body).map(Action::Attach),
@@ -333,7 +335,7 @@ fn route(
         (Put, "/vm/resume") => Ok(Action::Resume),
         (
             _,
-            "/vm" | "/stats" | "/memnodes" | "/vm/pause" | "/vm/resume" | "/metrics"
+            "/vm" | "/stats" | "/memnodes" | "/events" | "/vm/pause" | "/vm/resume" | "/metrics"
             | "/api/openapi",
         ) => Err(error(405, &format!("{method} is not allowed on {path}"))),
         _ => Err(error(404, &format!("no such resource: {path}"))),

@@ -15,6 +15,8 @@ pub struct Sample {
     pub stats: Value,
     /// `GET /memnodes`.
     pub nodes: Value,
+    /// `GET /events`.
+    pub events: Value,
     /// `GET /metrics` (for the latency histogram's buckets).
     pub metrics: String,
 }
@@ -34,6 +36,7 @@ impl Sample {
             vm: json("/vm")?,
             stats: json("/stats")?,
             nodes: json("/memnodes")?,
+            events: json("/events")?,
             metrics,
         })
     }
@@ -137,6 +140,18 @@ pub fn render(prev: &Sample, cur: &Sample, secs: f64, width: usize) -> String {
         n(&cur.stats, "fetch_count"),
         n(&cur.stats, "pages_refused"),
     ));
+    if n(&cur.stats, "replicas") > 1 || n(&cur.stats, "node_failures") > 0 {
+        out.push_str(&format!(
+            "replicas {}: {} pages below, {} with no copy | re-replicating {:.0} pages/s (limit {}), {} copies made | {} node failure(s)\n\n",
+            n(&cur.stats, "replicas"),
+            n(&cur.stats, "pages_below_replicas"),
+            n(&cur.stats, "pages_without_copy"),
+            rate("rereplicated"),
+            n(&cur.stats, "rereplicate_rate"),
+            n(&cur.stats, "rereplicated"),
+            n(&cur.stats, "node_failures"),
+        ));
+    }
     // The interval's fetches per latency bucket.
     let name = "splitvisor_vmm_fetch_latency_seconds";
     let (now, before) = (buckets(&cur.metrics, name), buckets(&prev.metrics, name));
@@ -170,12 +185,35 @@ pub fn render(prev: &Sample, cur: &Sample, secs: f64, width: usize) -> String {
                 ""
             }
         );
+        if let Some(z) = node["zone"].as_str() {
+            line.push_str(&format!("  zone {z}"));
+        }
         if let Some(e) = node["detach_error"].as_str() {
             line.push_str(&format!("  detach failed: {e}"));
+        }
+        if let Some(e) = node["failure"].as_str() {
+            line.push_str(&format!("  {e}"));
         }
         line.truncate(width);
         out.push_str(&line);
         out.push('\n');
+    }
+    // The last few node events, with how long ago they were.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let events: Vec<&Value> = cur.events.as_array().into_iter().flatten().collect();
+    if !events.is_empty() {
+        out.push_str("\nnode events:\n");
+        for e in events.iter().rev().take(4).rev() {
+            out.push_str(&format!(
+                "  {:>7.1} s ago  {} {} {}\n",
+                (now - e["time"].as_f64().unwrap_or(now)).max(0.0),
+                e["addr"].as_str().unwrap_or("?"),
+                e["event"].as_str().unwrap_or("?"),
+                e["detail"].as_str().unwrap_or(""),
+            ));
+        }
     }
     out.lines()
         .map(|l| l.chars().take(width).collect::<String>())
@@ -192,9 +230,13 @@ mod tests {
     fn sample(faults: u64, le_1ms: u64, total: u64) -> Sample {
         Sample {
             vm: json!({"info": {"id": 7, "vcpus": 2, "mem_bytes": 1u64 << 30, "local_cache_bytes": 64u64 << 20}, "state": "running", "uptime_s": 3.0}),
-            stats: json!({"resident_pages": 100, "budget_pages": 200, "faults_remote": faults, "fetch_p50_us": 30.0}),
+            stats: json!({"resident_pages": 100, "budget_pages": 200, "faults_remote": faults, "fetch_p50_us": 30.0,
+                          "replicas": 2, "pages_below_replicas": 40, "rereplicated": faults * 3, "rereplicate_rate": 25600, "node_failures": 1}),
             nodes: json!([{"addr": "10.0.0.1:7000", "state": "active", "pages": 5, "full": false},
-                          {"addr": "10.0.0.2:7000", "state": "draining", "pages": 1, "full": true}]),
+                          {"addr": "10.0.0.2:7000", "state": "draining", "pages": 1, "full": true},
+                          {"addr": "10.0.0.3:7000", "state": "dead", "pages": 0, "full": false, "zone": "rack-b",
+                           "failure": "memory node 10.0.0.3:7000 failed: connection lost"}]),
+            events: json!([{"time": 1.0, "addr": "10.0.0.3:7000", "event": "failed", "detail": "connection lost"}]),
             metrics: format!(
                 "splitvisor_vmm_fetch_latency_seconds_bucket{{le=\"0.0001\"}} {le_1ms}\n\
                  splitvisor_vmm_fetch_latency_seconds_bucket{{le=\"0.001\"}} {le_1ms}\n\
@@ -220,5 +262,14 @@ mod tests {
             "{v}"
         );
         assert!(v.contains("cache [") && v.contains("100/200 pages"), "{v}");
+        assert!(
+            v.contains("replicas 2: 40 pages below") && v.contains("re-replicating 300 pages/s"),
+            "{v}"
+        );
+        assert!(v.contains("dead") && v.contains("zone rack-b"), "{v}");
+        assert!(
+            v.contains("node events:") && v.contains("10.0.0.3:7000 failed"),
+            "{v}"
+        );
     }
 }

@@ -14,14 +14,15 @@
 //!
 //! Passes repeat until the node holds none of this VM's pages.
 
-use super::uffd::PAGE;
-use super::{ABSENT, EVICTING, FETCHING, PathError, RESIDENT, Shared, evict};
+use super::{ABSENT, EVICTING, FETCHING, PathError, RESIDENT, Shared, evict, repair};
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
 /// Moves `pages` (claimed: each `FETCHING`) off node `from`, to `to` if it
-/// still takes pages, else wherever placement sends them. Releases them all,
-/// moved or not, before returning; returns how many moved.
+/// still takes pages, else wherever placement sends them, keeping each
+/// page's other copies ([`repair::copy_claimed`]). Releases them all, moved
+/// or not, before returning; returns how many moved. An error if some page
+/// found no node with room.
 ///
 /// The pages were picked from a snapshot of the page map and claimed one by one
 /// after it: a page may have been faulted in, rewritten and evicted to another
@@ -34,84 +35,12 @@ fn move_claimed(
     pages: &[usize],
     to: Option<usize>,
 ) -> Result<usize, PathError> {
-    let (still, gone): (Vec<usize>, Vec<usize>) = pages
-        .iter()
-        .partition(|&&p| s.nodes.node_of(p as u64) == Some(from));
-    release(s, &gone);
-    let node = s.nodes.node(from);
-    let result = (|| {
-        let mut buf = vec![0u8; PAGE * still.len()];
-        let gpns: Vec<u64> = still.iter().map(|&p| p as u64).collect();
-        for (chunk, out) in gpns
-            .chunks(node.client.node().max_batch)
-            .zip(buf.chunks_mut(node.client.node().max_batch * PAGE))
-        {
-            node.client
-                .read_pages(chunk, out)
-                .map_err(|source| PathError::Drain {
-                    addr: node.addr.clone(),
-                    source,
-                })?;
-        }
-        write_copies(s, &still, &buf, to)
-    })();
-    release(s, &still);
-    result.map(|()| still.len())
-}
-
-/// Returns claimed pages to `ABSENT` and wakes any vCPU that faulted on them
-/// meanwhile (it faults again and is served from the page's node).
-fn release(s: &Shared, pages: &[usize]) {
-    for &p in pages {
-        s.state[p].store(ABSENT, Release);
-        let _ = s.uffd.wake(s.addr(p) as *mut _, PAGE);
+    let done = repair::copy_claimed(s, pages, Some(from), to);
+    repair::release(s, pages);
+    if done.short > 0 {
+        return Err(PathError::NoRoomToMove);
     }
-}
-
-/// Writes copies of `pages` (content in `buf`) to their targets, re-points them
-/// and frees them on their old nodes.
-fn write_copies(
-    s: &Shared,
-    pages: &[usize],
-    buf: &[u8],
-    to: Option<usize>,
-) -> Result<(), PathError> {
-    // In flight on their nodes until re-pointed (see `placement::Reservations`).
-    let mut reserved = s.nodes.reservations();
-    let (nodes, per_node) = reserved.assign(pages, to).ok_or(PathError::NoRoomToMove)?;
-    let mut moved: Vec<Vec<u64>> = vec![Vec::new(); nodes.len()];
-    let result = (|| {
-        for (i, ks) in per_node.iter().enumerate() {
-            for chunk in ks.chunks(nodes[i].client.node().max_batch) {
-                let batch: Vec<(u64, &[u8])> = chunk
-                    .iter()
-                    .map(|&k| (pages[k] as u64, &buf[k * PAGE..(k + 1) * PAGE]))
-                    .collect();
-                nodes[i].client.write_pages(&batch).map_err(|source| {
-                    if super::placement::is_out_of_capacity(&source) {
-                        nodes[i].mark_full(&source);
-                    }
-                    PathError::TakeMoved {
-                        addr: nodes[i].addr.clone(),
-                        source,
-                    }
-                })?;
-                for &k in chunk {
-                    if let Some(old) = s.nodes.set_node(pages[k] as u64, i)
-                        && old != i
-                    {
-                        moved[old].push(pages[k] as u64);
-                    }
-                }
-            }
-        }
-        Ok(())
-    })();
-    drop(reserved);
-    // Also after a failure: the pages re-pointed so far are no longer needed
-    // on their old nodes.
-    evict::free_moved(s, &nodes, &moved);
-    result
+    Ok(done.moved)
 }
 
 /// Empties node `from` of this VM's pages. Returns when it holds none.
@@ -122,8 +51,13 @@ pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), PathError> {
             return Err(PathError::Stopped);
         }
         // Marks hold pages claimed: return those of this node, so they can move.
+        if s.nodes.node(from).is_dead() {
+            return Err(PathError::DrainedNodeFailed(
+                s.nodes.node(from).addr.clone(),
+            ));
+        }
         s.marks.drop_where(s, |p| {
-            s.remote[p].load(Acquire) && s.nodes.node_of(p as u64) == Some(from)
+            s.remote[p].load(Acquire) && s.nodes.set_of(p as u64).contains(from)
         });
         let on_node = s.nodes.pages_on(from);
         if on_node.is_empty() {
@@ -237,7 +171,7 @@ pub(crate) fn rebalance_loop(s: &Shared, rate: u64) {
         }
         // After a failure, the pages not tried are still claimed: give them back.
         for chunk in chunks {
-            release(s, chunk);
+            repair::release(s, chunk);
         }
     }
 }

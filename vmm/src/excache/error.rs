@@ -103,6 +103,20 @@ pub enum PathError {
     /// Reading a userfaultfd event failed.
     #[error("reading userfaultfd events failed")]
     ReadEvent(#[source] userfaultfd::Error),
+    /// Every copy of some pages was on memory nodes that failed.
+    #[error(
+        "{pages} guest pages lost: every copy of them was on memory nodes that failed ({nodes})"
+    )]
+    Lost {
+        /// Pages with no copy left.
+        pages: u64,
+        /// The failed nodes, each with its cause.
+        nodes: String,
+    },
+    /// The node being drained failed; its pages' other copies are repaired
+    /// like any failed node's.
+    #[error("memory node {0} failed while it was drained")]
+    DrainedNodeFailed(String),
     /// The VM stopped before a drain finished.
     #[error("the VM stopped during the drain")]
     Stopped,

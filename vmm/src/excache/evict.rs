@@ -54,7 +54,9 @@
 //! passed as referenced.
 
 use super::uffd::PAGE;
-use super::{ABSENT, DIRTY_SLOT, EVICTING, EvictPolicy, PathError, RESIDENT, Shared, fingerprint};
+use super::{
+    ABSENT, DIRTY_SLOT, EVICTING, EvictPolicy, PathError, RESIDENT, Shared, fingerprint, repair,
+};
 
 use std::sync::atomic::Ordering::*;
 
@@ -230,6 +232,15 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), PathError> {
             to_write.push(p);
         }
     }
+    // A clean victim short of copies (a node holding one failed) is written
+    // too: this copy may be the last, and it gives the page a full set again.
+    let before = to_write.len();
+    for &p in victims {
+        if s.nodes.needs_copies(p as u64) && to_write[..before].binary_search(&p).is_err() {
+            to_write.push(p);
+        }
+    }
+    to_write.sort_unstable();
     write_back(s, &to_write)?;
     for &p in &to_write {
         s.remote[p].store(true, Release);
@@ -262,15 +273,25 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), PathError> {
     Ok(())
 }
 
-/// Writes `pages` to their target nodes (see [`super::placement`]) and records
-/// where they now live. A node that is full is skipped for another; pages that
-/// moved off a node (one being drained) are freed there.
+/// Writes `pages` to their target nodes, every copy at once (see
+/// [`super::placement`] and [`repair::write_all`]), and records which nodes
+/// now hold each. A page counts as written once at least one node
+/// acknowledged it: its set becomes exactly the nodes that did (a node that
+/// missed the write is never read for it), and a page left short of copies
+/// is repaired later. A page no node took is tried again elsewhere; a node
+/// that is full is skipped for another. Old copies no longer in a page's set
+/// are freed.
 pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), PathError> {
     let mut todo: Vec<usize> = pages.to_vec();
     // A node's room as it reported after refusing a batch (a batch that does not
     // fit fails whole): later batches to it are cut to that size, so that a
     // nearly full node's last pages are used before it counts as full.
     let mut room: Vec<Option<usize>> = Vec::new();
+    let guest_page = |p: usize| -> &[u8] {
+        // SAFETY: p is a resident victim: mapped, readable, and not written
+        // while write-protected; the slice lives until the acks below.
+        unsafe { std::slice::from_raw_parts(s.addr(p) as *const u8, PAGE) }
+    };
     for _attempt in 0..=super::placement::MAX_NODES {
         if todo.is_empty() {
             return Ok(());
@@ -278,107 +299,81 @@ pub(crate) fn write_back(s: &Shared, pages: &[usize]) -> Result<(), PathError> {
         // Each write counts as in flight on its node until its page is re-pointed
         // (a drain waits for it; see `placement::Reservations`).
         let mut reserved = s.nodes.reservations();
-        let Some((nodes, per_node)) = reserved.assign(&todo, None) else {
+        let Some(a) = reserved.assign(&todo) else {
             return Err(PathError::AllFull {
                 reasons: s.nodes.full_reasons(),
             });
         };
-        room.resize(nodes.len(), None);
-        let per_node: Vec<Vec<usize>> = per_node
-            .into_iter()
-            .map(|ks| ks.into_iter().map(|k| todo[k]).collect())
-            .collect();
-        todo.clear();
-        let mut moved: Vec<Vec<u64>> = vec![Vec::new(); nodes.len()];
-        for (i, list) in per_node.iter().enumerate() {
-            if list.is_empty() {
+        room.resize(a.nodes.len(), None);
+        // Each page is sealed once for this write-out (see `seal`); every
+        // copy gets the same bytes: with encryption its ciphertext, else the
+        // guest's page itself.
+        let mut seals = Vec::with_capacity(todo.len());
+        let mut cipher = Vec::new();
+        if s.seals.encrypts() {
+            cipher = vec![0u8; todo.len() * PAGE];
+            for (k, &p) in todo.iter().enumerate() {
+                let out = &mut cipher[k * PAGE..(k + 1) * PAGE];
+                out.copy_from_slice(guest_page(p));
+                seals.push(s.seals.seal(p, out).map_err(PathError::Sealing)?);
+            }
+        } else {
+            for &p in &todo {
+                seals.push(
+                    s.seals
+                        .seal_plain(p, guest_page(p))
+                        .map_err(PathError::Sealing)?,
+                );
+            }
+        }
+        let written = repair::write_all(
+            s,
+            &a.nodes,
+            &a.per_node,
+            todo.len(),
+            |i| room[i].unwrap_or(usize::MAX),
+            |k| todo[k] as u64,
+            |k| {
+                if s.seals.encrypts() {
+                    &cipher[k * PAGE..(k + 1) * PAGE]
+                } else {
+                    guest_page(todo[k])
+                }
+            },
+        );
+        for (i, _, e) in &written.refused {
+            let node = &a.nodes[*i];
+            match node.refresh() {
+                Ok(()) if node.free_pages() > 0 && room[*i] != Some(1) => {
+                    room[*i] = Some(node.free_pages() as usize);
+                }
+                _ => node.mark_full(e),
+            }
+        }
+        let mut moved: Vec<Vec<u64>> = vec![Vec::new(); a.nodes.len()];
+        let mut again = Vec::new();
+        for (k, &p) in todo.iter().enumerate() {
+            let acked = written.acked[k];
+            if acked.is_empty() {
+                again.push(p);
                 continue;
             }
-            let node = &nodes[i];
-            let fail = |source| PathError::WriteBack {
-                addr: node.addr.clone(),
-                source,
-            };
-            let batch = room[i].map_or(node.client.node().max_batch, |r| {
-                r.clamp(1, node.client.node().max_batch)
-            });
-            let chunks: Vec<&[usize]> = list.chunks(batch).collect();
-            let guest_page = |p: usize| -> &[u8] {
-                // SAFETY: p is a resident victim: mapped, readable, and not
-                // written while write-protected; the slice lives until the ack below.
-                unsafe { std::slice::from_raw_parts(s.addr(p) as *const u8, PAGE) }
-            };
-            // Each page is sealed for this write-out (see `seal`): with
-            // encryption its ciphertext goes out, else the guest's page itself.
-            let mut sealed = Vec::with_capacity(chunks.len());
-            let mut cipher = Vec::with_capacity(chunks.len());
-            for chunk in &chunks {
-                let mut seals = Vec::with_capacity(chunk.len());
-                let mut buf = Vec::new();
-                if s.seals.encrypts() {
-                    buf = vec![0u8; chunk.len() * PAGE];
-                    for (k, &p) in chunk.iter().enumerate() {
-                        let out = &mut buf[k * PAGE..(k + 1) * PAGE];
-                        out.copy_from_slice(guest_page(p));
-                        seals.push(s.seals.seal(p, out).map_err(PathError::Sealing)?);
-                    }
-                } else {
-                    for &p in chunk.iter() {
-                        seals.push(
-                            s.seals
-                                .seal_plain(p, guest_page(p))
-                                .map_err(PathError::Sealing)?,
-                        );
-                    }
+            // What the nodes now hold is what fetches are checked against
+            // from here on.
+            s.seals.commit(p, seals[k]);
+            let old = s.nodes.set_replicas(p as u64, acked);
+            for i in old.iter().filter(|&i| !acked.contains(i)) {
+                if !a.nodes[i].is_dead() {
+                    moved[i].push(p as u64);
                 }
-                sealed.push(seals);
-                cipher.push(buf);
             }
-            let mut pending = Vec::new();
-            for (c, chunk) in chunks.iter().enumerate() {
-                let batch: Vec<(u64, &[u8])> = chunk
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &p)| {
-                        let data = if s.seals.encrypts() {
-                            &cipher[c][k * PAGE..(k + 1) * PAGE]
-                        } else {
-                            guest_page(p)
-                        };
-                        (p as u64, data)
-                    })
-                    .collect();
-                pending.push(node.client.submit_write(&batch).map_err(fail)?);
-            }
-            for ((w, chunk), seals) in pending.into_iter().zip(chunks).zip(&sealed) {
-                match w.wait() {
-                    Ok(()) => {
-                        for (&p, &seal) in chunk.iter().zip(seals) {
-                            // What the node now holds is what fetches are checked
-                            // against from here on.
-                            s.seals.commit(p, seal);
-                            if let Some(old) = s.nodes.set_node(p as u64, i)
-                                && old != i
-                            {
-                                moved[old].push(p as u64);
-                            }
-                        }
-                    }
-                    Err(e) if super::placement::is_out_of_capacity(&e) => {
-                        match node.refresh() {
-                            Ok(()) if node.free_pages() > 0 && room[i] != Some(1) => {
-                                room[i] = Some(node.free_pages() as usize);
-                            }
-                            _ => node.mark_full(&e),
-                        }
-                        todo.extend_from_slice(chunk);
-                    }
-                    Err(e) => return Err(fail(e)),
-                }
+            if acked.len() < a.sets[k].len() {
+                s.nodes.want_repair();
             }
         }
         drop(reserved);
-        free_moved(s, &nodes, &moved);
+        free_moved(s, &a.nodes, &moved);
+        todo = again;
     }
     Err(PathError::Unplaceable)
 }

@@ -14,7 +14,7 @@
 
 use super::readahead::Mark;
 use super::uffd::{self, Installed, PAGE};
-use super::{ABSENT, EVICTING, FETCHING, PathError, RESIDENT, Shared, fingerprint};
+use super::{ABSENT, EVICTING, FETCHING, PathError, RESIDENT, Shared, fingerprint, repair};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
@@ -129,6 +129,7 @@ pub(crate) fn handler_loop(s: &Shared) {
                     return;
                 }
                 let write = rw == ReadWrite::Write;
+                let t0 = Instant::now();
                 // Sequential stream: the fault continues one seen by any handler
                 // (the faults of one stream are spread over all handler threads).
                 let r = if let Some(m) = s.marks.take(p) {
@@ -139,6 +140,9 @@ pub(crate) fn handler_loop(s: &Shared) {
                 } else {
                     handle(s, p, write, &mut buf)
                 };
+                s.stats
+                    .fault_max_ns
+                    .fetch_max(t0.elapsed().as_nanos() as u64, Relaxed);
                 if let Err(e) = r {
                     s.fail(e);
                     return;
@@ -193,17 +197,10 @@ fn handle(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<(), PathE
     let t0 = Instant::now();
     if s.remote[p].load(Acquire) {
         let page = &mut buf[..PAGE];
-        let Some(i) = s.nodes.node_of(p as u64) else {
+        if s.nodes.set_of(p as u64).is_empty() {
             return Err(PathError::NoNode(p));
-        };
-        let node = s.nodes.node(i);
-        let present = node
-            .client
-            .read_page(p as u64, page)
-            .map_err(|e| fetch_failed(&node.addr, e))?;
-        s.seals
-            .open(p, present, page)
-            .map_err(|source| sealed_failed(&node.addr, source))?;
+        }
+        repair::read_any(s, p, page)?;
         install(s, p, Some(page), write)?;
         s.stats.faults_remote.fetch_add(1, Relaxed);
         record_fetch(s, t0);
@@ -370,13 +367,24 @@ fn window(
     // Remote pages: per-node runs of up to a batch each, all submitted before any
     // is awaited, so the whole window costs about one round trip.
     let nodes = s.nodes.nodes();
-    let node_of = |q: usize| s.nodes.node_of(q as u64).unwrap_or(usize::MAX);
+    // Each page is read from its primary live copy (a set changes only under
+    // its page's claim, which this window holds).
+    let node_of = |q: usize| {
+        s.nodes
+            .set_of(q as u64)
+            .filter(|i| !nodes[i].is_dead())
+            .primary()
+            .unwrap_or(usize::MAX)
+    };
     let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (node, from, to)
     let mut i = 0;
     while i < remote.len() {
         let node_i = node_of(remote[i]);
         let Some(node) = nodes.get(node_i) else {
-            return Err(PathError::NoNode(remote[i]));
+            if s.nodes.set_of(remote[i] as u64).is_empty() {
+                return Err(PathError::NoNode(remote[i]));
+            }
+            return Err(s.lost(s.lost_pages().max(1)));
         };
         // The faulted page travels alone, first: its small reply comes back
         // (and the vCPU resumes) before the window's bulk arrives.
@@ -399,7 +407,7 @@ fn window(
             nodes[n]
                 .client
                 .submit_read(&gpns)
-                .map_err(|e| fetch_failed(&nodes[n].addr, e))?,
+                .map_err(|e| fetch_failed(&nodes[n].addr, e)),
         );
     }
     let mut staged = None;
@@ -424,19 +432,26 @@ fn window(
     }
     for ((n, from, to), read) in runs.into_iter().zip(pending) {
         let out = &mut buf[from * PAGE..to * PAGE];
-        let present = read
-            .wait(out)
-            .map_err(|e| fetch_failed(&nodes[n].addr, e))?;
         let pages = &remote[from..to];
         // Every page is checked (and decrypted) before anything is installed.
-        for (k, &q) in pages.iter().enumerate() {
-            s.seals
-                .open(
-                    q,
-                    present.0 & (1 << k) != 0,
-                    &mut out[k * PAGE..(k + 1) * PAGE],
-                )
-                .map_err(|source| sealed_failed(&nodes[n].addr, source))?;
+        // A node that fails or returns a bad page is declared dead, and the
+        // pages are read from their other copies.
+        match read.and_then(|r| r.wait(out).map_err(|e| fetch_failed(&nodes[n].addr, e))) {
+            Ok(present) => {
+                for (k, &q) in pages.iter().enumerate() {
+                    let page = &mut out[k * PAGE..(k + 1) * PAGE];
+                    if let Err(source) = s.seals.open(q, present.is_present(k), page) {
+                        s.node_failed(n, &sealed_failed(&nodes[n].addr, source));
+                        repair::read_any(s, q, page)?;
+                    }
+                }
+            }
+            Err(e) => {
+                s.node_failed(n, &e);
+                for (k, &q) in pages.iter().enumerate() {
+                    repair::read_any(s, q, &mut out[k * PAGE..(k + 1) * PAGE])?;
+                }
+            }
         }
         for (k, &q) in pages.iter().enumerate() {
             if Some(q) == mark {

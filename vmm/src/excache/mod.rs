@@ -24,6 +24,8 @@ pub mod fault;
 pub mod fingerprint;
 pub mod placement;
 pub mod readahead;
+pub mod repair;
+pub mod replicas;
 pub mod seal;
 pub mod stats;
 pub mod uffd;
@@ -90,6 +92,15 @@ pub struct CacheConfig {
     /// their integrity is checked either way.
     #[serde(default)]
     pub encrypt_pages: bool,
+    /// Most new copies a second that the background makes of pages short of
+    /// copies after a node failed ([`repair`]).
+    #[serde(default = "default_rereplicate_rate")]
+    pub rereplicate_rate: u64,
+}
+
+/// The default `rereplicate_rate`: 25 600 pages (100 MiB) a second.
+pub fn default_rereplicate_rate() -> u64 {
+    25_600
 }
 
 impl CacheConfig {
@@ -310,6 +321,17 @@ impl Shared {
         self.frames_cv.notify_all();
     }
 
+    /// Sleeps for `d`, or less if the cache stops meanwhile.
+    pub(crate) fn sleep_unless_stopped(&self, d: Duration) {
+        let end = std::time::Instant::now() + d;
+        while !self.stopped() {
+            let Some(left) = end.checked_duration_since(std::time::Instant::now()) else {
+                return;
+            };
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        }
+    }
+
     /// Waits (briefly) until no eviction batch is in progress.
     pub(crate) fn wait_for_evictions(&self) {
         let mut e = self.evicting.lock().unwrap();
@@ -412,6 +434,9 @@ impl ExCache {
         for i in 0..evict::EVICTORS {
             spawn(format!("evictor-{i}"), evict::evictor_loop)?;
         }
+        spawn("repair".into(), |s| {
+            repair::repair_loop(s, s.cfg.rereplicate_rate)
+        })?;
         if cfg.rebalance > 0 {
             spawn("rebalance".into(), |s| {
                 drain::rebalance_loop(s, s.cfg.rebalance)
@@ -460,6 +485,7 @@ impl ExCache {
     pub fn snapshot(&self) -> StatsSnapshot {
         let s = &self.shared;
         let st = &s.stats;
+        let (below, without, placed) = s.nodes.below_replicas();
         let h = st.fetch_ns.lock().unwrap();
         StatsSnapshot {
             resident_pages: *s.resident.lock().unwrap() as u64,
@@ -479,6 +505,14 @@ impl ExCache {
             uffd_eexist: load(&s.retries.eexist),
             remove_events: load(&st.remove_events),
             rebalanced: load(&st.rebalanced),
+            replicas: s.nodes.replicas() as u64,
+            pages_below_replicas: below,
+            pages_without_copy: without,
+            rereplicated: load(&st.rereplicated),
+            rereplicate_rate: s.cfg.rereplicate_rate,
+            node_failures: load(&st.node_failures),
+            pages_placed: placed,
+            fault_max_us: load(&st.fault_max_ns) as f64 / 1000.0,
             pages_refused: load(&s.seals.refused),
             faults_wp: load(&st.faults_wp),
             seal_checks: load(&s.seals.checks),
@@ -512,7 +546,14 @@ impl ExCache {
         (below, h.len(), h.mean() * h.len() as f64)
     }
 
-    /// Attaches the memory node at `addr`: new pages may be placed on it.
+    /// What happened to the memory nodes (attached, failed, drained), oldest
+    /// first.
+    pub fn node_events(&self) -> Vec<placement::NodeEvent> {
+        self.shared.nodes.events()
+    }
+
+    /// Attaches the memory node `addr` names (`ADDR[,zone=NAME]`): new pages
+    /// (and new copies) may be placed on it.
     pub fn attach_node(&self, addr: &str) -> Result<(), placement::PlacementError> {
         self.shared.nodes.attach(addr).map(|_| ())
     }
@@ -581,6 +622,13 @@ impl ExCache {
                 pages: n.pages.load(Relaxed),
                 full: n.is_full(),
                 capacity_pages: n.capacity_pages(),
+                zone: n.zone.clone(),
+                instance: format!("{:016x}", n.client.node().instance),
+                failure: n.failure().map(|(_, why)| why),
+                failed_at: n.failure().map(|(t, _)| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64())
+                }),
             })
             .collect()
     }
@@ -594,7 +642,10 @@ impl ExCache {
             return;
         }
         for (i, node) in s.nodes.nodes().iter().enumerate() {
-            if node.state() == placement::NodeState::Detached {
+            if matches!(
+                node.state(),
+                placement::NodeState::Detached | placement::NodeState::Dead
+            ) {
                 continue;
             }
             let gpns = s.nodes.pages_on(i);
@@ -677,6 +728,15 @@ pub struct NodeView {
     pub full: bool,
     /// Its capacity in pages (all VMs), as last reported.
     pub capacity_pages: u64,
+    /// Its failure domain.
+    pub zone: Option<String>,
+    /// The node process's instance number (hex): another one at the same
+    /// address is a restarted, empty node.
+    pub instance: String,
+    /// Why it was declared failed.
+    pub failure: Option<String>,
+    /// When (seconds since the Unix epoch).
+    pub failed_at: Option<f64>,
 }
 
 /// The dirty log slot this cache reads.

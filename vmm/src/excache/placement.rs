@@ -21,18 +21,21 @@
 //! write chosen before the node started draining can land after it left (see
 //! docs/vmm.md, "Moving pages between nodes").
 
+use super::replicas::{MAX_REPLICAS, NodeSpec, Replicas};
 use fabric::proto::ErrorCode;
 use fabric::{ClientConfig, ClientError, PageClient};
+use std::collections::VecDeque;
 use std::net::ToSocketAddrs;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::*};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
 /// Pages per stripe.
 pub const STRIPE_PAGES: u64 = 64;
-/// `page_node` value of a page with no data on any node.
-pub const UNPLACED: u8 = u8::MAX;
 /// Most nodes over a VM's life.
 pub const MAX_NODES: usize = 254;
+/// Node events kept for the API (the oldest are dropped first).
+const MAX_EVENTS: usize = 256;
 
 /// A node's part in the placement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -44,6 +47,10 @@ pub enum NodeState {
     Draining,
     /// Detached: holds none of this VM's pages.
     Detached,
+    /// Failed (no answer, a lost connection, an error reply or a bad page):
+    /// never used again by this VM. Its address may be attached again, as a
+    /// new node.
+    Dead,
 }
 
 /// One memory node.
@@ -52,10 +59,14 @@ pub struct Node {
     pub client: PageClient,
     /// The address it was given as.
     pub addr: String,
+    /// Its failure domain (`--memnode ADDR,zone=NAME`).
+    pub zone: Option<String>,
     state: AtomicU8,
     full: AtomicBool,
     /// Why it last counted as full (the node's own words).
-    full_reason: std::sync::Mutex<Option<String>>,
+    full_reason: Mutex<Option<String>>,
+    /// Why it was declared dead, and when.
+    failure: Mutex<Option<(SystemTime, String)>>,
     /// This VM's pages on it.
     pub pages: AtomicU64,
     free_estimate: AtomicU64,
@@ -72,13 +83,27 @@ impl Node {
         match self.state.load(SeqCst) {
             0 => NodeState::Active,
             1 => NodeState::Draining,
-            _ => NodeState::Detached,
+            2 => NodeState::Detached,
+            _ => NodeState::Dead,
         }
     }
 
-    fn set_state(&self, s: NodeState) {
+    /// Moves it from state `from` to `to`; false if it was not in `from`.
+    fn transition(&self, from: NodeState, to: NodeState) -> bool {
         // SeqCst: ordered against the in-flight count (see `Reservations::take`).
-        self.state.store(s as u8, SeqCst);
+        self.state
+            .compare_exchange(from as u8, to as u8, SeqCst, SeqCst)
+            .is_ok()
+    }
+
+    /// True if it failed.
+    pub fn is_dead(&self) -> bool {
+        self.state() == NodeState::Dead
+    }
+
+    /// Why it failed, and when.
+    pub fn failure(&self) -> Option<(SystemTime, String)> {
+        self.failure.lock().unwrap().clone()
     }
 
     /// Writes chosen for this node and not yet recorded in the page map.
@@ -139,11 +164,32 @@ impl Node {
     }
 }
 
+/// Something that happened to a node, for the API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeEvent {
+    /// When (seconds since the Unix epoch).
+    pub time: f64,
+    /// The node.
+    pub addr: String,
+    /// What happened: `attached`, `failed`, `draining`, `detached`, `restarted`.
+    pub event: &'static str,
+    /// Details (a failure's cause).
+    pub detail: String,
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Attach and detach failures; nothing changes when one is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum PlacementError {
+    /// The node is named wrongly.
+    #[error(transparent)]
+    Spec(#[from] super::replicas::NodeSpecError),
     /// The node is unreachable or refused us.
-    #[error("cannot attach memory node {addr}")]
+    #[error("cannot attach memory node {addr} (unreachable, or it refused us)")]
     Connect {
         /// Its address.
         addr: String,
@@ -157,6 +203,21 @@ pub enum PlacementError {
     /// Not in the placement.
     #[error("no memory node {0} is attached")]
     Unknown(String),
+    /// It failed; nothing is left to detach.
+    #[error("memory node {0} has failed and is no longer used; there is nothing to detach")]
+    Dead(String),
+    /// Detaching it would leave fewer nodes than copies of a page.
+    #[error(
+        "memory node {addr} cannot be detached: {left} other nodes would remain for {replicas} copies of each page (--replicas); attach another first"
+    )]
+    TooFew {
+        /// Its address.
+        addr: String,
+        /// Active nodes that would remain.
+        left: usize,
+        /// Copies per page.
+        replicas: usize,
+    },
     /// Detaching it would leave none.
     #[error("memory node {0} is the last one; attach another before detaching it")]
     Last(String),
@@ -180,14 +241,23 @@ pub enum PlacementError {
     TooMany,
 }
 
-/// The memory nodes of one VM and where each page lives.
+/// The memory nodes of one VM and where each page's copies live.
 pub struct Placement {
     nodes: RwLock<Vec<Arc<Node>>>,
-    page_node: Box<[AtomicU8]>,
-    stripe_node: Box<[AtomicU8]>,
+    /// Each page's replica set ([`Replicas`] bits).
+    page_set: Box<[AtomicU32]>,
+    /// Each stripe's preferred set.
+    stripe_set: Box<[AtomicU32]>,
     cursor: AtomicUsize,
     config: ClientConfig,
-    detach_lock: std::sync::Mutex<()>,
+    /// Copies each page should have (`--replicas`).
+    replicas: usize,
+    detach_lock: Mutex<()>,
+    events: Mutex<VecDeque<NodeEvent>>,
+    /// Bumped whenever a page may have been left with fewer live copies than
+    /// `replicas` (a node failed, a write-back landed short): the repairer
+    /// looks again.
+    repair_gen: AtomicU64,
 }
 
 fn same_addr(a: &str, b: &str) -> bool {
@@ -201,56 +271,150 @@ fn same_addr(a: &str, b: &str) -> bool {
     }
 }
 
+/// Appends to `chosen`, up to `n` members, the accepting nodes that are not
+/// in `exclude`: `prefer` first if it qualifies, then nodes of zones no chosen
+/// node is in, then the rest; among equals the one with most free room, ties
+/// round-robin from `start`.
+fn fill(
+    nodes: &[Arc<Node>],
+    chosen: &mut Vec<usize>,
+    exclude: Replicas,
+    n: usize,
+    prefer: Option<usize>,
+    start: usize,
+) {
+    let ok = |i: usize, chosen: &[usize]| {
+        nodes[i].accepts() && !exclude.contains(i) && !chosen.contains(&i)
+    };
+    if let Some(i) = prefer
+        && i < nodes.len()
+        && chosen.len() < n
+        && ok(i, chosen)
+    {
+        chosen.push(i);
+    }
+    let len = nodes.len();
+    while chosen.len() < n {
+        let new_zone = |i: usize| match &nodes[i].zone {
+            None => false,
+            Some(z) => !chosen
+                .iter()
+                .any(|&c| nodes[c].zone.as_deref() == Some(z.as_str())),
+        };
+        let Some(best) = (0..len)
+            .map(|k| (start + k) % len.max(1))
+            .filter(|&i| ok(i, chosen))
+            .max_by_key(|&i| (new_zone(i), nodes[i].free_pages()))
+        else {
+            return;
+        };
+        chosen.push(best);
+    }
+}
+
 impl Placement {
     /// Connects to every node (in order), failing on the first unreachable one,
-    /// for a guest of `pages` pages.
+    /// for a guest of `pages` pages whose pages each get `replicas` copies.
     pub fn connect(
-        addrs: &[String],
+        specs: &[String],
         config: &ClientConfig,
         pages: usize,
-    ) -> Result<Self, ClientError> {
+        replicas: usize,
+    ) -> Result<Self, PlacementError> {
         let mut nodes = Vec::new();
-        for a in addrs {
-            if nodes.iter().any(|n: &Arc<Node>| same_addr(&n.addr, a)) {
-                return Err(ClientError::InvalidRequest(format!(
-                    "memory node {a} is given twice"
-                )));
+        for spec in specs {
+            let spec: NodeSpec = spec.parse()?;
+            if nodes
+                .iter()
+                .any(|n: &Arc<Node>| same_addr(&n.addr, &spec.addr))
+            {
+                return Err(PlacementError::Duplicate(spec.addr));
             }
-            nodes.push(Arc::new(Self::open(a, config, pages)?));
+            nodes.push(Arc::new(Self::open(&spec, config, pages)?));
         }
+        if nodes.len() > MAX_NODES {
+            return Err(PlacementError::TooMany);
+        }
+        let now = unix_secs(SystemTime::now());
+        let events = nodes
+            .iter()
+            .map(|n| NodeEvent {
+                time: now,
+                addr: n.addr.clone(),
+                event: "attached",
+                detail: format!("instance {:016x}", n.client.node().instance),
+            })
+            .collect();
         Ok(Placement {
             nodes: RwLock::new(nodes),
-            page_node: (0..pages).map(|_| AtomicU8::new(UNPLACED)).collect(),
-            stripe_node: (0..(pages as u64).div_ceil(STRIPE_PAGES))
-                .map(|_| AtomicU8::new(UNPLACED))
+            page_set: (0..pages)
+                .map(|_| AtomicU32::new(Replicas::EMPTY.bits()))
+                .collect(),
+            stripe_set: (0..(pages as u64).div_ceil(STRIPE_PAGES))
+                .map(|_| AtomicU32::new(Replicas::EMPTY.bits()))
                 .collect(),
             cursor: AtomicUsize::new(0),
             config: config.clone(),
-            detach_lock: std::sync::Mutex::new(()),
+            replicas: replicas.clamp(1, MAX_REPLICAS),
+            detach_lock: Mutex::new(()),
+            events: Mutex::new(events),
+            repair_gen: AtomicU64::new(0),
         })
     }
 
-    /// Connects to the node at `addr`, or makes the ideal (in-process) node it
-    /// names, sized to hold all `pages` of the guest.
-    fn open(addr: &str, config: &ClientConfig, pages: usize) -> Result<Node, ClientError> {
-        let client = if fabric::client::is_ideal_addr(addr) {
-            PageClient::ideal(addr, pages as u64, config)?
-        } else {
-            PageClient::connect(addr, config)?
+    /// Connects to the node `spec` names, or makes the ideal (in-process) node
+    /// it names, sized to hold all `pages` of the guest.
+    fn open(spec: &NodeSpec, config: &ClientConfig, pages: usize) -> Result<Node, PlacementError> {
+        let addr = spec.addr.as_str();
+        let connect = || {
+            let client = if fabric::client::is_ideal_addr(addr) {
+                PageClient::ideal(addr, pages as u64, config)?
+            } else {
+                PageClient::connect(addr, config)?
+            };
+            let node = Node {
+                client,
+                addr: addr.to_string(),
+                zone: spec.zone.clone(),
+                state: AtomicU8::new(NodeState::Active as u8),
+                full: AtomicBool::new(false),
+                full_reason: Mutex::new(None),
+                failure: Mutex::new(None),
+                pages: AtomicU64::new(0),
+                free_estimate: AtomicU64::new(u64::MAX),
+                capacity: AtomicU64::new(0),
+                in_flight: AtomicU64::new(0),
+            };
+            node.refresh()?;
+            Ok(node)
         };
-        let node = Node {
-            client,
+        connect().map_err(|source| PlacementError::Connect {
             addr: addr.to_string(),
-            state: AtomicU8::new(NodeState::Active as u8),
-            full: AtomicBool::new(false),
-            full_reason: std::sync::Mutex::new(None),
-            pages: AtomicU64::new(0),
-            free_estimate: AtomicU64::new(u64::MAX),
-            capacity: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-        };
-        node.refresh()?;
-        Ok(node)
+            source,
+        })
+    }
+
+    /// Copies each page should have.
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    fn event(&self, addr: &str, event: &'static str, detail: String) {
+        let mut ev = self.events.lock().unwrap();
+        if ev.len() == MAX_EVENTS {
+            ev.pop_front();
+        }
+        ev.push_back(NodeEvent {
+            time: unix_secs(SystemTime::now()),
+            addr: addr.to_string(),
+            event,
+            detail,
+        });
+    }
+
+    /// What happened to the nodes, oldest first.
+    pub fn events(&self) -> Vec<NodeEvent> {
+        self.events.lock().unwrap().iter().cloned().collect()
     }
 
     /// Why the nodes that take no more of this VM's pages refused them, for
@@ -259,13 +423,28 @@ impl Placement {
         let reasons: Vec<String> = self
             .nodes()
             .iter()
-            .filter_map(|n| n.full_reason().map(|r| format!("{}: {r}", n.addr)))
+            .filter_map(|n| {
+                n.full_reason()
+                    .map(|r| format!("{}: {r}", n.addr))
+                    .or_else(|| n.failure().map(|(_, r)| format!("{}: failed: {r}", n.addr)))
+            })
             .collect();
         if reasons.is_empty() {
             "no node has room".into()
         } else {
             reasons.join("; ")
         }
+    }
+
+    /// The failed nodes with their causes, for the error that stops a VM
+    /// that lost pages.
+    pub fn dead_nodes(&self) -> String {
+        let dead: Vec<String> = self
+            .nodes()
+            .iter()
+            .filter_map(|n| n.failure().map(|(_, why)| why))
+            .collect();
+        dead.join("; ")
     }
 
     /// All nodes ever attached, by index.
@@ -278,25 +457,103 @@ impl Placement {
         self.nodes.read().unwrap()[i].clone()
     }
 
-    /// The node holding page `p`'s data, if it has any.
-    pub fn node_of(&self, p: u64) -> Option<usize> {
-        match self.page_node[p as usize].load(Acquire) {
-            UNPLACED => None,
-            i => Some(i as usize),
-        }
+    /// The nodes holding page `p`'s current version (live or not), primary
+    /// first; empty if it was never written out.
+    pub fn set_of(&self, p: u64) -> Replicas {
+        Replicas::from_bits(self.page_set[p as usize].load(Acquire))
     }
 
-    /// Records that page `p`'s data now lives on node `i` (after the node
-    /// acknowledged it); returns the previous node.
-    pub fn set_node(&self, p: u64, i: usize) -> Option<usize> {
-        let old = self.page_node[p as usize].swap(i as u8, AcqRel);
+    /// The members of `set` that have not failed.
+    pub fn live(&self, set: Replicas) -> Replicas {
         let nodes = self.nodes.read().unwrap();
-        nodes[i].pages.fetch_add(1, Relaxed);
-        if old != UNPLACED {
-            nodes[old as usize].pages.fetch_sub(1, Relaxed);
-            return Some(old as usize);
+        set.filter(|i| !nodes[i].is_dead())
+    }
+
+    /// True if page `p` has fewer live copies than it should and a copy can
+    /// be made: it has none left, or a node outside its set takes pages.
+    pub fn needs_copies(&self, p: u64) -> bool {
+        let set = self.set_of(p);
+        if set.is_empty() {
+            return false;
         }
-        None
+        let nodes = self.nodes.read().unwrap();
+        let live = set.filter(|i| !nodes[i].is_dead());
+        live.len() < self.replicas
+            && (live.is_empty()
+                || nodes
+                    .iter()
+                    .enumerate()
+                    .any(|(i, n)| n.accepts() && !set.contains(i)))
+    }
+
+    /// Pages with data on some node but fewer live copies than they should
+    /// have, pages with none left, and pages with data on some node.
+    pub fn below_replicas(&self) -> (u64, u64, u64) {
+        let nodes = self.nodes.read().unwrap();
+        let dead: Vec<bool> = nodes.iter().map(|n| n.is_dead()).collect();
+        let (mut below, mut none, mut placed) = (0, 0, 0);
+        for s in self.page_set.iter() {
+            let set = Replicas::from_bits(s.load(Relaxed));
+            if set.is_empty() {
+                continue;
+            }
+            placed += 1;
+            let live = set.filter(|i| !dead[i]).len();
+            if live < self.replicas {
+                below += 1;
+            }
+            if live == 0 {
+                none += 1;
+            }
+        }
+        (below, none, placed)
+    }
+
+    /// Records that page `p`'s current version is held by `set` (every member
+    /// acknowledged it); returns the previous set.
+    pub fn set_replicas(&self, p: u64, set: Replicas) -> Replicas {
+        let old = Replicas::from_bits(self.page_set[p as usize].swap(set.bits(), AcqRel));
+        let nodes = self.nodes.read().unwrap();
+        for i in set.iter().filter(|&i| !old.contains(i)) {
+            nodes[i].pages.fetch_add(1, Relaxed);
+        }
+        for i in old.iter().filter(|&i| !set.contains(i)) {
+            nodes[i].pages.fetch_sub(1, Relaxed);
+        }
+        old
+    }
+
+    /// The repair generation: it changes whenever some page may have been
+    /// left short of copies.
+    pub fn repair_gen(&self) -> u64 {
+        self.repair_gen.load(Acquire)
+    }
+
+    /// Notes that some page may be short of copies.
+    pub fn want_repair(&self) {
+        self.repair_gen.fetch_add(1, AcqRel);
+    }
+
+    /// Declares node `i` failed for `why`: never used again by this VM, its
+    /// connection closed (so every request waiting on it fails now). True
+    /// the first time.
+    pub fn mark_dead(&self, i: usize, why: &str) -> bool {
+        let node = self.node(i);
+        let mut failure = node.failure.lock().unwrap();
+        if failure.is_some() || node.state() == NodeState::Detached {
+            return false;
+        }
+        *failure = Some((SystemTime::now(), why.to_string()));
+        node.state.store(NodeState::Dead as u8, SeqCst);
+        drop(failure);
+        node.client.close();
+        log::error!(
+            "memory node {} failed and is no longer used by this VM: {why}",
+            node.addr
+        );
+        self.event(&node.addr, "failed", why.to_string());
+        self.want_repair();
+        true
     }
 
     /// Starts choosing nodes for a set of writes; see [`Reservations`].
@@ -307,69 +564,112 @@ impl Placement {
         }
     }
 
-    /// Where page `p` should be written: its node if that still takes pages,
-    /// else its stripe's, else a new choice. `None` if every node is full or
-    /// leaving. Writes go through [`Reservations::target`], which calls this.
-    fn choose(&self, p: u64) -> Option<usize> {
+    /// Where page `p` should be written: the members of its set that still
+    /// take pages, then its stripe's, then new choices, up to `replicas`
+    /// nodes in distinct zones where possible. `None` if every node is full,
+    /// failed or leaving. Writes go through [`Reservations::target`], which
+    /// calls this.
+    fn choose(&self, p: u64) -> Option<Replicas> {
         let nodes = self.nodes.read().unwrap();
-        let cur = self.page_node[p as usize].load(Acquire);
-        if cur != UNPLACED && nodes[cur as usize].accepts() {
-            return Some(cur as usize);
+        let n = self.replicas;
+        let mut chosen: Vec<usize> = Vec::with_capacity(n);
+        chosen.extend(
+            self.set_of(p)
+                .iter()
+                .filter(|&i| nodes[i].accepts())
+                .take(n),
+        );
+        let stripe = &self.stripe_set[(p / STRIPE_PAGES) as usize];
+        let st = Replicas::from_bits(stripe.load(Acquire));
+        for i in st.iter() {
+            let zone_taken =
+                nodes[i].zone.is_some() && chosen.iter().any(|&c| nodes[c].zone == nodes[i].zone);
+            if chosen.len() < n && nodes[i].accepts() && !chosen.contains(&i) && !zone_taken {
+                chosen.push(i);
+            }
         }
-        let stripe = &self.stripe_node[(p / STRIPE_PAGES) as usize];
-        let s = stripe.load(Acquire);
-        if s != UNPLACED && nodes[s as usize].accepts() {
-            return Some(s as usize);
+        if chosen.len() < n {
+            let start = self.cursor.fetch_add(1, Relaxed);
+            let before = chosen.len();
+            fill(&nodes, &mut chosen, Replicas::EMPTY, n, None, start);
+            for &i in &chosen[before..] {
+                nodes[i]
+                    .free_estimate
+                    .fetch_update(Relaxed, Relaxed, |f| Some(f.saturating_sub(STRIPE_PAGES)))
+                    .ok();
+            }
+            stripe.store(chosen.iter().copied().collect::<Replicas>().bits(), Release);
         }
-        // The accepting node with the most free room; ties go round-robin.
-        let start = self.cursor.fetch_add(1, Relaxed);
-        let n = nodes.len();
-        let best = (0..n)
-            .map(|k| (start + k) % n)
-            .filter(|&i| nodes[i].accepts())
-            .max_by_key(|&i| nodes[i].free_pages())?;
-        nodes[best]
-            .free_estimate
-            .fetch_update(Relaxed, Relaxed, |f| Some(f.saturating_sub(STRIPE_PAGES)))
-            .ok();
-        stripe.store(best as u8, Release);
-        Some(best)
+        if chosen.is_empty() {
+            return None;
+        }
+        Some(chosen.into_iter().collect())
     }
 
-    /// Pages of page indexes placed on node `i`.
+    /// Up to `need` nodes for new copies of a page held by `set`: nodes that
+    /// take pages, outside `set`, in zones the live members are not in where
+    /// possible, `prefer` first.
+    fn extra(&self, set: Replicas, need: usize, prefer: Option<usize>) -> Vec<usize> {
+        let nodes = self.nodes.read().unwrap();
+        let mut chosen: Vec<usize> = set.filter(|i| !nodes[i].is_dead()).iter().collect();
+        let have = chosen.len();
+        let start = self.cursor.fetch_add(1, Relaxed);
+        fill(&nodes, &mut chosen, set, have + need, prefer, start);
+        chosen.split_off(have)
+    }
+
+    /// Page indexes with a copy on node `i`.
     pub fn pages_on(&self, i: usize) -> Vec<u64> {
-        self.page_node
+        self.page_set
             .iter()
             .enumerate()
-            .filter(|(_, n)| n.load(Acquire) as usize == i)
+            .filter(|(_, s)| Replicas::from_bits(s.load(Acquire)).contains(i))
             .map(|(p, _)| p as u64)
             .collect()
     }
 
-    /// Attaches the node at `addr`; returns its index.
-    pub fn attach(&self, addr: &str) -> Result<usize, PlacementError> {
-        {
+    /// Attaches the node `spec` names (`ADDR[,zone=NAME]`); returns its index.
+    /// A failed or detached node's address can be attached again: it becomes
+    /// a new node, trusted with none of the pages it held before.
+    pub fn attach(&self, spec: &str) -> Result<usize, PlacementError> {
+        let spec: NodeSpec = spec.parse()?;
+        let addr = spec.addr.as_str();
+        let before = {
             let nodes = self.nodes.read().unwrap();
-            if let Some(n) = nodes
-                .iter()
-                .find(|n| n.state() != NodeState::Detached && same_addr(&n.addr, addr))
-            {
+            if let Some(n) = nodes.iter().find(|n| {
+                matches!(n.state(), NodeState::Active | NodeState::Draining)
+                    && same_addr(&n.addr, addr)
+            }) {
                 return Err(PlacementError::Duplicate(n.addr.clone()));
             }
             if nodes.len() >= MAX_NODES {
                 return Err(PlacementError::TooMany);
             }
-        }
-        let node = Self::open(addr, &self.config, self.page_node.len()).map_err(|source| {
-            PlacementError::Connect {
-                addr: addr.to_string(),
-                source,
-            }
-        })?;
+            nodes
+                .iter()
+                .rev()
+                .find(|n| same_addr(&n.addr, addr))
+                .map(|n| (n.client.node().instance, n.is_dead()))
+        };
+        let node = Self::open(&spec, &self.config, self.page_set.len())?;
+        let instance = node.client.node().instance;
         let mut nodes = self.nodes.write().unwrap();
         nodes.push(Arc::new(node));
-        log::info!("memory node {addr} attached");
-        Ok(nodes.len() - 1)
+        drop(nodes);
+        let detail = match before {
+            Some((old, _)) if old != instance => format!(
+                "restarted (instance {old:016x}, now {instance:016x}): attached as a new, empty node"
+            ),
+            Some((_, true)) => format!(
+                "the same instance {instance:016x} that failed: attached as a new node; nothing it held before is read"
+            ),
+            _ => format!("instance {instance:016x}"),
+        };
+        log::info!("memory node {addr} attached: {detail}");
+        self.event(addr, "attached", detail);
+        // Pages short of copies can have some here now.
+        self.want_repair();
+        Ok(self.nodes.read().unwrap().len() - 1)
     }
 
     /// Starts detaching the node at `addr`: checks that the others can take its
@@ -381,12 +681,14 @@ impl Placement {
         let nodes = self.nodes.read().unwrap();
         let Some(i) = nodes
             .iter()
-            .position(|n| n.state() != NodeState::Detached && same_addr(&n.addr, addr))
+            .rposition(|n| n.state() != NodeState::Detached && same_addr(&n.addr, addr))
         else {
             return Err(PlacementError::Unknown(addr.to_string()));
         };
-        if nodes[i].state() == NodeState::Draining {
-            return Err(PlacementError::Draining(nodes[i].addr.clone()));
+        match nodes[i].state() {
+            NodeState::Draining => return Err(PlacementError::Draining(nodes[i].addr.clone())),
+            NodeState::Dead => return Err(PlacementError::Dead(nodes[i].addr.clone())),
+            _ => {}
         }
         let others: Vec<&Arc<Node>> = nodes
             .iter()
@@ -396,6 +698,13 @@ impl Placement {
             .collect();
         if others.is_empty() {
             return Err(PlacementError::Last(nodes[i].addr.clone()));
+        }
+        if others.len() < self.replicas {
+            return Err(PlacementError::TooFew {
+                addr: nodes[i].addr.clone(),
+                left: others.len(),
+                replicas: self.replicas,
+            });
         }
         for n in &others {
             if let Err(e) = n.refresh() {
@@ -419,28 +728,42 @@ impl Placement {
                 free,
             });
         }
-        nodes[i].set_state(NodeState::Draining);
+        if !nodes[i].transition(NodeState::Active, NodeState::Draining) {
+            return Err(PlacementError::Dead(nodes[i].addr.clone()));
+        }
+        self.event(&nodes[i].addr, "draining", String::new());
         Ok(i)
     }
 
     /// Marks node `i` as gone (it holds none of this VM's pages).
     pub fn finish_detach(&self, i: usize) {
-        self.node(i).set_state(NodeState::Detached);
+        let node = self.node(i);
+        if node.transition(NodeState::Draining, NodeState::Detached) {
+            self.event(&node.addr, "detached", String::new());
+        }
     }
 
     /// Puts a draining node back (the drain failed).
     pub fn abort_detach(&self, i: usize) {
-        self.node(i).set_state(NodeState::Active);
+        self.node(i)
+            .transition(NodeState::Draining, NodeState::Active);
     }
 }
 
-/// What [`Reservations::assign`] chose: the nodes, and per node index the
-/// positions of the pages it takes.
-pub type Assignment = (Vec<Arc<Node>>, Vec<Vec<usize>>);
+/// What [`Reservations::assign`] chose: the nodes, per node index the
+/// positions of the pages it takes, and per page the nodes it goes to.
+pub struct Assignment {
+    /// Every node, by index (taken after the choices, so every chosen index is in it).
+    pub nodes: Vec<Arc<Node>>,
+    /// Per node index, the positions in the page list of the pages it takes.
+    pub per_node: Vec<Vec<usize>>,
+    /// Per page, the nodes chosen for it.
+    pub sets: Vec<Replicas>,
+}
 
 /// The nodes chosen for a set of page writes, each counted as in flight on its
 /// node until this is dropped. Drop it only after the written pages have been
-/// re-pointed ([`Placement::set_node`]) or given up.
+/// re-pointed ([`Placement::set_replicas`]) or given up.
 ///
 /// Why: a drain must not end while a write chosen before its node started
 /// draining can still land there. [`Reservations::take`] counts the write on the
@@ -455,38 +778,47 @@ pub struct Reservations<'a> {
 }
 
 impl Reservations<'_> {
-    /// Where page `p` should be written (see [`Placement::choose`]), reserved.
-    /// `None` if every node is full or leaving.
-    pub fn target(&mut self, p: u64) -> Option<usize> {
+    /// Where page `p` should be written (see [`Placement::choose`]), each
+    /// node reserved. `None` if every node is full, failed or leaving.
+    pub fn target(&mut self, p: u64) -> Option<Replicas> {
         for _ in 0..=MAX_NODES {
-            let i = self.placement.choose(p)?;
-            if self.take(i) {
-                return Some(i);
+            let set = self.placement.choose(p)?;
+            let taken = set.filter(|i| self.take(i));
+            if !taken.is_empty() {
+                return Some(taken);
             }
         }
         None
     }
 
-    /// Chooses and reserves a node for each of `pages`: `prefer` if it still
-    /// takes pages, else where [`Reservations::target`] sends the page. Returns
-    /// the nodes (taken after the choices, so every chosen index is in it) and,
-    /// per node index, the positions in `pages` of the pages it takes. `None` if
-    /// some page has nowhere to go.
-    pub fn assign(&mut self, pages: &[usize], prefer: Option<usize>) -> Option<Assignment> {
-        let mut chosen = Vec::with_capacity(pages.len());
+    /// Up to `need` reserved nodes for new copies of a page held by `set`
+    /// (see [`Placement::extra`]).
+    pub fn extra(&mut self, set: Replicas, need: usize, prefer: Option<usize>) -> Vec<usize> {
+        // A node that stopped taking pages since it was chosen is left out:
+        // the page gets fewer new copies now, and the rest on a later pass.
+        let chosen = self.placement.extra(set, need, prefer);
+        chosen.into_iter().filter(|&i| self.take(i)).collect()
+    }
+
+    /// Chooses and reserves the nodes for each of `pages` (see
+    /// [`Reservations::target`]). `None` if some page has nowhere to go.
+    pub fn assign(&mut self, pages: &[usize]) -> Option<Assignment> {
+        let mut sets = Vec::with_capacity(pages.len());
         for &p in pages {
-            let i = match prefer {
-                Some(i) if self.take(i) => i,
-                _ => self.target(p as u64)?,
-            };
-            chosen.push(i);
+            sets.push(self.target(p as u64)?);
         }
         let nodes = self.placement.nodes();
         let mut per_node = vec![Vec::new(); nodes.len()];
-        for (k, i) in chosen.into_iter().enumerate() {
-            per_node[i].push(k);
+        for (k, set) in sets.iter().enumerate() {
+            for i in set.iter() {
+                per_node[i].push(k);
+            }
         }
-        Some((nodes, per_node))
+        Some(Assignment {
+            nodes,
+            per_node,
+            sets,
+        })
     }
 
     /// Reserves a write to node `i` if it still takes pages.

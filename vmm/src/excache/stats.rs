@@ -36,6 +36,13 @@ pub struct CacheStats {
     pub remove_events: AtomicU64,
     /// Pages moved between nodes by `--rebalance`.
     pub rebalanced: AtomicU64,
+    /// New copies made of pages short of copies (`--replicas`).
+    pub rereplicated: AtomicU64,
+    /// Memory nodes declared failed.
+    pub node_failures: AtomicU64,
+    /// The longest a fault event took to resolve, frame waits and failovers
+    /// included (ns): the guest's longest stall on a fault.
+    pub fault_max_ns: AtomicU64,
     /// Writes held on a page under eviction (userfaultfd write-protect faults),
     /// from the guest or from VMM threads.
     pub faults_wp: AtomicU64,
@@ -59,6 +66,9 @@ impl CacheStats {
             vcpu_eviction_waits: AtomicU64::new(0),
             remove_events: AtomicU64::new(0),
             rebalanced: AtomicU64::new(0),
+            rereplicated: AtomicU64::new(0),
+            node_failures: AtomicU64::new(0),
+            fault_max_ns: AtomicU64::new(0),
             faults_wp: AtomicU64::new(0),
             fetch_ns: Mutex::new(
                 Histogram::new_with_bounds(100, 60_000_000_000, 3).expect("valid histogram bounds"),
@@ -107,6 +117,32 @@ pub struct StatsSnapshot {
     /// Pages moved between nodes by `--rebalance`.
     #[serde(default)]
     pub rebalanced: u64,
+    /// Copies each page should have (`--replicas`).
+    #[serde(default)]
+    pub replicas: u64,
+    /// Pages with data on the nodes but fewer live copies than `replicas`.
+    #[serde(default)]
+    pub pages_below_replicas: u64,
+    /// Pages whose every copy is on failed nodes (lost unless resident).
+    #[serde(default)]
+    pub pages_without_copy: u64,
+    /// New copies made of pages short of copies (re-replication and repair
+    /// on eviction are counted apart: this is the background's work).
+    #[serde(default)]
+    pub rereplicated: u64,
+    /// The background re-replication's limit, pages per second.
+    #[serde(default)]
+    pub rereplicate_rate: u64,
+    /// Memory nodes declared failed.
+    #[serde(default)]
+    pub node_failures: u64,
+    /// Pages with data on the memory nodes (each counted once).
+    #[serde(default)]
+    pub pages_placed: u64,
+    /// The longest a fault took to resolve, frame waits and failovers
+    /// included, µs: the guest's longest stall on a fault.
+    #[serde(default)]
+    pub fault_max_us: f64,
     /// Fetched pages that failed their integrity check (altered, stale,
     /// swapped or lost by a node; see `excache::seal`).
     #[serde(default)]
@@ -136,7 +172,7 @@ impl StatsSnapshot {
         format!(
             "resident {}/{} pages; faults: {} zero-fill, {} remote ({} spurious); prefetched {} remote + {} zero ({} read-ahead mark faults, {} marks dropped); \
 evictions: {} clean, {} dirty ({} MiB written back); remote fetch p50 {:.1} us, p99 {:.1} us over {} fetches; \
-writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; pages per node: {}",
+writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; replicas {}: {} pages below, {} copies made, {} node failures; pages per node: {}",
             self.resident_pages,
             self.budget_pages,
             self.faults_zero,
@@ -156,6 +192,10 @@ writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; 
             self.vcpu_eviction_waits,
             self.uffd_eagain,
             self.uffd_eexist,
+            self.replicas,
+            self.pages_below_replicas,
+            self.rereplicated,
+            self.node_failures,
             self.node_pages
                 .iter()
                 .map(|(a, n)| format!("{a}={n}"))

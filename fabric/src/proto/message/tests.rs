@@ -33,6 +33,7 @@ fn every_message_roundtrips() {
         page_size: PAGE_SIZE as u32,
         max_batch: MAX_BATCH as u32,
         capacity_pages: 1 << 21,
+        instance: 0x1234_5678_9abc_def0,
     });
     roundtrip(Message::Challenge {
         nonce: &[1; 32],
