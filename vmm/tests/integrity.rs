@@ -239,3 +239,32 @@ fn kvm_every_workload_runs_verified_with_encrypted_pages() {
         );
     }
 }
+
+/// With two copies of every page, a node that returns bad pages is declared
+/// dead and the pages are read from the other copy: the VM runs on and
+/// verifies, and the log names the node and why.
+#[test]
+fn kvm_with_two_copies_a_tampered_node_is_dropped_and_the_vm_runs_on() {
+    let (a, b) = (memnode(), memnode());
+    let vm = start_vm(
+        &a.addr,
+        905,
+        "rand:size=16M,ops=400000",
+        &["--memnode", &b.addr, "--replicas", "2"],
+    );
+    let c = peer(&a.addr, 905);
+    wait_pages(&c, 512);
+    for (g, mut data) in snapshot(&c) {
+        data[g as usize % 4096] ^= 0x40;
+        c.write_pages(&[(g, &data)]).unwrap();
+    }
+    let (ok, out) = finish(vm);
+    assert!(ok && out.contains("rand verified"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "memory node {} failed and is no longer used by this VM: memory node {} returned a bad page",
+            a.addr, a.addr
+        )),
+        "{out}"
+    );
+}

@@ -22,6 +22,7 @@ pub mod error;
 pub mod evict;
 pub mod fault;
 pub mod fingerprint;
+pub mod node;
 pub mod placement;
 pub mod readahead;
 pub mod repair;
