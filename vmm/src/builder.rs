@@ -31,6 +31,31 @@ pub struct RunReport {
     pub stats: StatsSnapshot,
     /// Wall time from the first vCPU start to the last exit.
     pub elapsed: Duration,
+    /// The remote fetch service time's distribution at the end: for each of
+    /// [`fetch_cdf_bounds_us`] (µs), the share of fetches that took at most
+    /// that long (empty when there was no remote fetch).
+    pub fetch_cdf: Vec<(f64, f64)>,
+}
+
+/// The bounds (µs) at which [`RunReport::fetch_cdf`] is sampled: 20 a decade,
+/// from 1 µs to 1 s.
+pub fn fetch_cdf_bounds_us() -> Vec<f64> {
+    (0..=120).map(|i| 10f64.powf(f64::from(i) / 20.0)).collect()
+}
+
+/// The share of fetches at or below each bound of `bounds_us`, from the
+/// cache's histogram.
+fn fetch_cdf(cache: &ExCache, bounds_us: &[f64]) -> Vec<(f64, f64)> {
+    let bounds_ns: Vec<u64> = bounds_us.iter().map(|b| (b * 1000.0) as u64).collect();
+    let (below, count, _) = cache.fetch_latency(&bounds_ns);
+    if count == 0 {
+        return Vec::new();
+    }
+    bounds_us
+        .iter()
+        .zip(below)
+        .map(|(&b, n)| (b, n as f64 / count as f64))
+        .collect()
 }
 
 /// How the guest ended, by guest kind.
@@ -218,11 +243,13 @@ impl Vmm {
             }
         };
         let stats = self.cache.snapshot();
+        let fetch_cdf = fetch_cdf(&self.cache, &fetch_cdf_bounds_us());
         self.shutdown();
         Ok(RunReport {
             outcome,
             stats,
             elapsed,
+            fetch_cdf,
         })
     }
 
