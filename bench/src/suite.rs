@@ -109,7 +109,7 @@ const STEPS: [Step; 7] = [
     Step {
         name: "build",
         kind: Kind::Build,
-        estimate_s: (5, 5),
+        estimate_s: (15, 15),
     },
     Step {
         name: "fabric",
@@ -118,7 +118,7 @@ const STEPS: [Step; 7] = [
             bench: "fabric_rtt",
             out: crate::data::FABRIC_JSON,
         },
-        estimate_s: (15, 90),
+        estimate_s: (30, 100),
     },
     Step {
         name: "memory",
@@ -127,7 +127,7 @@ const STEPS: [Step; 7] = [
             bench: "remote_memory",
             out: crate::data::MEMORY_JSON,
         },
-        estimate_s: (45, 600),
+        estimate_s: (15, 900),
     },
     Step {
         name: "security",
@@ -136,7 +136,7 @@ const STEPS: [Step; 7] = [
             bench: "page_security",
             out: "page_security.json",
         },
-        estimate_s: (30, 240),
+        estimate_s: (10, 240),
     },
     Step {
         name: "storage",
@@ -145,12 +145,12 @@ const STEPS: [Step; 7] = [
             bench: "nbd",
             out: crate::data::STORAGE_JSON,
         },
-        estimate_s: (15, 120),
+        estimate_s: (25, 120),
     },
     Step {
         name: "timeline",
         kind: Kind::Timeline,
-        estimate_s: (10, 40),
+        estimate_s: (10, 30),
     },
     Step {
         name: "plots",
