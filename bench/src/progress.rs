@@ -3,6 +3,10 @@
 
 use std::time::Duration;
 
+/// How much estimated work must be done before the pace so far scales the
+/// estimate of the rest.
+pub const PACE_AFTER: Duration = Duration::from_secs(20);
+
 /// Tracks the suite's steps against their estimated durations.
 #[derive(Debug)]
 pub struct Progress {
@@ -23,7 +27,9 @@ impl Progress {
 
     /// The time left from the start of the next step on: the remaining
     /// estimates, scaled by how the steps done so far compared with theirs
-    /// (between half and three times, so one odd step does not swing it).
+    /// (between half and three times, so one odd step does not swing it;
+    /// not before [`PACE_AFTER`] of estimated work is done, so a short step
+    /// that took no time, a build with nothing to build, does not halve it).
     pub fn time_left(&self) -> Duration {
         let done = self.taken.len();
         let left: Duration = self.estimates.iter().skip(done).sum();
@@ -31,7 +37,7 @@ impl Progress {
             self.estimates.iter().take(done).sum(),
             self.taken.iter().sum(),
         );
-        let pace = if est.is_zero() {
+        let pace = if est < PACE_AFTER {
             1.0
         } else {
             (took.as_secs_f64() / est.as_secs_f64()).clamp(0.5, 3.0)
@@ -75,15 +81,19 @@ mod tests {
 
     #[test]
     fn time_left_is_the_remaining_estimates_scaled_by_the_pace_so_far() {
-        let mut p = Progress::new(vec![secs(10), secs(20), secs(30)]);
-        assert_eq!(p.time_left(), secs(60));
+        let mut p = Progress::new(vec![secs(20), secs(20), secs(30)]);
+        assert_eq!(p.time_left(), secs(70));
         // The first step took twice its estimate: the rest will too.
-        p.step_done(secs(20));
+        p.step_done(secs(40));
         assert_eq!(p.time_left(), secs(100));
         // The pace is bounded.
-        let mut q = Progress::new(vec![secs(1), secs(10)]);
+        let mut q = Progress::new(vec![secs(20), secs(10)]);
         q.step_done(secs(100));
         assert_eq!(q.time_left(), secs(30));
+        // A short step is not enough to judge the pace by.
+        let mut r = Progress::new(vec![secs(5), secs(100)]);
+        r.step_done(Duration::ZERO);
+        assert_eq!(r.time_left(), secs(100));
         assert!(
             p.start_line(1, "fabric", "cargo bench")
                 .starts_with("[2/3] fabric: cargo bench (about 1m40s left)")

@@ -118,7 +118,7 @@ const STEPS: [Step; 7] = [
             bench: "fabric_rtt",
             out: crate::data::FABRIC_JSON,
         },
-        estimate_s: (30, 100),
+        estimate_s: (30, 30),
     },
     Step {
         name: "memory",
@@ -127,7 +127,7 @@ const STEPS: [Step; 7] = [
             bench: "remote_memory",
             out: crate::data::MEMORY_JSON,
         },
-        estimate_s: (15, 900),
+        estimate_s: (15, 540),
     },
     Step {
         name: "security",
@@ -136,7 +136,7 @@ const STEPS: [Step; 7] = [
             bench: "page_security",
             out: "page_security.json",
         },
-        estimate_s: (10, 240),
+        estimate_s: (10, 200),
     },
     Step {
         name: "storage",
@@ -145,7 +145,7 @@ const STEPS: [Step; 7] = [
             bench: "nbd",
             out: crate::data::STORAGE_JSON,
         },
-        estimate_s: (25, 120),
+        estimate_s: (25, 100),
     },
     Step {
         name: "timeline",

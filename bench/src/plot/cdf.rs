@@ -16,8 +16,9 @@ pub fn draw(path: &Path, l: &Latencies) -> Result<(), PlotError> {
         .chain(l.floors.iter().map(|f| f.1))
         .filter(|x| *x > 0.0);
     let (lo, hi) = xs.fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+    // From a power of ten, so the 1-2-5 ticks fall on the axis.
     let (lo, hi) = if hi > 0.0 {
-        (lo * 0.7, hi * 1.4)
+        (10f64.powf((lo * 0.9).log10().floor()), hi * 1.4)
     } else {
         (1.0, 1000.0)
     };

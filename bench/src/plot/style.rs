@@ -61,19 +61,24 @@ pub fn color(i: usize) -> RGBColor {
     PALETTE[i % PALETTE.len()]
 }
 
-/// `12345.0` as `12.3k`, `1234567.0` as `1.23M`, smaller numbers as they are.
+/// `12345.0` as `12.3k`, `1234567.0` as `1.23M`, smaller numbers with a
+/// decimal under 100; trailing zeros after the point dropped (`10k`, `2`).
 pub fn short_number(v: f64) -> String {
-    if v == 0.0 {
-        "0".into()
-    } else if v >= 1e6 {
-        format!("{:.2}M", v / 1e6)
+    let (s, unit) = if v >= 1e6 {
+        (format!("{:.2}", v / 1e6), "M")
     } else if v >= 1e4 {
-        format!("{:.1}k", v / 1e3)
+        (format!("{:.1}", v / 1e3), "k")
     } else if v >= 100.0 {
-        format!("{v:.0}")
+        (format!("{v:.0}"), "")
     } else {
-        format!("{v:.1}")
-    }
+        (format!("{v:.1}"), "")
+    };
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &s
+    };
+    format!("{s}{unit}")
 }
 
 /// A log axis's tick label: only at 1, 2 and 5 times a power of ten (the
@@ -103,9 +108,11 @@ mod tests {
         assert_eq!(short_number(96674.0), "96.7k");
         assert_eq!(short_number(3231.4), "3231");
         assert_eq!(short_number(43.26), "43.3");
-        assert_eq!(short_number(2_500_000.0), "2.50M");
+        assert_eq!(short_number(2_500_000.0), "2.5M");
         assert_eq!(short_number(0.0), "0");
-        assert_eq!(log_tick(20.0, "x"), "20.0x");
+        assert_eq!(short_number(10_000.0), "10k");
+        assert_eq!(short_number(39.0), "39");
+        assert_eq!(log_tick(20.0, "x"), "20x");
         assert_eq!(log_tick(200.0, ""), "200");
         assert_eq!(log_tick(30.0, "x"), "");
         assert_eq!(log_tick(1000.0, ""), "1000");
