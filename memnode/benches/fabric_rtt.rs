@@ -8,7 +8,8 @@
 //!   and with 4 threads sharing one connection;
 //! - the memory node's memory overhead per stored page (RSS growth beyond the data,
 //!   and the store's own accounting);
-//! - the link model's effect (`latency=2us,bw=100Gbit`) on the single-page round trip.
+//! - the link model's effect (`latency=2us,bw=100Gbit`) on the single-page round trip;
+//! - the distributions of the raw and fabric round trips (`*_cdf_us`, for plots).
 //!
 //! Raw and fabric round trips are sampled in alternating rounds so that machine
 //! noise hits both alike. Writes JSON to `$SPLITVISOR_BENCH_OUT` (default
@@ -182,6 +183,8 @@ fn suite(pin: bool, quick: bool) -> serde_json::Value {
         "samples_per_kind": raw_s.len(),
         "raw_tcp_echo_4k_rtt_us": {"p50": us(raw_p.0), "p99": us(raw_p.1)},
         "fabric_page_read_rtt_us": {"p50": us(fab_p.0), "p99": us(fab_p.1)},
+        "raw_tcp_echo_4k_rtt_cdf_us": cdf_points(&raw_s),
+        "fabric_page_read_rtt_cdf_us": cdf_points(&fab_s),
         "fabric_p50_over_raw_p50": ratio(fab_p.0, raw_p.0),
         "fabric_p99_over_raw_p99": ratio(fab_p.1, raw_p.1),
         "fabric_over_raw_p50_per_round": round_ratios,
@@ -251,6 +254,18 @@ fn threaded(c: &PageClient, threads: u64, time: Duration, pages: u64) -> f64 {
 fn percentiles(v: &mut [Duration]) -> (Duration, Duration) {
     v.sort();
     (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+/// The distribution of sorted samples `v` as `[µs, share at or below]` at 200
+/// evenly spaced shares.
+fn cdf_points(v: &[Duration]) -> Vec<[f64; 2]> {
+    (1..=200)
+        .map(|i| {
+            let q = f64::from(i) / 200.0;
+            let k = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+            [us(v[k]), q]
+        })
+        .collect()
 }
 
 fn us(d: Duration) -> f64 {

@@ -17,7 +17,15 @@
 //!   add to the all-local time on this machine;
 //! - the sequential workload at 25% over the ideal fabric (`--memnode ideal`, an
 //!   in-process store: no network, no node), in the same rounds: what the VMM
-//!   and the kernel alone add to the all-local time.
+//!   and the kernel alone add to the all-local time;
+//! - every workload at every cache share below 100% over three more fabrics,
+//!   one round each (the sequential one: three in the full run), as slowdowns
+//!   against the same all-local run as the memory node's: the ideal fabric, and
+//!   the ideal fabric behind link models of an RDMA-like
+//!   (`latency=2us,bw=100Gbit`) and a CXL-like (`latency=300ns`) interconnect
+//!   (`slowdown_by_fabric`, with the memory node over TCP from above);
+//! - the remote fault service time's distribution (`cdf`, from the VMM's
+//!   histogram) beside its p50/p99.
 //!
 //! Writes `$SPLITVISOR_BENCH_OUT` (default `target/bench/remote_memory.json`).
 
@@ -131,6 +139,67 @@ fn main() {
         }
         slowdowns.insert(name.to_string(), serde_json::Value::Object(row));
     }
+    // The same workloads over the other fabrics: the ideal one alone and behind
+    // link models of faster interconnects than loopback TCP.
+    let mut by_fabric = serde_json::Map::new();
+    by_fabric.insert(
+        "memnode_tcp".into(),
+        json!({"label": "memory node over TCP (loopback)", "memnode": "127.0.0.1 memnode process", "link": "off",
+               "workloads": slowdowns.iter().map(|(w, row)| {
+                   let pts: serde_json::Map<_, _> = row.as_object().unwrap().iter()
+                       .map(|(k, v)| (k.clone(), json!({"elapsed_s": v["elapsed_s"], "slowdown": v["slowdown"]})))
+                       .collect();
+                   (w.clone(), serde_json::Value::Object(pts))
+               }).collect::<serde_json::Map<_, _>>()}),
+    );
+    for (key, label, link) in [
+        ("ideal", "ideal fabric (in-process, no network)", "off"),
+        (
+            "rdma_like",
+            "RDMA-like (ideal + latency=2us,bw=100Gbit)",
+            "latency=2us,bw=100Gbit",
+        ),
+        (
+            "cxl_like",
+            "CXL-like (ideal + latency=300ns)",
+            "latency=300ns",
+        ),
+    ] {
+        let mut rows = serde_json::Map::new();
+        for (name, w, size) in &workloads {
+            let rounds = if *name == "seq" && !quick { 3 } else { 1 };
+            let cache_of = |frac: f64| ((*size as f64 * frac) as u64).max(64 << 10) & !4095;
+            let mut row = serde_json::Map::new();
+            // All-local is the same run whatever the fabric (no page leaves):
+            // every fabric's slowdown is against the memory node's all-local
+            // run, whose noise would otherwise differ from line to line.
+            let base = slowdowns[*name]["100%"]["elapsed_s"].as_f64().unwrap();
+            row.insert(
+                "100%".into(),
+                json!({"elapsed_s": base, "slowdown": 1.0, "same_as": "memnode_tcp"}),
+            );
+            for (label, frac) in FRACTIONS.into_iter().skip(1) {
+                let rs = (0..rounds)
+                    .map(|_| vmm_over("ideal", link, w, *size, cache_of(frac), 256))
+                    .collect();
+                let (r, all) = median_run(rs);
+                let t = r["elapsed_s"].as_f64().unwrap();
+                row.insert(
+                    label.into(),
+                    json!({"elapsed_s": round3(t), "runs_s": all, "slowdown": round3(t / base)}),
+                );
+                table.push(format!(
+                    "{key:>10} {name:>13} {label:>6}: {t:8.3} s  x{:.2}",
+                    t / base
+                ));
+            }
+            rows.insert(name.to_string(), serde_json::Value::Object(row));
+        }
+        by_fabric.insert(
+            key.into(),
+            json!({"label": label, "memnode": "ideal", "link": link, "workloads": rows}),
+        );
+    }
     let seq25 = slowdowns["seq"]["25%"]["slowdown"].as_f64().unwrap();
     // The fabric moving the 25% run's pages, measured now, on the same node.
     let s25 = &slowdowns["seq"]["25%"];
@@ -158,9 +227,11 @@ fn main() {
         "fabric_page_read_rtt_us": {"p50": us(rtt.0), "p99": us(rtt.1)},
         "fabric_page_read_rtt_idle_cpus_us": {"p50": us(idle_rtt.0), "p99": us(idle_rtt.1)},
         "floor_us": {"p50": us(floor_p50), "p99": us(floor_p99)},
-        "vmm_remote_fault_service_us": {"p50": fetch_p50, "p99": fetch_p99, "faults": fault_run["stats"]["faults_remote"]},
+        "vmm_remote_fault_service_us": {"p50": fetch_p50, "p99": fetch_p99, "faults": fault_run["stats"]["faults_remote"],
+                                        "cdf": fault_run["fetch_latency_cdf"]},
         "remote_fault_p50_over_floor": round3(fetch_p50 / us(floor_p50)),
         "slowdown_vs_all_local": slowdowns,
+        "slowdown_by_fabric": by_fabric,
         "seq_25pct_data_movement": {
             "pages_out": out_pages, "pages_in": in_pages, "fabric_alone_s": round3(move_s),
             "all_local_s": local_s, "run_s": t25,
@@ -197,9 +268,23 @@ fn median_run(mut runs: Vec<serde_json::Value>) -> (serde_json::Value, Vec<f64>)
 
 /// Runs the vmm binary and returns its stats JSON.
 fn vmm(memnode: &str, workload: &str, mem: u64, cache: u64, prefetch: usize) -> serde_json::Value {
+    vmm_over(memnode, "off", workload, mem, cache, prefetch)
+}
+
+/// Runs the vmm binary over `memnode` behind link model `link` and returns its
+/// stats JSON.
+fn vmm_over(
+    memnode: &str,
+    link: &str,
+    workload: &str,
+    mem: u64,
+    cache: u64,
+    prefetch: usize,
+) -> serde_json::Value {
     let json = std::env::temp_dir().join(format!("vmm-bench-{}.json", std::process::id()));
     let out = Command::new(VMM)
         .args(["run", "--workload", workload, "--memnode", memnode])
+        .args(["--link", link])
         .args([
             "--mem",
             &mem.to_string(),

@@ -31,6 +31,48 @@ pub struct RunReport {
     pub stats: StatsSnapshot,
     /// Wall time from the first vCPU start to the last exit.
     pub elapsed: Duration,
+    /// The remote fetch service time's distribution at the end: (µs, share
+    /// of fetches that took at most that long) at the bounds of
+    /// [`fetch_cdf_bounds_us`], flat stretches cut to their ends (empty when
+    /// there was no remote fetch).
+    pub fetch_cdf: Vec<(f64, f64)>,
+}
+
+/// The bounds (µs) at which [`RunReport::fetch_cdf`] is sampled: 20 a decade,
+/// from 1 µs to 1 s.
+pub fn fetch_cdf_bounds_us() -> Vec<f64> {
+    (0..=120).map(|i| 10f64.powf(f64::from(i) / 20.0)).collect()
+}
+
+/// The share of fetches at or below each bound of `bounds_us`, from the
+/// cache's histogram; of a run of bounds with the same share only its ends
+/// are kept (the flat parts below the fastest fetch and above the slowest).
+fn fetch_cdf(cache: &ExCache, bounds_us: &[f64]) -> Vec<(f64, f64)> {
+    let bounds_ns: Vec<u64> = bounds_us.iter().map(|b| (b * 1000.0) as u64).collect();
+    let (below, count, _) = cache.fetch_latency(&bounds_ns);
+    if count == 0 {
+        return Vec::new();
+    }
+    let all: Vec<(f64, f64)> = bounds_us
+        .iter()
+        .zip(below)
+        .map(|(&b, n)| (b, n as f64 / count as f64))
+        .collect();
+    flat_runs_to_ends(&all)
+}
+
+/// `points` less each point whose y equals both its neighbours'.
+fn flat_runs_to_ends(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    (0..points.len())
+        .filter(|&i| {
+            let same = |j: Option<usize>| {
+                j.and_then(|j| points.get(j))
+                    .is_some_and(|p| p.1 == points[i].1)
+            };
+            !(same(i.checked_sub(1)) && same(Some(i + 1)))
+        })
+        .map(|i| points[i])
+        .collect()
 }
 
 /// How the guest ended, by guest kind.
@@ -223,11 +265,13 @@ impl Vmm {
             }
         };
         let stats = self.cache.snapshot();
+        let fetch_cdf = fetch_cdf(&self.cache, &fetch_cdf_bounds_us());
         self.shutdown();
         Ok(RunReport {
             outcome,
             stats,
             elapsed,
+            fetch_cdf,
         })
     }
 
@@ -283,5 +327,32 @@ impl Vmm {
         }
         drop(vm);
         drop(ram);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cdf_keeps_only_the_ends_of_its_flat_stretches() {
+        let p = |x: f64, y: f64| (x, y);
+        let cdf = [
+            p(1., 0.),
+            p(2., 0.),
+            p(3., 0.),
+            p(4., 0.5),
+            p(5., 1.),
+            p(6., 1.),
+            p(7., 1.),
+        ];
+        assert_eq!(
+            flat_runs_to_ends(&cdf),
+            vec![p(1., 0.), p(3., 0.), p(4., 0.5), p(5., 1.), p(7., 1.)]
+        );
+        assert!(flat_runs_to_ends(&[]).is_empty());
+        let bounds = fetch_cdf_bounds_us();
+        assert_eq!(bounds.len(), 121);
+        assert!((bounds[20] - 10.0).abs() < 1e-9 && (bounds[120] - 1e6).abs() < 1e-3);
     }
 }

@@ -684,6 +684,8 @@ fn write_stats(
         "memnodes": a.memnodes,
         "elapsed_s": report.elapsed.as_secs_f64(),
         "stats": report.stats,
+        // [[µs, share of remote fetches at or below it], ...]
+        "fetch_latency_cdf": report.fetch_cdf,
     });
     if let (Some(all), serde_json::Value::Object(guest)) = (j.as_object_mut(), guest_json) {
         all.extend(guest);
