@@ -18,7 +18,7 @@ pub struct SuiteArgs {
     /// The results directory (default: target/bench/suite in the workspace).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Run only these steps (comma-separated: build, fabric, memory, security,
+    /// Run only these steps (comma-separated: build, fabric, memory, security, replication,
     /// storage, timeline, plots), e.g. to redo one into an existing directory.
     #[arg(long, value_name = "STEPS", value_delimiter = ',')]
     pub only: Vec<String>,
@@ -38,7 +38,7 @@ pub enum SuiteError {
     },
     /// `--only` names no step.
     #[error(
-        "no step is named {0:?} (steps: build, fabric, memory, security, storage, timeline, plots)"
+        "no step is named {0:?} (steps: build, fabric, memory, security, replication, storage, timeline, plots)"
     )]
     NoSuchStep(String),
     /// The binaries' directory is unknown.
@@ -105,7 +105,7 @@ struct Step {
     estimate_s: (u64, u64),
 }
 
-const STEPS: [Step; 7] = [
+const STEPS: [Step; 8] = [
     Step {
         name: "build",
         kind: Kind::Build,
@@ -137,6 +137,15 @@ const STEPS: [Step; 7] = [
             out: "page_security.json",
         },
         estimate_s: (10, 200),
+    },
+    Step {
+        name: "replication",
+        kind: Kind::Bench {
+            package: "vmm",
+            bench: "replication",
+            out: "replication.json",
+        },
+        estimate_s: (40, 420),
     },
     Step {
         name: "storage",

@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 
 /// A daemon process that announces its address on its first stdout line; killed
 /// when dropped.
@@ -84,6 +84,25 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits for `child` to exit; past `deadline` kills it and fails with `what`
+/// and its output.
+pub fn wait_for_exit(mut child: Child, deadline: std::time::Duration, what: &str) -> Output {
+    let t = std::time::Instant::now();
+    while child.try_wait().expect("wait for a child").is_none() {
+        if t.elapsed() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collect a child's output");
+            panic!(
+                "{what} (after {deadline:?})\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("collect a child's output")
 }
 
 /// The path of workspace binary `name`, found beside `sibling` (another binary of

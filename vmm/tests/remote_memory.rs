@@ -3,9 +3,9 @@
 //! Every test here needs /dev/kvm (names start with `kvm_`) and fails with a clear
 //! message where it is missing.
 
-use splitvisor_tests::{Daemon, sibling_bin};
+use splitvisor_tests::{Daemon, sibling_bin, wait_for_exit};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
@@ -61,25 +61,6 @@ fn vmm_run(args: &[&str], deadline: Duration) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         json,
     }
-}
-
-/// Waits for `child` to exit; past `deadline` kills it and fails with `what` and
-/// its output.
-fn wait_for_exit(mut child: Child, deadline: Duration, what: &str) -> Output {
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{what} (after {deadline:?})\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// Starts `vmm ARGS` with a workload long enough to still run after 1.5 s.

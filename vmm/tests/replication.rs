@@ -161,20 +161,12 @@ impl Vm {
     }
 }
 
-fn wait(mut child: Child, what: &str) -> Output {
-    let t0 = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(300) {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{what}: the VM did not end in 300 s\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+fn wait(child: Child, what: &str) -> Output {
+    splitvisor_tests::wait_for_exit(
+        child,
+        Duration::from_secs(300),
+        &format!("{what}: the VM did not end"),
+    )
 }
 
 /// A moment a while into the run, from the seed: 300 to 2300 ms.

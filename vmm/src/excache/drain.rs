@@ -14,7 +14,7 @@
 //!
 //! Passes repeat until the node holds none of this VM's pages.
 
-use super::{ABSENT, EVICTING, FETCHING, PathError, RESIDENT, Shared, evict, repair};
+use super::{ABSENT, FETCHING, PathError, RESIDENT, Shared, evict, repair};
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
@@ -97,20 +97,7 @@ pub(crate) fn drain(s: &Shared, from: usize) -> Result<(), PathError> {
             move_claimed(s, from, &claimed, None)?;
         }
         // Resident pages whose remote copy is here: evict them (the normal protocol).
-        for chunk in resident.chunks(256) {
-            let victims: Vec<usize> = chunk
-                .iter()
-                .copied()
-                .filter(|&p| {
-                    s.state[p]
-                        .compare_exchange(RESIDENT, EVICTING, AcqRel, Acquire)
-                        .is_ok()
-                })
-                .collect();
-            if !victims.is_empty() {
-                evict::evict_now(s, &victims)?;
-            }
-        }
+        evict::evict_resident(s, &resident)?;
         std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -181,6 +181,26 @@ fn evict_batch(s: &Shared) -> Result<(), PathError> {
     evict_now(s, &victims)
 }
 
+/// Evicts those of `pages` that are still resident (each claimed
+/// `RESIDENT -> EVICTING` first; the others are left alone), in batches.
+pub(crate) fn evict_resident(s: &Shared, pages: &[usize]) -> Result<(), PathError> {
+    for chunk in pages.chunks(BATCH) {
+        let victims: Vec<usize> = chunk
+            .iter()
+            .copied()
+            .filter(|&p| {
+                s.state[p]
+                    .compare_exchange(RESIDENT, EVICTING, AcqRel, Acquire)
+                    .is_ok()
+            })
+            .collect();
+        if !victims.is_empty() {
+            evict_now(s, &victims)?;
+        }
+    }
+    Ok(())
+}
+
 /// Evicts `victims` (each already moved to `EVICTING`), sorted or not.
 pub(crate) fn evict_now(s: &Shared, victims: &[usize]) -> Result<(), PathError> {
     let mut victims = victims.to_vec();

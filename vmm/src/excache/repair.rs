@@ -166,14 +166,21 @@ pub(crate) fn copy_claimed(
     }
     for (src, ks) in &by_source {
         let node = s.nodes.node(*src);
-        for chunk in ks.chunks(node.client.node().max_batch) {
+        let fail = |source| PathError::Fetch {
+            addr: node.addr.clone(),
+            source,
+        };
+        // Every batch is submitted before any is awaited: one round trip for
+        // the lot.
+        let chunks: Vec<&[usize]> = ks.chunks(node.client.node().max_batch).collect();
+        let mut pending = Vec::with_capacity(chunks.len());
+        for chunk in &chunks {
             let gpns: Vec<u64> = chunk.iter().map(|&k| work[k].0 as u64).collect();
+            pending.push(node.client.submit_read(&gpns));
+        }
+        for (chunk, read) in chunks.into_iter().zip(pending) {
             let mut out = vec![0u8; chunk.len() * PAGE];
-            let fail = |source| PathError::Fetch {
-                addr: node.addr.clone(),
-                source,
-            };
-            let present = match node.client.read_pages(&gpns, &mut out) {
+            let present = match read.and_then(|r| r.wait(&mut out)) {
                 Ok(present) => present,
                 Err(e) => {
                     s.node_failed(*src, &fail(e));
@@ -341,26 +348,15 @@ pub(crate) fn repair_loop(s: &Shared, rate: u64) {
         let generation = s.nodes.repair_gen();
         if generation != done_gen {
             let (claimed, resident, busy, wrapped) = pick(s, &mut cursor, per_tick);
-            for chunk in claimed.chunks(64) {
+            // Up to 16 batches per call, each call one round trip of reads
+            // and one of writes.
+            for chunk in claimed.chunks(1024) {
                 copy_claimed(s, chunk, None, None);
                 release(s, chunk);
             }
-            for chunk in resident.chunks(256) {
-                let victims: Vec<usize> = chunk
-                    .iter()
-                    .copied()
-                    .filter(|&p| {
-                        s.state[p]
-                            .compare_exchange(RESIDENT, super::EVICTING, AcqRel, Acquire)
-                            .is_ok()
-                    })
-                    .collect();
-                if !victims.is_empty()
-                    && let Err(e) = evict::evict_now(s, &victims)
-                {
-                    s.fail(e);
-                    return;
-                }
+            if let Err(e) = evict::evict_resident(s, &resident) {
+                s.fail(e);
+                return;
             }
             // A whole pass that found nothing to do, with no page busy:
             // every page has its copies (or no node has room for more).
