@@ -716,7 +716,81 @@ pub fn is_out_of_capacity(e: &ClientError) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::same_addr;
+    use super::*;
+
+    /// A placement over in-process (ideal) nodes, each `NAME,zone=Z`.
+    fn over(specs: &[&str], replicas: usize) -> Placement {
+        let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
+        Placement::connect(&specs, &ClientConfig::default(), 4096, replicas).unwrap()
+    }
+
+    fn zones(p: &Placement, set: Replicas) -> Vec<Option<String>> {
+        set.iter().map(|i| p.node(i).zone.clone()).collect()
+    }
+
+    #[test]
+    fn copies_go_to_distinct_zones_while_zones_have_room() {
+        let p = over(
+            &[
+                "ideal:a,zone=x",
+                "ideal:b,zone=x",
+                "ideal:c,zone=y",
+                "ideal:d,zone=y",
+            ],
+            2,
+        );
+        for page in (0..4096).step_by(STRIPE_PAGES as usize) {
+            let set = p.reservations().target(page).unwrap();
+            let z = zones(&p, set);
+            assert_eq!(z.len(), 2, "{set:?}");
+            assert_ne!(z[0], z[1], "page {page}: both copies in one zone ({set:?})");
+        }
+        // With one zone full, both copies go to the other (rather than one).
+        p.node(2)
+            .mark_full(&ClientError::InvalidRequest("test".into()));
+        p.node(3)
+            .mark_full(&ClientError::InvalidRequest("test".into()));
+        let set = p.reservations().target(9).unwrap();
+        assert_eq!(zones(&p, set), [Some("x".into()), Some("x".into())]);
+    }
+
+    #[test]
+    fn a_dead_member_leaves_its_pages_short_until_copied() {
+        let p = over(&["ideal:a", "ideal:b", "ideal:c"], 2);
+        let set = p.reservations().target(5).unwrap();
+        assert_eq!(set.len(), 2);
+        p.set_replicas(5, set);
+        assert_eq!(p.below_replicas(), (0, 0, 1));
+        assert!(!p.needs_copies(5));
+        let dead = set.primary().unwrap();
+        assert!(p.mark_dead(dead, "test"));
+        assert!(!p.mark_dead(dead, "test again"), "declared dead once");
+        assert_eq!(p.below_replicas(), (1, 0, 1));
+        assert!(p.needs_copies(5), "the third node can take a copy");
+        assert_eq!(p.live(set), set.without(dead));
+        // New copies never go to the dead node or to the live member.
+        let extra = p.reservations().extra(set, 1, None);
+        assert_eq!(extra.len(), 1);
+        assert!(!set.contains(extra[0]));
+        // Nor does a write-back, and the dead node cannot be detached.
+        let target = p.reservations().target(5).unwrap();
+        assert!(!target.contains(dead));
+        assert!(matches!(
+            p.begin_detach(&p.node(dead).addr),
+            Err(PlacementError::Dead(_))
+        ));
+        // Two live nodes for two copies: neither may leave.
+        let live = set.without(dead).primary().unwrap();
+        assert!(matches!(
+            p.begin_detach(&p.node(live).addr),
+            Err(PlacementError::TooFew {
+                left: 1,
+                replicas: 2,
+                ..
+            })
+        ));
+        assert_eq!(p.events().iter().filter(|e| e.event == "failed").count(), 1);
+    }
 
     #[test]
     fn addresses_compare_after_resolution() {
