@@ -25,6 +25,8 @@
 //! requests and encodes replies and handshake answers.
 
 pub mod client;
+pub mod stream;
+pub mod tls;
 pub mod wire;
 
 use std::io::{self, IoSlice, Write};

@@ -43,6 +43,17 @@ struct Args {
     /// Serve Prometheus metrics over HTTP on this address, at /metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Require TLS (NBD_OPT_STARTTLS) with this certificate chain (PEM, the
+    /// node's certificate first); plaintext clients are refused.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM file; never give a key on the command
+    /// line).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Also require client certificates issued by a CA in this file (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
 }
 
 fn parse_create(s: &str) -> Result<(String, u64), String> {
@@ -105,6 +116,24 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for name in &args.read_only {
         volumes.lookup(name)?;
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(nbd_proto::tls::ServerTls::load(
+            cert,
+            key,
+            args.tls_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    if let Some(t) = &tls {
+        log::info!(
+            "TLS required{}",
+            if t.verifies_clients() {
+                ", with client certificates"
+            } else {
+                ""
+            }
+        );
+    }
     let server = Server::bind(
         ServerConfig {
             listen: args.listen,
@@ -112,6 +141,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             max_connections: args.max_connections.max(1),
             handshake_timeout: Duration::from_secs(args.handshake_timeout),
             inline_io: !args.no_fast_path,
+            tls,
             ..ServerConfig::default()
         },
         volumes,

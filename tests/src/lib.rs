@@ -5,6 +5,8 @@
 //! crates (e.g. `vmm/tests/`); this crate holds what they share. The nested test
 //! host harness will live under `tests/nested/` (issue "vmm boots stock Linux").
 
+pub mod tls;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

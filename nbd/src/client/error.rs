@@ -28,6 +28,16 @@ pub enum ClientError {
         #[source]
         source: Arc<io::Error>,
     },
+    /// TLS could not be started: the server refused `NBD_OPT_STARTTLS`, or the TLS
+    /// handshake failed (e.g. its certificate is not trusted).
+    #[error("TLS with NBD server {addr} failed")]
+    Tls {
+        /// The server.
+        addr: String,
+        /// Why.
+        #[source]
+        source: Arc<io::Error>,
+    },
     /// The server sent a malformed message.
     #[error("NBD server {addr} sent a malformed message")]
     Protocol {

@@ -1,8 +1,11 @@
 //! The client side of the fixed-newstyle handshake: `NBD_OPT_GO` asking for block
 //! sizes, falling back to `NBD_OPT_EXPORT_NAME` for servers that do not know `GO`
-//! (or do not speak fixed newstyle at all).
+//! (or do not speak fixed newstyle at all). With TLS configured, `NBD_OPT_STARTTLS`
+//! comes first and everything after it goes through the TLS relay.
 
 use super::{ClientError, ExportInfo};
+use crate::stream::Stream;
+use crate::tls::{self, ClientTls, Relay};
 use crate::wire::{
     self, EXPORT_NAME_PADDING, EXPORT_NAME_REPLY_LEN, GREETING_LEN, Info, InfoRequest, MAX_PAYLOAD,
     OPTION_REPLY_HEADER_LEN, Opt, OptionReplyHeader, Rep, TransmissionFlags, client_flags,
@@ -16,7 +19,8 @@ use std::sync::Arc;
 const MAX_OPTION_REPLY: u32 = 64 << 10;
 
 struct Hs<'a> {
-    stream: &'a mut TcpStream,
+    /// The TCP connection until TLS starts, then the relay's end.
+    stream: Stream,
     addr: &'a str,
 }
 
@@ -37,6 +41,13 @@ impl Hs<'_> {
         self.stream.write_all(buf).map_err(|e| self.io(e))
     }
 
+    fn tls(&self, e: io::Error) -> ClientError {
+        ClientError::Tls {
+            addr: self.addr.into(),
+            source: Arc::new(e),
+        }
+    }
+
     fn unexpected(&self, what: String) -> ClientError {
         ClientError::Unexpected {
             addr: self.addr.into(),
@@ -52,13 +63,22 @@ impl Hs<'_> {
     }
 }
 
-/// Runs the handshake for `export`; the stream is then in transmission.
+/// Runs the handshake for `export` (with `tls`: after `NBD_OPT_STARTTLS`); returns
+/// the export and the stream in transmission, with its TLS relay if any.
 pub(super) fn negotiate(
-    stream: &mut TcpStream,
+    tcp: TcpStream,
     addr: &str,
     export: &str,
-) -> Result<ExportInfo, ClientError> {
-    let mut hs = Hs { stream, addr };
+    tls: Option<&ClientTls>,
+) -> Result<(ExportInfo, Stream, Option<Relay>), ClientError> {
+    let mut hs = Hs {
+        stream: Stream::Tcp(tcp.try_clone().map_err(|e| ClientError::Io {
+            addr: addr.into(),
+            during: "handshake",
+            source: Arc::new(e),
+        })?),
+        addr,
+    };
     let mut g = [0u8; GREETING_LEN];
     hs.read(&mut g)?;
     let flags = wire::decode_greeting(&g).map_err(|e| hs.wire(e))?;
@@ -72,12 +92,64 @@ pub(super) fn negotiate(
         cflags |= client_flags::NO_ZEROES;
     }
     hs.write(&u32::to_be_bytes(cflags))?;
+    let relay = match tls {
+        Some(tls) if fixed => Some(starttls(&mut hs, tcp, tls)?),
+        Some(_) => {
+            return Err(hs.tls(io::Error::other(
+                "the server does not speak fixed newstyle, so it cannot do NBD_OPT_STARTTLS",
+            )));
+        }
+        None => None,
+    };
     if fixed {
         if let Some(info) = go(&mut hs, export)? {
-            return Ok(info);
+            return Ok((info, hs.stream, relay));
         }
     }
-    export_name(&mut hs, export, no_zeroes)
+    let info = export_name(&mut hs, export, no_zeroes)?;
+    Ok((info, hs.stream, relay))
+}
+
+/// `NBD_OPT_STARTTLS`, then the TLS handshake on `tcp`; `hs` then talks through
+/// the relay.
+fn starttls(hs: &mut Hs<'_>, mut tcp: TcpStream, tls: &ClientTls) -> Result<Relay, ClientError> {
+    let mut out = Vec::new();
+    wire::encode_option(&mut out, Opt::STARTTLS, &[]);
+    hs.write(&out)?;
+    let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+    hs.read(&mut h)?;
+    let h = OptionReplyHeader::decode(&h).map_err(|e| hs.wire(e))?;
+    if h.option != Opt::STARTTLS {
+        return Err(hs.unexpected(format!(
+            "reply to {} while waiting for NBD_OPT_STARTTLS",
+            h.option
+        )));
+    }
+    if h.len > MAX_OPTION_REPLY {
+        return Err(hs.unexpected(format!("{} reply of {} bytes", h.reply, h.len)));
+    }
+    let mut data = vec![0u8; h.len as usize];
+    hs.read(&mut data)?;
+    match h.reply {
+        Rep::ACK if data.is_empty() => {}
+        r if r.is_error() => {
+            return Err(ClientError::Refused {
+                addr: hs.addr.into(),
+                option: Opt::STARTTLS,
+                reply: r,
+                message: String::from_utf8_lossy(&data).into_owned(),
+            });
+        }
+        r => return Err(hs.unexpected(format!("{r} in reply to NBD_OPT_STARTTLS"))),
+    }
+    let mut session = tls.session(hs.addr).map_err(|e| ClientError::Invalid {
+        addr: hs.addr.into(),
+        reason: e.to_string(),
+    })?;
+    tls::handshake(&mut session, &mut tcp).map_err(|e| hs.tls(e))?;
+    let (relay, stream) = Relay::start(session, tcp).map_err(|e| hs.tls(e))?;
+    hs.stream = stream;
+    Ok(relay)
 }
 
 /// `NBD_OPT_GO`; `None` if the server does not support it.

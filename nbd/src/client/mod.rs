@@ -46,6 +46,8 @@ mod slots;
 
 pub use error::ClientError;
 
+use crate::stream::Stream;
+use crate::tls::Relay;
 use crate::wire::{Cmd, MAX_PAYLOAD, Request as WireRequest, TransmissionFlags, cmd_flags};
 use crate::write_all_vectored;
 use slots::{Ready, Slots, State};
@@ -67,6 +69,10 @@ pub struct ClientConfig {
     pub io_timeout: Option<Duration>,
     /// Requests in flight at once; `submit` blocks beyond that.
     pub max_in_flight: usize,
+    /// Upgrade the connection with `NBD_OPT_STARTTLS` before anything else and
+    /// check the server's certificate; a server that does not offer TLS is an
+    /// error, never a silent fallback to plaintext.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for ClientConfig {
@@ -76,6 +82,7 @@ impl Default for ClientConfig {
             handshake_timeout: Duration::from_secs(10),
             io_timeout: Some(Duration::from_secs(60)),
             max_in_flight: 128,
+            tls: None,
         }
     }
 }
@@ -169,7 +176,7 @@ struct Shared {
     addr: String,
     info: ExportInfo,
     config: ClientConfig,
-    writer: Mutex<TcpStream>,
+    writer: Mutex<Stream>,
     slots: Mutex<Slots>,
     room: Condvar,
     reader_id: OnceLock<ThreadId>,
@@ -177,8 +184,11 @@ struct Shared {
 
 struct Inner {
     shared: Arc<Shared>,
-    socket: TcpStream,
+    socket: Stream,
     reader: Mutex<Option<JoinHandle<()>>>,
+    /// The TLS relay under `socket`, if TLS was negotiated (dropped after the
+    /// reader is joined: it sends what is left and joins its threads).
+    _relay: Option<Relay>,
 }
 
 /// A connection to one export of an NBD server; cheap to clone and share.
@@ -214,7 +224,7 @@ impl NbdClient {
                 reason: format!("export name of {} bytes", export.len()),
             });
         }
-        let mut stream = connect_tcp(addr, config.connect_timeout)?;
+        let stream = connect_tcp(addr, config.connect_timeout)?;
         let io_err = |e: io::Error| ClientError::Io {
             addr: addr.into(),
             during: "handshake",
@@ -227,7 +237,8 @@ impl NbdClient {
         stream
             .set_write_timeout(Some(config.handshake_timeout))
             .map_err(io_err)?;
-        let info = handshake::negotiate(&mut stream, addr, export)?;
+        let (info, stream, relay) =
+            handshake::negotiate(stream, addr, export, config.tls.as_ref())?;
         stream.set_read_timeout(config.io_timeout).map_err(io_err)?;
         stream
             .set_write_timeout(config.io_timeout)
@@ -256,8 +267,14 @@ impl NbdClient {
                 shared,
                 socket: stream,
                 reader: Mutex::new(Some(reader)),
+                _relay: relay,
             }),
         })
+    }
+
+    /// Whether the connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.inner.socket.is_tls()
     }
 
     /// The export's size, flags and block sizes.

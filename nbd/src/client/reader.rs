@@ -2,16 +2,16 @@
 //! failure, fails every outstanding request.
 
 use super::{ClientError, Handle, Shared, deliver};
+use crate::stream::Stream;
 use crate::wire::{Cmd, Errno, SIMPLE_REPLY_LEN, SimpleReply};
 use std::io::{self, Read};
-use std::net::TcpStream;
 use std::sync::Arc;
 
 /// Reads exactly `buf.len()` bytes of a reply. `at_boundary`: a timeout with no
 /// request outstanding is not an error (the connection is just idle).
 fn read_reply(
     s: &Shared,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut [u8],
     at_boundary: bool,
 ) -> Result<(), ClientError> {
@@ -60,7 +60,7 @@ fn read_reply(
     Ok(())
 }
 
-pub(super) fn reader_loop(s: &Shared, mut stream: TcpStream) {
+pub(super) fn reader_loop(s: &Shared, mut stream: Stream) {
     let err = loop {
         let mut hdr = [0u8; SIMPLE_REPLY_LEN];
         if let Err(e) = read_reply(s, &mut stream, &mut hdr, true) {

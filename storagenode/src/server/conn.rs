@@ -27,12 +27,13 @@ use super::pool::{Job, JobKind, Pool};
 use super::{NodeStats, PEER_ERRORS};
 use crate::volume::Volume;
 use fabric::warn_limited;
+use nbd_proto::stream::Stream;
 use nbd_proto::wire::{
     Cmd, Errno, MAX_PAYLOAD, REQUEST_LEN, Request, SIMPLE_REPLY_LEN, SimpleReply, cmd_flags,
 };
 use nbd_proto::write_all_vectored;
 use std::io::{self, IoSlice, Read};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -75,7 +76,7 @@ pub(crate) struct ConnShared {
     pub peer: SocketAddr,
     /// Node-wide counters.
     pub stats: Arc<NodeStats>,
-    writer: Mutex<TcpStream>,
+    writer: Mutex<Stream>,
     broken: AtomicBool,
     in_flight: Mutex<InFlight>,
     room: Condvar,
@@ -172,7 +173,7 @@ enum End {
 /// Serves the transmission phase on `stream` until the client disconnects; returns
 /// once every request it sent has been answered (or the connection broke).
 pub(crate) fn serve(
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     volume: Arc<Volume>,
     stats: Arc<NodeStats>,
@@ -220,7 +221,7 @@ pub(crate) fn serve(
 }
 
 struct Transmission<'a> {
-    stream: TcpStream,
+    stream: Stream,
     shared: Arc<ConnShared>,
     pool: &'a Pool,
     limits: ConnLimits,

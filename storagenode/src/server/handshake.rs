@@ -1,13 +1,25 @@
 //! The server side of the fixed-newstyle handshake (option haggling).
 //!
 //! Supported: `NBD_OPT_EXPORT_NAME`, `NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_LIST`,
-//! `NBD_OPT_ABORT`. Every other option, `NBD_OPT_STRUCTURED_REPLY` and
-//! `NBD_OPT_STARTTLS` included, is answered with `NBD_REP_ERR_UNSUP`, after which a
-//! client goes on with simple replies and no TLS. An unknown export is
-//! `NBD_REP_ERR_UNKNOWN` for `GO`/`INFO`; for `EXPORT_NAME`, which cannot carry an
-//! error, the connection is closed. The whole handshake has one deadline.
+//! `NBD_OPT_ABORT`, and `NBD_OPT_STARTTLS` when the node has a certificate. Every
+//! other option, `NBD_OPT_STRUCTURED_REPLY` included, is answered with
+//! `NBD_REP_ERR_UNSUP`, after which a client goes on with simple replies. An
+//! unknown export is `NBD_REP_ERR_UNKNOWN` for `GO`/`INFO`; for `EXPORT_NAME`,
+//! which cannot carry an error, the connection is closed. The whole handshake,
+//! the TLS handshake included, has one deadline.
+//!
+//! **TLS.** A node with a certificate serves only TLS clients (NBD's "TLS-only"
+//! mode, doc/proto.md): before `NBD_OPT_STARTTLS`, every option but `STARTTLS` and
+//! `ABORT` is answered `NBD_REP_ERR_TLS_REQD` (and `EXPORT_NAME` closes the
+//! connection), so no export name, list or size leaks in plaintext. After the
+//! acknowledgement both sides run the TLS handshake (rustls, [`nbd_proto::tls`]);
+//! the options that follow and the transmission phase go through the TLS relay's
+//! [`Stream`]. A second `STARTTLS` is `NBD_REP_ERR_INVALID`; `STARTTLS` on a node
+//! without a certificate is `NBD_REP_ERR_UNSUP`.
 
 use crate::volume::{Volume, VolumeDir};
+use nbd_proto::stream::Stream;
+use nbd_proto::tls::{self, Relay, ServerTls};
 use nbd_proto::wire::{
     self, EXPORT_NAME_PADDING, Info, InfoRequest, MAX_PAYLOAD, OPTION_HEADER_LEN, Opt,
     OptionHeader, Rep, WireError, client_flags, handshake_flags, info_type,
@@ -29,8 +41,16 @@ pub const BLOCK_SIZES: Info = Info::BlockSize {
 
 /// How the handshake ended without an error.
 pub(crate) enum Negotiated {
-    /// Transmission on this volume.
-    Go(Arc<Volume>),
+    /// Transmission on this volume, over this stream (plaintext TCP, or the TLS
+    /// relay's end, the relay then being given too).
+    Go {
+        /// The export.
+        volume: Arc<Volume>,
+        /// Where requests arrive and replies go.
+        stream: Stream,
+        /// The TLS relay carrying `stream`, if TLS was negotiated.
+        relay: Option<Relay>,
+    },
     /// The client aborted (`NBD_OPT_ABORT`) or closed the connection.
     Closed,
 }
@@ -58,6 +78,13 @@ pub(crate) enum HandshakeError {
         /// Its data length.
         len: u32,
     },
+    /// The TLS handshake failed (a refused certificate, a client that is not
+    /// speaking TLS).
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
+    /// `NBD_OPT_EXPORT_NAME` before `NBD_OPT_STARTTLS` on a TLS-only node.
+    #[error("NBD_OPT_EXPORT_NAME in plaintext refused: this node requires TLS")]
+    TlsRequired,
     /// `NBD_OPT_EXPORT_NAME` named an export that cannot be served.
     #[error("NBD_OPT_EXPORT_NAME for {name:?} refused: {reason}")]
     ExportName {
@@ -79,21 +106,30 @@ impl HandshakeError {
 }
 
 struct Haggle<'a> {
-    stream: &'a TcpStream,
+    tcp: &'a TcpStream,
+    /// The TCP connection until TLS starts, then the relay's end.
+    stream: Stream,
+    relay: Option<Relay>,
+    tls: Option<&'a ServerTls>,
     deadline: Instant,
     dir: &'a VolumeDir,
     no_zeroes: bool,
     out: Vec<u8>,
 }
 
-/// Runs the handshake on `stream` until transmission starts or the client leaves.
+/// Runs the handshake on `tcp` until transmission starts or the client leaves.
+/// With `tls`, the client must upgrade with `NBD_OPT_STARTTLS` first.
 pub(crate) fn negotiate(
-    stream: &TcpStream,
+    tcp: &TcpStream,
     dir: &VolumeDir,
     deadline: Instant,
+    tls: Option<&ServerTls>,
 ) -> Result<Negotiated, HandshakeError> {
     let mut h = Haggle {
-        stream,
+        tcp,
+        stream: Stream::Tcp(tcp.try_clone().map_err(HandshakeError::Io)?),
+        relay: None,
+        tls,
         deadline,
         dir,
         no_zeroes: false,
@@ -134,6 +170,20 @@ pub(crate) fn negotiate(
 impl Haggle<'_> {
     /// Handles one option; `Some` ends the handshake.
     fn option(&mut self, option: Opt, data: &[u8]) -> Result<Option<Negotiated>, HandshakeError> {
+        let plaintext_on_tls_node = self.tls.is_some() && self.relay.is_none();
+        match option {
+            Opt::STARTTLS => return self.starttls(data),
+            Opt::EXPORT_NAME if plaintext_on_tls_node => return Err(HandshakeError::TlsRequired),
+            Opt::ABORT => {}
+            _ if plaintext_on_tls_node => {
+                return self.error(
+                    option,
+                    Rep::ERR_TLS_REQD,
+                    "this storage node requires TLS: send NBD_OPT_STARTTLS first",
+                );
+            }
+            _ => {}
+        }
         match option {
             Opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data).into_owned();
@@ -157,7 +207,7 @@ impl Haggle<'_> {
                 );
                 debug_assert!(self.no_zeroes || self.out.len() == 10 + EXPORT_NAME_PADDING);
                 self.flush()?;
-                Ok(Some(Negotiated::Go(volume)))
+                Ok(Some(self.go(volume)?))
             }
             Opt::ABORT => {
                 // The client may already be gone; either way the session ends.
@@ -232,7 +282,10 @@ impl Haggle<'_> {
                 }
                 wire::encode_option_reply(&mut self.out, option, Rep::ACK, &[]);
                 self.flush()?;
-                Ok((option == Opt::GO).then_some(Negotiated::Go(volume)))
+                if option == Opt::GO {
+                    return Ok(Some(self.go(volume)?));
+                }
+                Ok(None)
             }
             _ => self.error(
                 option,
@@ -242,13 +295,59 @@ impl Haggle<'_> {
         }
     }
 
+    /// Transmission starts on the current stream.
+    fn go(&mut self, volume: Arc<Volume>) -> Result<Negotiated, HandshakeError> {
+        let stream = self.stream.try_clone().map_err(HandshakeError::Io)?;
+        Ok(Negotiated::Go {
+            volume,
+            stream,
+            relay: self.relay.take(),
+        })
+    }
+
+    /// `NBD_OPT_STARTTLS`: acknowledged in plaintext, then the TLS handshake; the
+    /// haggling goes on over the relay.
+    fn starttls(&mut self, data: &[u8]) -> Result<Option<Negotiated>, HandshakeError> {
+        let option = Opt::STARTTLS;
+        let Some(tls) = self.tls else {
+            return self.error(
+                option,
+                Rep::ERR_UNSUP,
+                "this storage node has no TLS certificate (storagenode --tls-cert)",
+            );
+        };
+        if self.relay.is_some() {
+            return self.error(option, Rep::ERR_INVALID, "TLS is already running");
+        }
+        if !data.is_empty() {
+            return self.error(option, Rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        }
+        self.reply(option, Rep::ACK, &[])?;
+        let mut tcp = self.tcp.try_clone().map_err(HandshakeError::Io)?;
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HandshakeError::TimedOut);
+        }
+        tcp.set_read_timeout(Some(left))
+            .map_err(HandshakeError::Io)?;
+        let mut session = tls.session();
+        tls::handshake(&mut session, &mut tcp).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => HandshakeError::TimedOut,
+            _ => HandshakeError::Tls(e),
+        })?;
+        let (relay, stream) = Relay::start(session, tcp).map_err(HandshakeError::Io)?;
+        self.stream = stream;
+        self.relay = Some(relay);
+        Ok(None)
+    }
+
     fn error(
         &mut self,
         option: Opt,
         rep: Rep,
         message: &str,
     ) -> Result<Option<Negotiated>, HandshakeError> {
-        log::debug!("{}: {option}: {rep}: {message}", peer(self.stream));
+        log::debug!("{}: {option}: {rep}: {message}", peer(self.tcp));
         let m = &message.as_bytes()[..message.len().min(wire::MAX_STRING)];
         self.reply(option, rep, m)?;
         Ok(None)
@@ -268,14 +367,13 @@ impl Haggle<'_> {
     }
 
     fn write(&mut self, b: &[u8]) -> Result<(), HandshakeError> {
-        let mut s = self.stream;
-        s.write_all(b).map_err(HandshakeError::Io)
+        self.stream.write_all(b).map_err(HandshakeError::Io)
     }
 
     /// Reads exactly `buf.len()` bytes by the deadline. `false`: the client closed
     /// the connection before sending anything of it.
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<bool, HandshakeError> {
-        let mut s = self.stream;
+        let s = &mut self.stream;
         let mut done = 0;
         while done < buf.len() {
             let left = self.deadline.saturating_duration_since(Instant::now());

@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub inline_io: bool,
     /// Requests of one connection queued for or running in the pool at once.
     pub max_in_flight: usize,
+    /// TLS: when set, clients must upgrade with `NBD_OPT_STARTTLS` before any
+    /// other option.
+    pub tls: Option<nbd_proto::tls::ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +87,7 @@ impl Default for ServerConfig {
             send_timeout: Duration::from_secs(30),
             inline_io: true,
             max_in_flight: 256,
+            tls: None,
         }
     }
 }
@@ -212,34 +216,40 @@ impl ConnContext {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(self.config.send_timeout));
         let deadline = Instant::now() + self.config.handshake_timeout;
-        let volume = match handshake::negotiate(&stream, &self.volumes, deadline) {
-            Ok(Negotiated::Go(v)) => v,
-            Ok(Negotiated::Closed) => {
-                log::debug!("{peer}: left during the handshake");
-                return;
-            }
-            Err(e) if e.is_disconnect() => {
-                log::debug!("{peer}: {}", fabric::client::error_chain(&e));
-                return;
-            }
-            Err(e) => {
-                self.stats.protocol_errors.fetch_add(1, Relaxed);
-                warn_limited!(
-                    PEER_ERRORS,
-                    "{peer}: {}; closing the connection",
-                    fabric::client::error_chain(&e)
-                );
-                let _ = stream.shutdown(Shutdown::Both);
-                return;
-            }
-        };
-        if stream.set_read_timeout(None).is_err() {
+        let tls = self.config.tls.as_ref();
+        let (volume, conn_stream, relay) =
+            match handshake::negotiate(&stream, &self.volumes, deadline, tls) {
+                Ok(Negotiated::Go {
+                    volume,
+                    stream,
+                    relay,
+                }) => (volume, stream, relay),
+                Ok(Negotiated::Closed) => {
+                    log::debug!("{peer}: left during the handshake");
+                    return;
+                }
+                Err(e) if e.is_disconnect() => {
+                    log::debug!("{peer}: {}", fabric::client::error_chain(&e));
+                    return;
+                }
+                Err(e) => {
+                    self.stats.protocol_errors.fetch_add(1, Relaxed);
+                    warn_limited!(
+                        PEER_ERRORS,
+                        "{peer}: {}; closing the connection",
+                        fabric::client::error_chain(&e)
+                    );
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return;
+                }
+            };
+        if conn_stream.set_read_timeout(None).is_err() {
             return;
         }
         self.stats.sessions.fetch_add(1, Relaxed);
         if let Some(suppressed) = CONN_LOG.check() {
             log::info!(
-                "{peer}: serving {:?} ({} bytes{}){}",
+                "{peer}: serving {:?} ({} bytes{}{}){}",
                 volume.name(),
                 volume.size(),
                 if volume.read_only() {
@@ -247,6 +257,7 @@ impl ConnContext {
                 } else {
                     ""
                 },
+                if relay.is_some() { ", TLS" } else { "" },
                 if suppressed > 0 {
                     format!(" ({suppressed} similar messages suppressed)")
                 } else {
@@ -259,8 +270,18 @@ impl ConnContext {
             max_jobs: self.config.max_in_flight.max(1),
             max_job_bytes: 64 << 20,
         };
-        if let Err(e) = conn::serve(stream, peer, volume, self.stats.clone(), &self.pool, limits) {
+        let served = conn::serve(
+            conn_stream,
+            peer,
+            volume,
+            self.stats.clone(),
+            &self.pool,
+            limits,
+        );
+        if let Err(e) = served {
             log::warn!("{peer}: {e}");
         }
+        // The relay sends what is left, says goodbye and joins its threads.
+        drop(relay);
     }
 }

@@ -107,6 +107,12 @@ impl QemuNbd {
     /// Serves `file` as export `name` (raw, writeback cache, discards honoured,
     /// up to 16 clients) plus `extra` arguments; returns once it accepts connections.
     pub fn start(file: &Path, name: &str, extra: &[&str]) -> QemuNbd {
+        Self::start_with(file, name, extra, &ClientConfig::default())
+    }
+
+    /// As [`QemuNbd::start`], checking readiness with a client of `config` (with
+    /// TLS for a `--tls-creds` server).
+    pub fn start_with(file: &Path, name: &str, extra: &[&str], config: &ClientConfig) -> QemuNbd {
         let bin = require_tool("qemu-nbd", "qemu-utils");
         for _attempt in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
@@ -131,7 +137,7 @@ impl QemuNbd {
                     break; // the port was taken: try another
                 }
                 // A full handshake (a bare connect makes qemu-nbd log an error).
-                if NbdClient::connect(&addr, name).is_ok() {
+                if NbdClient::connect_with(&addr, name, config).is_ok() {
                     return QemuNbd { child, addr };
                 }
                 std::thread::sleep(Duration::from_millis(20));
