@@ -182,8 +182,9 @@ struct RunArgs {
     /// Where the guest's serial console goes: stdio or a file path.
     #[arg(long, default_value = "stdio", requires = "kernel")]
     console: Console,
-    /// A virtio-blk disk: file:PATH[,ro] or nbd://HOST:PORT/EXPORT[,ro] (a storage
-    /// node); repeat for several.
+    /// A virtio-blk disk: file:PATH[,ro], nbd://HOST:PORT/EXPORT[,ro] (a storage
+    /// node), or over TLS nbds://HOST:PORT/EXPORT,ca=FILE[,cert=FILE,key=FILE]
+    /// [,tls-name=NAME][,ro]; repeat for several.
     #[arg(long = "disk", value_name = "SPEC", requires = "kernel")]
     disks: Vec<DiskSpec>,
     /// A virtio-net device on a tap device: tap=NAME[,mac=MAC] (the tap is

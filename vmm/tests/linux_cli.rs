@@ -87,6 +87,16 @@ fn malformed_options_are_refused() {
     assert!(e.contains("unsupported disk"), "{e}");
     let e = run_err(&["--kernel", k, "--disk", "nbd://no-port/x"]);
     assert!(e.contains("HOST:PORT"), "{e}");
+    let e = run_err(&["--kernel", k, "--disk", "nbds://127.0.0.1:1/x"]);
+    assert!(e.contains("needs ca=FILE"), "{e}");
+    // The CA file is read before any connection is tried, and named.
+    let e = run_err(&[
+        "--kernel",
+        k,
+        "--disk",
+        "nbds://127.0.0.1:1/x,ca=/nonexistent/ca.pem",
+    ]);
+    assert!(e.contains("/nonexistent/ca.pem"), "{e}");
     let e = run_err(&["--kernel", k, "--disk", "file:/nonexistent/disk.img"]);
     assert!(e.contains("/nonexistent/disk.img"), "{e}");
     let e = run_err(&["--kernel", k, "--mem", "1X"]);

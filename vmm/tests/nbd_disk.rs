@@ -4,6 +4,7 @@
 //! Linux guest on a remote disk is tested in the nested test host
 //! (`tests/nested/run --scenario nbd-disk`).
 
+use splitvisor_tests::tls::TlsFiles;
 use splitvisor_tests::{Daemon, sibling_bin};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -110,6 +111,16 @@ impl Drop for QemuNbd {
 }
 
 fn qemu_nbd(file: &Path, export: &str) -> QemuNbd {
+    qemu_nbd_with(file, export, &[], |addr| format!("nbd://{addr}/{export}"))
+}
+
+/// `qemu-nbd` with `extra` arguments, ready once a backend on `url(addr)` connects.
+fn qemu_nbd_with(
+    file: &Path,
+    export: &str,
+    extra: &[&str],
+    url: impl Fn(&str) -> String,
+) -> QemuNbd {
     let bin = ["/usr/bin/qemu-nbd", "/usr/local/bin/qemu-nbd"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -125,6 +136,7 @@ fn qemu_nbd(file: &Path, export: &str) -> QemuNbd {
         .args(["-f", "raw", "-x", export, "-b", "127.0.0.1", "-p"])
         .arg(port.to_string())
         .args(["-t", "--shared=8", "--cache=writeback"])
+        .args(extra)
         .arg(file)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -132,7 +144,7 @@ fn qemu_nbd(file: &Path, export: &str) -> QemuNbd {
         .expect("start qemu-nbd");
     let addr = format!("127.0.0.1:{port}");
     let q = QemuNbd(child, addr.clone());
-    let url: NbdUrl = format!("nbd://{addr}/{export}").parse().unwrap();
+    let url: NbdUrl = url(&addr).parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while NbdBackend::connect(&url, false).is_err() {
         assert!(
@@ -162,6 +174,75 @@ fn nbd_backend_round_trip_against_qemu_nbd() {
     // What qemu-nbd acknowledged is in the file.
     let data = std::fs::read(&file).unwrap();
     assert!(data[..512] == pattern(7, 512)[..]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn nbds_backend_round_trip_over_tls_against_storagenode_and_qemu_nbd() {
+    let f = TlsFiles::new("vmm-nbds");
+    let ca = f.ca().display().to_string();
+    // storagenode, TLS only.
+    let dir = tmpdir("sn-tls");
+    let (cert, key) = (f.server_cert(), f.server_key());
+    let node = Daemon::storagenode(
+        &sibling_bin(VMM, "storagenode"),
+        &dir,
+        &[
+            "--create",
+            "disk0:64M",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let url: NbdUrl = format!("nbds://{}/disk0,ca={ca}", node.addr)
+        .parse()
+        .unwrap();
+    let mut d = NbdBackend::connect(&url, false).unwrap();
+    assert_eq!(d.size(), 64 << 20);
+    round_trip(&mut d, 11);
+    // Plaintext is refused with NBD's reply, naming the node.
+    let plain: NbdUrl = format!("nbd://{}/disk0", node.addr).parse().unwrap();
+    let e = fabric::client::error_chain(&NbdBackend::connect(&plain, false).err().unwrap());
+    assert!(
+        e.contains("NBD_REP_ERR_TLS_REQD") && e.contains(&node.addr),
+        "{e}"
+    );
+    // A CA that did not issue the node's certificate: refused, with the reason.
+    let other = f.other_ca().display().to_string();
+    let wrong: NbdUrl = format!("nbds://{}/disk0,ca={other}", node.addr)
+        .parse()
+        .unwrap();
+    let e = fabric::client::error_chain(&NbdBackend::connect(&wrong, false).err().unwrap());
+    assert!(e.contains("TLS") && e.contains("UnknownIssuer"), "{e}");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // qemu-nbd with --tls-creds.
+    let dir = tmpdir("qemu-tls");
+    let file = dir.join("disk.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
+        f.dir.display()
+    );
+    let q = qemu_nbd_with(
+        &file,
+        "disk0",
+        &["--object", &object, "--tls-creds", "tls0"],
+        |addr| format!("nbds://{addr}/disk0,ca={ca}"),
+    );
+    let url: NbdUrl = format!("nbds://{}/disk0,ca={ca}", q.1).parse().unwrap();
+    let mut d = NbdBackend::connect(&url, false).unwrap();
+    round_trip(&mut d, 13);
+    drop(d);
+    drop(q);
+    let data = std::fs::read(&file).unwrap();
+    assert!(data[..512] == pattern(13, 512)[..]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -11,6 +11,7 @@
 pub mod block;
 pub mod chain;
 pub mod nbd_disk;
+pub mod nbd_url;
 pub mod pci;
 pub mod power;
 pub mod serial;

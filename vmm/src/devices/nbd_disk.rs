@@ -1,4 +1,5 @@
-//! A virtio-blk backend on a remote storage node: `--disk nbd://HOST:PORT/EXPORT`.
+//! A virtio-blk backend on a remote storage node: `--disk nbd://HOST:PORT/EXPORT`,
+//! or `nbds://...` over TLS ([`NbdUrl`]).
 //!
 //! Speaks NBD through [`nbd_proto::client::NbdClient`], so the node can be
 //! our `storagenode` or any NBD server (`qemu-nbd`, `nbdkit`). Every request the
@@ -27,6 +28,7 @@
 //! eventfd as completions.
 
 use super::block::{BlockBackend, BlockOp, OpKind};
+pub use super::nbd_url::{NbdTls, NbdUrl, NbdUrlError};
 use fabric::client::error_chain;
 use nbd_proto::client::{ClientConfig, ClientError, Completion, NbdClient, Request};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -45,58 +47,6 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Largest piece a guest request is split into (a virtio-blk request is at most
 /// 4 MiB; servers accept up to their advertised maximum, often 32 MiB).
 const MAX_PIECE: usize = 1 << 20;
-
-/// `nbd://HOST:PORT/EXPORT` parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NbdUrl {
-    /// `HOST:PORT`.
-    pub addr: String,
-    /// The export name (may be empty: the server's default export).
-    pub export: String,
-}
-
-/// Why an `nbd://` address was refused. Each names the address as given.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NbdUrlError {
-    /// Not an `nbd://` address.
-    #[error("{0:?} is not an nbd://HOST:PORT/EXPORT address")]
-    NotNbd(String),
-    /// The storage node is not `HOST:PORT`.
-    #[error("{0:?}: the storage node must be given as HOST:PORT (nbd://HOST:PORT/EXPORT)")]
-    NotHostPort(String),
-    /// The export name is too long.
-    #[error("{0:?}: export name longer than 4096 bytes")]
-    ExportTooLong(String),
-}
-
-impl std::str::FromStr for NbdUrl {
-    type Err = NbdUrlError;
-    fn from_str(s: &str) -> Result<Self, NbdUrlError> {
-        let rest = s
-            .strip_prefix("nbd://")
-            .ok_or_else(|| NbdUrlError::NotNbd(s.into()))?;
-        let (addr, export) = rest.split_once('/').unwrap_or((rest, ""));
-        let port_ok = addr
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
-        if !port_ok {
-            return Err(NbdUrlError::NotHostPort(s.into()));
-        }
-        if export.len() > 4096 {
-            return Err(NbdUrlError::ExportTooLong(s.into()));
-        }
-        Ok(NbdUrl {
-            addr: addr.into(),
-            export: export.into(),
-        })
-    }
-}
-
-impl std::fmt::Display for NbdUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "nbd://{}/{}", self.addr, self.export)
-    }
-}
 
 /// A disk on an NBD server.
 pub struct NbdBackend {
@@ -150,9 +100,17 @@ impl NbdBackend {
     /// Connects to the export; an unreachable node or unknown export is an error
     /// naming it. `read_only` opens the disk read-only even if the export is not.
     pub fn connect(url: &NbdUrl, read_only: bool) -> Result<Self, ClientError> {
+        let tls = match &url.tls {
+            Some(t) => Some(t.load().map_err(|e| ClientError::Tls {
+                addr: url.addr.clone(),
+                source: Arc::new(io::Error::other(e)),
+            })?),
+            None => None,
+        };
         let config = ClientConfig {
             io_timeout: Some(IO_TIMEOUT),
             connect_timeout: Duration::from_secs(3),
+            tls,
             ..ClientConfig::default()
         };
         let client = NbdClient::connect_with(&url.addr, &url.export, &config)?;

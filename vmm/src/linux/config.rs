@@ -83,7 +83,8 @@ pub enum DiskSpec {
         /// Read-only.
         read_only: bool,
     },
-    /// An export of a storage node (`nbd://HOST:PORT/EXPORT[,ro]`).
+    /// An export of a storage node (`nbd://HOST:PORT/EXPORT[,ro]`, or over TLS
+    /// `nbds://HOST:PORT/EXPORT,ca=FILE[,cert=FILE,key=FILE][,tls-name=NAME][,ro]`).
     Nbd {
         /// Where.
         url: NbdUrl,
@@ -102,7 +103,9 @@ pub enum DiskSpecError {
     #[error(transparent)]
     Nbd(#[from] NbdUrlError),
     /// Another URL scheme.
-    #[error("unsupported disk {0:?}: use file:PATH[,ro] or nbd://HOST:PORT/EXPORT[,ro]")]
+    #[error(
+        "unsupported disk {0:?}: use file:PATH[,ro], nbd://HOST:PORT/EXPORT[,ro] or nbds://HOST:PORT/EXPORT,ca=FILE[,cert=FILE,key=FILE][,ro]"
+    )]
     Unsupported(String),
 }
 
@@ -122,7 +125,7 @@ impl std::str::FromStr for DiskSpec {
                 read_only,
             });
         }
-        if body.starts_with("nbd://") {
+        if body.starts_with("nbd://") || body.starts_with("nbds://") {
             return Ok(DiskSpec::Nbd {
                 url: body.parse()?,
                 read_only,
@@ -220,6 +223,15 @@ pub enum LinuxConfigError {
     /// A disk image cannot be used.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// An `nbds://` disk's certificate or key files cannot be used.
+    #[error("--disk {url}: TLS files refused")]
+    DiskTls {
+        /// The disk.
+        url: String,
+        /// Why.
+        #[source]
+        source: nbd_proto::tls::TlsError,
+    },
     /// More disks and network devices than PCI slots.
     #[error("{0} --disk and --net devices; at most {MAX_PCI_DEVICES} fit on the PCI bus")]
     TooManyDevices(usize),
@@ -279,8 +291,15 @@ impl LinuxConfig {
             match d {
                 DiskSpec::File { path, read_only } => drop(FileBackend::open(path, *read_only)?),
                 // Connected when the VM is built, before KVM is touched (the
-                // address is checked by the parser).
-                DiskSpec::Nbd { .. } => {}
+                // address is checked by the parser); TLS files are read now.
+                DiskSpec::Nbd { url, .. } => {
+                    if let Some(t) = &url.tls {
+                        t.load().map_err(|source| LinuxConfigError::DiskTls {
+                            url: url.to_string(),
+                            source,
+                        })?;
+                    }
+                }
             }
         }
         if super::software_kvm() && !self.allow_software_kvm {

@@ -17,7 +17,7 @@ pub mod layout;
 pub mod vcpu;
 
 use crate::devices::nbd_disk::NbdBackend;
-pub use crate::devices::nbd_disk::{NbdUrl, NbdUrlError};
+pub use crate::devices::nbd_disk::{NbdTls, NbdUrl, NbdUrlError};
 use crate::devices::virtio_blk::DiskError;
 use crate::devices::virtio_blk::{BlockBackend, FileBackend};
 use boot::BootError;
