@@ -152,13 +152,17 @@ pub fn parse<M: GuestMemoryBackend>(
         return Err(Malformed::ReadOnlyStatus);
     }
     let (saddr, slen) = (last.addr().0, last.len());
-    if slen == 0 || !mem.check_range(GuestAddress(saddr + u64::from(slen) - 1), 1) {
-        return Err(Malformed::BadStatus {
+    // The last byte of a descriptor that may end past 2^64 (the guest picks
+    // both): checked, or it would wrap to an address the guest never named.
+    let status = u64::from(slen)
+        .checked_sub(1)
+        .and_then(|n| saddr.checked_add(n))
+        .map(GuestAddress)
+        .filter(|&a| mem.check_range(a, 1))
+        .ok_or(Malformed::BadStatus {
             addr: saddr,
             len: slen,
-        });
-    }
-    let status = GuestAddress(saddr + u64::from(slen) - 1);
+        })?;
     let mut req = Request {
         head,
         kind: Kind::Done(S_IOERR),

@@ -385,3 +385,23 @@ fn completions_after_a_reset_touch_no_guest_memory() {
     assert!(r.used().is_empty());
     assert_eq!(r.blk.in_flight_bytes, 0);
 }
+
+/// Found by the `virtio_blk` fuzz target (branch `fuzz`): a status descriptor
+/// that ends past 2^64 overflowed the status address (a panic with overflow
+/// checks, else a status byte written where the address wrapped to, here the
+/// descriptor table). It is malformed: used length 0, no write.
+#[test]
+fn a_status_descriptor_past_2_64_is_malformed_and_writes_nothing() {
+    let mut r = Rig::new(false);
+    r.header(HDR, 0, 0);
+    let mut table = [0u8; 64];
+    let head = r.add(&[(HDR, 16, R), (u64::MAX - 0xffe, 0x1000, W)], false);
+    r.mem.read_slice(&mut table, GuestAddress(0)).unwrap();
+    let errors = r.blk.errors.load(SeqCst);
+    r.blk.serve();
+    assert_eq!(r.used(), vec![(u32::from(head), 0)]);
+    assert_eq!(r.blk.errors.load(SeqCst), errors + 1);
+    let mut after = [0u8; 64];
+    r.mem.read_slice(&mut after, GuestAddress(0)).unwrap();
+    assert_eq!(after, table, "nothing written at the wrapped address");
+}
