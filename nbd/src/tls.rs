@@ -130,6 +130,21 @@ fn rustls_err(what: &str) -> impl FnOnce(rustls::Error) -> TlsError + '_ {
     }
 }
 
+/// rustls refused `key_file`'s key for `cert`'s certificate.
+fn key_mismatch<'a>(
+    cert: &'a Path,
+    key_file: &'a Path,
+) -> impl FnOnce(rustls::Error) -> TlsError + 'a {
+    move |source| TlsError::Rustls {
+        what: format!(
+            "the key in {} does not go with the certificate in {}",
+            key_file.display(),
+            cert.display()
+        ),
+        source,
+    }
+}
+
 /// A server's TLS settings: its certificate chain and key, and optionally the CAs
 /// whose client certificates it requires.
 #[derive(Clone)]
@@ -173,14 +188,7 @@ impl ServerTls {
         };
         let config = builder
             .with_single_cert(chain, key)
-            .map_err(|source| TlsError::Rustls {
-                what: format!(
-                    "the key in {} does not go with the certificate in {}",
-                    key_file.display(),
-                    cert.display()
-                ),
-                source,
-            })?;
+            .map_err(key_mismatch(cert, key_file))?;
         Ok(ServerTls {
             config: Arc::new(config),
             verifies_clients: client_ca.is_some(),
@@ -231,14 +239,7 @@ impl ClientTls {
         let config = match identity {
             Some((cert, key_file)) => builder
                 .with_client_auth_cert(certs("certificate", cert)?, key(key_file)?)
-                .map_err(|source| TlsError::Rustls {
-                    what: format!(
-                        "the key in {} does not go with the certificate in {}",
-                        key_file.display(),
-                        cert.display()
-                    ),
-                    source,
-                })?,
+                .map_err(key_mismatch(cert, key_file))?,
             None => builder.with_no_client_auth(),
         };
         Ok(ClientTls {
