@@ -6,10 +6,11 @@
 
 mod common;
 
+use common::raw::Raw;
 use common::{Node, QemuNbd, TempDir, chain, exercise, require_tool};
 use nbd_proto::client::{ClientConfig, ClientError, NbdClient};
 use nbd_proto::tls::ClientTls;
-use nbd_proto::wire::Rep;
+use nbd_proto::wire::{Opt, Rep, decode_rep_server};
 use splitvisor_tests::tls::TlsFiles;
 use std::path::Path;
 use std::process::Command;
@@ -68,6 +69,43 @@ fn ok(out: &std::process::Output, what: &str) -> String {
         out.status
     );
     stdout
+}
+
+/// Misused STARTTLS, raw: with data, and a second time inside TLS. Each gets
+/// `NBD_REP_ERR_INVALID` with a message, and the haggling goes on.
+#[test]
+fn starttls_with_data_or_twice_is_invalid_and_the_connection_goes_on() {
+    let f = TlsFiles::new("sn-raw");
+    let dir = TempDir::new("tls-raw");
+    let node = tls_node(dir.path(), &f, false, &["--create", "disk0:64M"]);
+    let tls = ClientTls::load(&f.ca(), None).unwrap();
+    let mut r = Raw::connect(node.addr());
+    // STARTTLS carrying data: refused, and the connection is still plaintext,
+    // so other options still need TLS.
+    r.option(Opt::STARTTLS, b"junk");
+    let (h, msg) = r.option_reply();
+    assert_eq!((h.option, h.reply), (Opt::STARTTLS, Rep::ERR_INVALID));
+    assert!(String::from_utf8_lossy(&msg).contains("no data"));
+    r.option(Opt::LIST, &[]);
+    assert_eq!(r.option_reply().0.reply, Rep::ERR_TLS_REQD);
+    // Now properly; then a second STARTTLS inside TLS.
+    r.starttls(&tls, node.addr());
+    r.option(Opt::STARTTLS, &[]);
+    let (h, msg) = r.option_reply();
+    assert_eq!((h.option, h.reply), (Opt::STARTTLS, Rep::ERR_INVALID));
+    assert!(String::from_utf8_lossy(&msg).contains("already"));
+    // The TLS session goes on: LIST names the export, ABORT ends it.
+    r.option(Opt::LIST, &[]);
+    let (h, d) = r.option_reply();
+    assert_eq!(h.reply, Rep::SERVER);
+    assert_eq!(decode_rep_server(&d).unwrap(), "disk0");
+    assert_eq!(r.option_reply().0.reply, Rep::ACK);
+    r.option(Opt::ABORT, &[]);
+    assert_eq!(r.option_reply().0.reply, Rep::ACK);
+    assert!(r.closed_by_server());
+    // The node serves others on.
+    let c = connect(node.addr(), "disk0", &tls_config(tls)).unwrap();
+    exercise(&c);
 }
 
 #[test]

@@ -48,6 +48,25 @@ impl Hs<'_> {
         }
     }
 
+    /// Reads one reply to `option`: its type and its data (at most
+    /// `MAX_OPTION_REPLY` bytes); a reply to another option is unexpected.
+    fn option_reply(&mut self, option: Opt) -> Result<(Rep, Vec<u8>), ClientError> {
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        self.read(&mut h)?;
+        let h = OptionReplyHeader::decode(&h).map_err(|e| self.wire(e))?;
+        if h.option != option {
+            return Err(
+                self.unexpected(format!("reply to {} while waiting for {option}", h.option))
+            );
+        }
+        if h.len > MAX_OPTION_REPLY {
+            return Err(self.unexpected(format!("{} reply of {} bytes", h.reply, h.len)));
+        }
+        let mut data = vec![0u8; h.len as usize];
+        self.read(&mut data)?;
+        Ok((h.reply, data))
+    }
+
     fn unexpected(&self, what: String) -> ClientError {
         ClientError::Unexpected {
             addr: self.addr.into(),
@@ -116,21 +135,8 @@ fn starttls(hs: &mut Hs<'_>, mut tcp: TcpStream, tls: &ClientTls) -> Result<Rela
     let mut out = Vec::new();
     wire::encode_option(&mut out, Opt::STARTTLS, &[]);
     hs.write(&out)?;
-    let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
-    hs.read(&mut h)?;
-    let h = OptionReplyHeader::decode(&h).map_err(|e| hs.wire(e))?;
-    if h.option != Opt::STARTTLS {
-        return Err(hs.unexpected(format!(
-            "reply to {} while waiting for NBD_OPT_STARTTLS",
-            h.option
-        )));
-    }
-    if h.len > MAX_OPTION_REPLY {
-        return Err(hs.unexpected(format!("{} reply of {} bytes", h.reply, h.len)));
-    }
-    let mut data = vec![0u8; h.len as usize];
-    hs.read(&mut data)?;
-    match h.reply {
+    let (reply, data) = hs.option_reply(Opt::STARTTLS)?;
+    match reply {
         Rep::ACK if data.is_empty() => {}
         r if r.is_error() => {
             return Err(ClientError::Refused {
@@ -166,22 +172,9 @@ fn go(hs: &mut Hs<'_>, export: &str) -> Result<Option<ExportInfo>, ClientError> 
     let mut export_info = None;
     let mut sizes = None;
     loop {
-        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
-        hs.read(&mut h)?;
-        let h = OptionReplyHeader::decode(&h).map_err(|e| hs.wire(e))?;
-        if h.option != Opt::GO {
-            return Err(hs.unexpected(format!(
-                "reply to {} while waiting for NBD_OPT_GO",
-                h.option
-            )));
-        }
-        if h.len > MAX_OPTION_REPLY {
-            return Err(hs.unexpected(format!("{} reply of {} bytes", h.reply, h.len)));
-        }
-        let mut data = vec![0u8; h.len as usize];
-        hs.read(&mut data)?;
+        let (reply, data) = hs.option_reply(Opt::GO)?;
         let message = || String::from_utf8_lossy(&data).into_owned();
-        match h.reply {
+        match reply {
             Rep::INFO => match Info::decode(&data).map_err(|e| hs.wire(e))? {
                 Info::Export { size, flags } => export_info = Some((size, flags)),
                 Info::BlockSize {

@@ -1,6 +1,8 @@
 //! A raw NBD connection built from `nbd_proto::wire`, for sending what a
 //! well-behaved client never would.
 
+use nbd_proto::stream::Stream;
+use nbd_proto::tls::{self, ClientTls, Relay};
 use nbd_proto::wire::{
     self, Cmd, GREETING_LEN, Info, InfoRequest, OPTION_REPLY_HEADER_LEN, Opt, OptionReplyHeader,
     Rep, Request, SIMPLE_REPLY_LEN, SimpleReply, client_flags, handshake_flags,
@@ -9,10 +11,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// A raw connection.
+/// A raw connection: plaintext, or TLS after [`Raw::starttls`].
 pub struct Raw {
-    /// The socket.
-    pub s: TcpStream,
+    /// The socket, or the plaintext end of the TLS relay.
+    pub s: Stream,
+    /// The TLS relay's threads, once TLS runs (joined when dropped).
+    relay: Option<Relay>,
 }
 
 impl Raw {
@@ -20,7 +24,10 @@ impl Raw {
     pub fn greet(addr: &str) -> Raw {
         let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut r = Raw { s };
+        let mut r = Raw {
+            s: Stream::Tcp(s),
+            relay: None,
+        };
         let mut g = [0u8; GREETING_LEN];
         r.s.read_exact(&mut g).unwrap();
         let flags = wire::decode_greeting(&g).unwrap();
@@ -64,6 +71,31 @@ impl Raw {
         }
         let (size, flags) = export_info.expect("NBD_INFO_EXPORT");
         (r, size, flags)
+    }
+
+    /// `NBD_OPT_STARTTLS`, which must be acknowledged, then the TLS handshake
+    /// with `tls` naming `addr`; everything after it is encrypted.
+    pub fn starttls(&mut self, tls: &ClientTls, addr: &str) {
+        self.option(Opt::STARTTLS, &[]);
+        let (h, d) = self.option_reply();
+        assert_eq!(
+            (h.option, h.reply),
+            (Opt::STARTTLS, Rep::ACK),
+            "STARTTLS: {}",
+            String::from_utf8_lossy(&d)
+        );
+        let Stream::Tcp(tcp) = &self.s else {
+            panic!("STARTTLS on a connection that already runs TLS");
+        };
+        let mut tcp = tcp.try_clone().unwrap();
+        let mut session = tls.session(addr).unwrap();
+        tls::handshake(&mut session, &mut tcp).unwrap();
+        let (relay, stream) = Relay::start(session, tcp).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        self.s = stream;
+        self.relay = Some(relay);
     }
 
     /// Sends raw bytes.
