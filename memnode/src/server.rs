@@ -25,6 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 static PEER_ERRORS: RateLimiter = RateLimiter::new(10);
 
 /// Replies are sent once this many bytes are pending, even mid-batch.
@@ -316,7 +319,12 @@ impl Connection {
                     Ok(None) => break,
                     Ok(Some((h, msg, used))) => {
                         start += used;
-                        (h.request_id, self.handle(&h, msg, &mut out, &link))
+                        let opened = self.session.is_none();
+                        let result = self.handle(&h, msg, &mut out, link.peer());
+                        if opened && self.session.is_some() {
+                            let _ = link.set_recv_timeout(None);
+                        }
+                        (h.request_id, result)
                     }
                     Err(e) => (
                         request_id_of(&inbuf[start..end]),
@@ -385,11 +393,11 @@ impl Connection {
         h: &FrameHeader,
         msg: Message<'_>,
         out: &mut Vec<u8>,
-        link: &TcpLink,
+        peer: &str,
     ) -> Result<(), Close> {
         let rid = h.request_id;
         let Some(session) = &self.session else {
-            return self.handshake(rid, msg, out, link);
+            return self.handshake(rid, msg, out, peer);
         };
         let (vm, stats) = (session.vm_id, session.stats.clone());
         let moves_pages = matches!(
@@ -425,7 +433,7 @@ impl Connection {
                     }
                     .encode(rid, out),
                     Err(e @ (StoreError::OutOfCapacity { .. } | StoreError::OverQuota { .. })) => {
-                        warn_limited!(PEER_ERRORS, "{}: vm {vm}: {e}", link.peer());
+                        warn_limited!(PEER_ERRORS, "{peer}: vm {vm}: {e}");
                         self.refuse(rid, out, ErrorCode::OutOfCapacity, &e.to_string());
                     }
                     Err(e) => self.refuse(rid, out, ErrorCode::BadRequest, &e.to_string()),
@@ -459,7 +467,7 @@ impl Connection {
         rid: u64,
         msg: Message<'_>,
         out: &mut Vec<u8>,
-        link: &TcpLink,
+        peer: &str,
     ) -> Result<(), Close> {
         if let Some(p) = self.pending.take() {
             let Message::Proof { proof, vm } = msg else {
@@ -503,7 +511,7 @@ impl Connection {
                 }
                 _ => None,
             };
-            return self.open_session(rid, p.role, p.vm_id, owner.as_ref(), out, link);
+            return self.open_session(rid, p.role, p.vm_id, owner.as_ref(), out, peer);
         }
         let Message::Hello {
             role,
@@ -571,15 +579,14 @@ impl Connection {
         vm_id: u64,
         owner: Option<&auth::VmPublicKey>,
         out: &mut Vec<u8>,
-        link: &TcpLink,
+        peer: &str,
     ) -> Result<(), Close> {
         let stats = self
             .store
             .vms()
             .open(vm_id, owner)
             .map_err(|e| Close::Violation(ErrorCode::AuthFailed, e.to_string()))?;
-        let _ = link.set_recv_timeout(None);
-        log::info!("{}: hello from a {role:?} for vm {vm_id:#x}", link.peer());
+        log::info!("{peer}: hello from a {role:?} for vm {vm_id:#x}");
         self.session = Some(Session { vm_id, role, stats });
         let capacity_pages = self.store.capacity_pages();
         Message::HelloOk {

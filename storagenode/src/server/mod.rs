@@ -9,6 +9,8 @@
 //! can trigger are rate-limited.
 
 pub(crate) mod conn;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod handshake;
 pub(crate) mod pool;
 

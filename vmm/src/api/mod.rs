@@ -32,6 +32,8 @@
 
 pub mod actions;
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod watch;
 

@@ -22,6 +22,8 @@
 //! earlier ones complete. Data is copied once between guest memory and the
 //! backend's buffer (a storage node's request takes its buffer whole).
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod request;
 
 use super::virtio_irq::VirtioInterrupt;
