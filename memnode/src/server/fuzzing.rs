@@ -42,7 +42,10 @@ pub fn serve_bytes(start: Start, capacity_pages: u64, input: &[u8]) -> Vec<u8> {
     };
     let mut out = Vec::new();
     if let Start::Session(role) = start {
-        if conn.open_session(0, role, 1, None, &mut out, "fuzz").is_err() {
+        if conn
+            .open_session(0, role, 1, None, &mut out, "fuzz")
+            .is_err()
+        {
             return out;
         }
     }
