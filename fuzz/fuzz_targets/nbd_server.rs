@@ -11,13 +11,12 @@ static HARNESS: OnceLock<Harness> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
     let h = HARNESS.get_or_init(|| {
-        // tmpfs when there is one: FLUSH syncs the volume.
-        let base = if std::path::Path::new("/dev/shm").is_dir() {
-            std::path::PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("splitvisor-fuzz-nbd-{}", std::process::id()));
+        // fuzz/run names a fresh directory on tmpfs (FLUSH syncs the volume)
+        // and removes it afterwards.
+        let dir = std::env::var_os("SPLITVISOR_FUZZ_NBD_DIR").map_or_else(
+            || std::env::temp_dir().join(format!("splitvisor-fuzz-nbd-{}", std::process::id())),
+            std::path::PathBuf::from,
+        );
         Harness::new(&dir).expect("the fuzz volume directory")
     });
     h.serve_client_bytes(data).expect("loopback TCP");
