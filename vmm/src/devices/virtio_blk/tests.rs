@@ -405,3 +405,10 @@ fn a_status_descriptor_past_2_64_is_malformed_and_writes_nothing() {
     r.mem.read_slice(&mut after, GuestAddress(0)).unwrap();
     assert_eq!(after, table, "nothing written at the wrapped address");
 }
+
+/// The fuzz target's crashing input itself, replayed through its entry point.
+#[test]
+fn the_fuzz_input_with_a_status_past_2_64_runs_without_a_panic() {
+    let input = include_bytes!("fuzz_regressions/status-past-2-64");
+    assert!(fuzzing::run_queue(input).is_some());
+}
