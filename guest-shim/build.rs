@@ -12,7 +12,7 @@ fn main() {
     let src = manifest.join("shim/main.rs");
     let ld = manifest.join("shim/link.ld");
     let elf = out_dir.join("guest-shim.elf");
-    for f in ["shim/main.rs", "shim/link.ld", "src/abi.rs"] {
+    for f in ["shim", "src/abi.rs"] {
         println!("cargo:rerun-if-changed={f}");
     }
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());

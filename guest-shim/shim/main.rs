@@ -8,6 +8,7 @@
 #[allow(dead_code)]
 mod abi;
 mod math;
+mod workloads;
 
 use abi::*;
 use core::fmt::Write;
@@ -90,6 +91,11 @@ pub extern "C" fn _start(_vcpu: u64, mailbox: u64) -> ! {
         WL_RAND => rand(&cfg),
         WL_CHASE => chase(&cfg),
         WL_HASH => hash(&cfg),
+        WL_GRAPH => workloads::graph::run(&cfg),
+        WL_KV => workloads::kv::run(&cfg),
+        WL_SORT => workloads::sort::run(&cfg),
+        WL_STREAM => workloads::stream::run(&cfg),
+        WL_STRIDE => workloads::stride::run(&cfg),
         other => {
             mb.log(format_args!("guest-shim: unknown workload {other}"));
             mb.exit(2);

@@ -76,6 +76,26 @@ pub const WL_RAND: u32 = 2;
 pub const WL_CHASE: u32 = 3;
 /// Workload: hash-table build and probe with uniform or Zipf-distributed keys.
 pub const WL_HASH: u32 = 4;
+/// Workload: PageRank iterations and a BFS over a synthetic R-MAT graph in CSR form.
+pub const WL_GRAPH: u32 = 5;
+/// Workload: a Memcached-like key-value store (hash index, slab of mixed-size
+/// values) under a GET/SET mix over Zipf-distributed keys.
+pub const WL_KV: u32 = 6;
+/// Workload: an LSD radix sort of 64-bit keys, checked sorted with its multiset kept.
+pub const WL_SORT: u32 = 7;
+/// Workload: STREAM copy, scale, add and triad over three arrays.
+pub const WL_STREAM: u32 = 8;
+/// Workload: fixed-stride scans (ascending or descending), several streams interleaved.
+pub const WL_STRIDE: u32 = 9;
+
+/// Index in [`WorkloadResult::phases`]: STREAM's copy, scale, add and triad.
+pub const PHASE_COPY: usize = 0;
+/// See [`PHASE_COPY`].
+pub const PHASE_SCALE: usize = 1;
+/// See [`PHASE_COPY`].
+pub const PHASE_ADD: usize = 2;
+/// See [`PHASE_COPY`].
+pub const PHASE_TRIAD: usize = 3;
 
 /// Per-vCPU configuration, written by the VMM at the start of the mailbox.
 #[repr(C)]
@@ -105,8 +125,24 @@ pub struct VcpuConfig {
     pub log_len: u32,
     /// Exit code (set by the shim for `CALL_EXIT`).
     pub exit_code: u32,
+    /// Test only: 1 makes a workload corrupt one word of its data before it
+    /// verifies, to show that the verification catches it.
+    pub corrupt: u32,
+    /// Graph: PageRank iterations; stream: repetitions of the four kernels.
+    pub iters: u32,
+    /// Graph: average out-degree (edges per vertex).
+    pub degree: u32,
+    /// Key-value store: percentage of operations that are GETs (the rest SET).
+    pub get_pct: u32,
+    /// Key-value store: 1 adds a sequential scan over a cold area, interleaved
+    /// with the GETs and SETs.
+    pub scan: u32,
+    /// Stride: bytes between consecutive accesses of a stream (negative: descending).
+    pub stride: i64,
+    /// Stride: interleaved streams.
+    pub streams: u32,
     /// Reserved.
-    pub _pad: u32,
+    pub _pad2: u32,
 }
 
 /// A workload's outcome, written by the shim at `RESULT_OFFSET` of its mailbox.
@@ -127,4 +163,14 @@ pub struct WorkloadResult {
     pub bytes: u64,
     /// TSC cycles the workload took.
     pub cycles: u64,
+    /// Key-value store: median GET latency, in TSC cycles.
+    pub lat_p50: u64,
+    /// Key-value store: 99th-percentile GET latency, in TSC cycles.
+    pub lat_p99: u64,
+    /// TSC cycles per phase: stream `PHASE_*`; graph build, PageRank, BFS, verify;
+    /// kv load, operations; sort key generation, sort, verify.
+    pub phases: [u64; 4],
+    /// A workload-specific count: graph vertices the BFS reached; kv GETs; sort
+    /// and stream bytes moved by the timed phases.
+    pub aux: u64,
 }

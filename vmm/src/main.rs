@@ -589,21 +589,27 @@ fn shim_summary(
             Some(r) => {
                 let good = r.failed == 0 && o.exit_code == 0;
                 ok &= good;
+                let f = vmm::workload::report::figures(workload, r, o.tsc_khz);
                 println!(
-                    "vCPU {i}: {} {}: {} ops over {} MiB, checksum {:#018x}, {} mismatches, exit code {}",
+                    "vCPU {i}: {} {}: {} ops over {} MiB, checksum {:#018x}, {} mismatches, exit code {}{}{}",
                     workload.name,
                     if good { "verified" } else { "FAILED" },
                     r.ops,
                     r.bytes >> 20,
                     r.checksum,
                     r.mismatches,
-                    o.exit_code
+                    o.exit_code,
+                    if f.text.is_empty() { "" } else { "; " },
+                    f.text
                 );
-                vcpus_json.push(serde_json::json!({
+                let mut v = serde_json::json!({
                     "vcpu": i, "ok": good, "ops": r.ops, "bytes": r.bytes, "checksum": r.checksum,
-                    "mismatches": r.mismatches, "cycles": r.cycles, "exit_code": o.exit_code,
-                    "kvm": o.kvm,
-                }));
+                    "mismatches": r.mismatches, "exit_code": o.exit_code, "kvm": o.kvm,
+                });
+                if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), f.json) {
+                    v.extend(extra);
+                }
+                vcpus_json.push(v);
             }
             None => {
                 ok = false;

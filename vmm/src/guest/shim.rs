@@ -28,6 +28,9 @@ pub struct VcpuOutcome {
     pub result: Option<WorkloadResult>,
     /// KVM's counters for this vCPU at its exit (None if the kernel has none).
     pub kvm: Option<KvmCounters>,
+    /// The vCPU's TSC frequency in kHz, if KVM reports it (turns the result's
+    /// cycles into time).
+    pub tsc_khz: Option<u32>,
 }
 
 /// The shim ELF's bytes (read from its file if it has one).
@@ -84,6 +87,13 @@ pub(crate) fn setup_vcpu(
         ops: w.ops,
         seed: w.seed.wrapping_add(i as u64 * 0x1000_0001),
         zipf_theta_milli: w.theta_milli,
+        corrupt: u32::from(w.corrupt),
+        iters: w.iters,
+        degree: w.degree,
+        get_pct: w.get_pct,
+        scan: u32::from(w.scan),
+        stride: w.stride,
+        streams: w.streams,
         ..Default::default()
     };
     let mbox = mailbox(i);
@@ -226,6 +236,7 @@ impl GuestExits for ShimExits {
             exit_code: self.exit_code,
             result: self.result.take(),
             kvm: KvmCounters::read(vcpu),
+            tsc_khz: vcpu.get_tsc_khz().ok().filter(|&k| k > 0),
         }
     }
 }

@@ -1,0 +1,188 @@
+//! End-to-end: the far-memory application workloads (graph, kv, sort, stream,
+//! stride) run verified by the `vmm` binary on this machine's /dev/kvm over a real
+//! `memnode`, on 1 and 2 vCPUs, with all of guest RAM cached and with a quarter of
+//! it; both runs must report the same checksum per vCPU (the all-local run is the
+//! reference). And a workload told to corrupt its own data must fail verification,
+//! making `vmm` exit non-zero. Every test here needs /dev/kvm (names start with
+//! `kvm_`) and fails with a clear message where it is missing.
+
+use splitvisor_tests::{Daemon, sibling_bin, wait_for_exit};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const VMM: &str = env!("CARGO_BIN_EXE_vmm");
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn require_kvm() {
+    assert!(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
+        "these tests need read/write access to /dev/kvm"
+    );
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+    json: serde_json::Value,
+}
+
+/// Runs `vmm run --workload W --vcpus N --mem 16M --local-cache CACHE` over `node`.
+fn vmm_run(node: &Daemon, workload: &str, vcpus: usize, cache: &str) -> Run {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let json_path = std::env::temp_dir().join(format!(
+        "vmm-workloads-{}-{}.json",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let vcpus = vcpus.to_string();
+    let args = [
+        "run",
+        "--workload",
+        workload,
+        "--vcpus",
+        &vcpus,
+        "--mem",
+        "16M",
+        "--local-cache",
+        cache,
+        "--memnode",
+        &node.addr,
+    ];
+    let child = Command::new(VMM)
+        .args(args)
+        .arg("--stats-json")
+        .arg(&json_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmm");
+    let out = wait_for_exit(child, DEADLINE, &format!("vmm {args:?} did not finish"));
+    let json = std::fs::read_to_string(&json_path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let _ = std::fs::remove_file(&json_path);
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        json,
+    }
+}
+
+/// The per-vCPU checksums of a run that must have verified.
+fn verified_checksums(r: &Run, what: &str) -> Vec<u64> {
+    assert!(
+        r.ok && r.json["ok"] == true,
+        "{what}: vmm failed\nstdout:\n{}\nstderr:\n{}",
+        r.stdout,
+        r.stderr
+    );
+    r.json["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|v| {
+            assert_eq!(v["mismatches"], 0, "{what}: {v}");
+            v["checksum"].as_u64().expect("checksum")
+        })
+        .collect()
+}
+
+/// Runs `workload` on 1 and 2 vCPUs, with 16 MiB and with 4 MiB cached of 16 MiB
+/// of guest RAM: every run verifies, and the small cache changes no checksum.
+/// Returns the runs' results (the 1-vCPU small-cache run's first).
+fn same_checksums_at_every_cache_size(workload: &str) -> Vec<serde_json::Value> {
+    require_kvm();
+    let node = Daemon::memnode(&sibling_bin(VMM, "memnode"), &["--capacity", "64M"]);
+    let mut results = Vec::new();
+    for vcpus in [1, 2] {
+        let small = vmm_run(&node, workload, vcpus, "4M");
+        let what = format!("{workload} on {vcpus} vCPU(s)");
+        let small_ck = verified_checksums(&small, &format!("{what}, 4 MiB cache"));
+        let full = vmm_run(&node, workload, vcpus, "16M");
+        let full_ck = verified_checksums(&full, &format!("{what}, 16 MiB cache"));
+        assert_eq!(small_ck.len(), vcpus, "{}", small.json);
+        assert_eq!(
+            small_ck, full_ck,
+            "{what}: the small cache changed the result\nsmall:\n{}\nall local:\n{}",
+            small.stdout, full.stdout
+        );
+        assert!(
+            small.json["stats"]["faults_remote"].as_u64().unwrap_or(0) > 0,
+            "{what}: nothing came back from the node with a 4 MiB cache: {}",
+            small.json
+        );
+        results.extend(small.json["results"].as_array().unwrap().iter().cloned());
+    }
+    results
+}
+
+#[test]
+fn kvm_graph_pagerank_and_bfs_verify_at_every_cache_size() {
+    let r = same_checksums_at_every_cache_size("graph:iters=3,degree=8,seed=5");
+    // A power-law graph's BFS from its largest hub reaches many vertices.
+    assert!(r[0]["aux"].as_u64().unwrap() > 1000, "{}", r[0]);
+}
+
+#[test]
+fn kvm_kv_store_verifies_every_get_at_every_cache_size() {
+    let r = same_checksums_at_every_cache_size("kv:ops=20000,get=90,theta=0.9,scan=1");
+    let gets = r[0]["aux"].as_u64().unwrap();
+    assert!((17_000..19_000).contains(&gets), "{}", r[0]);
+    assert!(r[0]["lat_p50_cycles"].as_u64().unwrap() > 0, "{}", r[0]);
+    assert!(
+        r[0]["lat_p99_cycles"].as_u64() >= r[0]["lat_p50_cycles"].as_u64(),
+        "{}",
+        r[0]
+    );
+}
+
+#[test]
+fn kvm_sort_verifies_at_every_cache_size() {
+    same_checksums_at_every_cache_size("sort:seed=3");
+}
+
+#[test]
+fn kvm_stream_verifies_at_every_cache_size() {
+    same_checksums_at_every_cache_size("stream:iters=2");
+}
+
+#[test]
+fn kvm_stride_verifies_at_every_cache_size() {
+    same_checksums_at_every_cache_size("stride:stride=-3p,streams=3");
+    same_checksums_at_every_cache_size("stride:stride=264,streams=2");
+}
+
+#[test]
+fn kvm_a_corrupted_result_fails_verification_and_the_exit_status() {
+    require_kvm();
+    let node = Daemon::memnode(&sibling_bin(VMM, "memnode"), &["--capacity", "64M"]);
+    for w in ["graph", "kv", "sort", "stream", "stride"] {
+        let w = format!("{w}:size=2M,corrupt=1");
+        let r = vmm_run(&node, &w, 1, "16M");
+        assert!(
+            !r.ok && r.json["ok"] == false,
+            "{w}: a corrupted run passed\nstdout:\n{}\nstderr:\n{}",
+            r.stdout,
+            r.stderr
+        );
+        assert!(r.stdout.contains("FAILED"), "{w}: {}", r.stdout);
+        assert!(
+            r.stderr.contains("failed verification"),
+            "{w}: {}",
+            r.stderr
+        );
+        assert!(
+            r.json["results"][0]["mismatches"].as_u64() > Some(0),
+            "{w}: {}",
+            r.json
+        );
+    }
+}
