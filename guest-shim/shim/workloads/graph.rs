@@ -41,7 +41,12 @@ impl Rmat {
         let mut rng = Rng::new(seed ^ 0x4752_4150_48);
         let mul = rng.next() | 1;
         let add = rng.next();
-        Rmat { rng, scale, mul, add }
+        Rmat {
+            rng,
+            scale,
+            mul,
+            add,
+        }
     }
 
     fn scramble(&self, v: u64) -> u32 {
@@ -73,13 +78,20 @@ impl Rmat {
 
 pub fn run(cfg: &VcpuConfig) -> WorkloadResult {
     let words = arena(cfg);
-    let degree = if cfg.degree == 0 { 16 } else { cfg.degree as usize };
+    let degree = if cfg.degree == 0 {
+        16
+    } else {
+        cfg.degree as usize
+    };
     // Per vertex: offset, rank, next rank (words), depth and queue slot (a word
     // of halves), `degree` targets (halves) and `degree` edges of the edge list.
     let words_for = |scale: u32| 1 + (1usize << scale) * (4 + degree.div_ceil(2) + degree);
     let mut scale = 8;
     if words_for(scale) > words.len() {
-        return WorkloadResult { failed: 1, ..Default::default() };
+        return WorkloadResult {
+            failed: 1,
+            ..Default::default()
+        };
     }
     while words_for(scale + 1) <= words.len() {
         scale += 1;

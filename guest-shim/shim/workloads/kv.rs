@@ -76,7 +76,11 @@ fn percentile(h: &[u32; BUCKETS], n: u64, p: u64) -> u64 {
 pub fn run(cfg: &VcpuConfig) -> WorkloadResult {
     let words = arena(cfg);
     let seed = cfg.seed;
-    let (cold, words) = words.split_at_mut(if cfg.scan != 0 { (words.len() / 2) & !511 } else { 0 });
+    let (cold, words) = words.split_at_mut(if cfg.scan != 0 {
+        (words.len() / 2) & !511
+    } else {
+        0
+    });
     // The most keys (a power of two) whose index, shadow and values fit.
     let mut k = 1usize;
     while (k * 2) * BYTES_PER_KEY <= words.len() * 8 {
@@ -94,7 +98,10 @@ pub fn run(cfg: &VcpuConfig) -> WorkloadResult {
         k /= 2;
     };
     if k < 2 {
-        return WorkloadResult { failed: 1, ..Default::default() };
+        return WorkloadResult {
+            failed: 1,
+            ..Default::default()
+        };
     }
     let (index, rest) = words.split_at_mut(4 * k);
     let (shadow, slab) = rest.split_at_mut(k / 2);

@@ -35,7 +35,11 @@ pub fn vget<T: Copy>(s: &[T], i: usize) -> T {
 
 /// Test hook ([`VcpuConfig::corrupt`]): flips one bit of `s[i]` behind the
 /// workload's back.
-pub fn corrupt<T: Copy + core::ops::BitXor<Output = T> + From<u8>>(c: &VcpuConfig, s: &mut [T], i: usize) {
+pub fn corrupt<T: Copy + core::ops::BitXor<Output = T> + From<u8>>(
+    c: &VcpuConfig,
+    s: &mut [T],
+    i: usize,
+) {
     if c.corrupt != 0 && i < s.len() {
         let p = &mut s[i] as *mut T;
         // SAFETY: p comes from an exclusive reference to a live element.

@@ -27,7 +27,10 @@ pub fn run(cfg: &VcpuConfig) -> WorkloadResult {
     // Three page-aligned arrays of n words each.
     let n = (words.len() / 3) & !511;
     if n == 0 {
-        return WorkloadResult { failed: 1, ..Default::default() };
+        return WorkloadResult {
+            failed: 1,
+            ..Default::default()
+        };
     }
     let iters = if cfg.iters == 0 { 2 } else { cfg.iters };
     let (a, rest) = words.split_at_mut(n);

@@ -17,11 +17,18 @@ pub fn run(cfg: &VcpuConfig) -> WorkloadResult {
     // Each region whole pages.
     let len = (words.len() / streams) & !511;
     if stride.unsigned_abs() % 8 != 0 || len == 0 || step > len {
-        return WorkloadResult { failed: 1, ..Default::default() };
+        return WorkloadResult {
+            failed: 1,
+            ..Default::default()
+        };
     }
     let count = len.div_ceil(step);
     let pos = |s: usize, k: usize| -> usize {
-        if stride > 0 { s * len + k * step } else { s * len + len - 1 - k * step }
+        if stride > 0 {
+            s * len + k * step
+        } else {
+            s * len + len - 1 - k * step
+        }
     };
     let t0 = rdtsc();
     for k in 0..count {
