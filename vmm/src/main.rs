@@ -72,7 +72,8 @@ struct RunArgs {
     /// Guest-shim ELF to run (default: the one built into this binary).
     #[arg(long)]
     shim: Option<PathBuf>,
-    /// Workload for the shim: NAME[:k=v,...], NAME one of seq, rand, chase, hash.
+    /// Workload for the shim: NAME[:k=v,...], NAME one of seq, rand, chase, hash,
+    /// graph, kv, sort, stream, stride (docs/vmm.md#workloads).
     #[arg(long, default_value = "seq")]
     workload: Workload,
     /// Guest RAM, e.g. 2G.

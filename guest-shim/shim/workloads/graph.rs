@@ -38,7 +38,7 @@ struct Rmat {
 
 impl Rmat {
     fn new(seed: u64, scale: u32) -> Self {
-        let mut rng = Rng::new(seed ^ 0x4752_4150_48);
+        let mut rng = Rng::new(seed ^ 0x0047_5241_5048);
         let mul = rng.next() | 1;
         let add = rng.next();
         Rmat {
@@ -137,10 +137,11 @@ pub fn run(cfg: &VcpuConfig) -> WorkloadResult {
         for &e in bucket {
             off[(e >> 32) as usize + 1] += 1;
         }
-        for u in b << bshift..(b + 1) << bshift {
+        let (lo, hi) = (b << bshift, (b + 1) << bshift);
+        for u in lo..hi {
             off[u + 1] += off[u];
-            next[u] = off[u];
         }
+        next[lo..hi].copy_from_slice(&off[lo..hi]);
         for &e in bucket {
             let u = (e >> 32) as usize;
             targets[next[u] as usize] = e as u32;

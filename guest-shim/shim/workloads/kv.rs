@@ -36,7 +36,7 @@ fn class(seed: u64, id: u64) -> usize {
 }
 
 fn key(seed: u64, id: u64) -> u64 {
-    pat(seed ^ 0x4b45_59, id) | 1
+    pat(seed ^ 0x004b_4559, id) | 1
 }
 
 /// Value word `j` (past the two header words) of `key` at `version`.
