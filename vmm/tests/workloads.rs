@@ -52,6 +52,11 @@ fn vmm_run(node: &Daemon, workload: &str, vcpus: usize, cache: &str) -> Run {
         cache,
         "--memnode",
         &node.addr,
+        // These tests check results, not failure detection: on a loaded machine
+        // (a debug-built memnode sharing two cores with builds) a reply can take
+        // longer than the default 500 ms without the node being dead.
+        "--node-timeout",
+        "10s",
     ];
     let child = Command::new(VMM)
         .args(args)

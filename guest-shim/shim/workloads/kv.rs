@@ -185,15 +185,21 @@ pub fn run(cfg: &VcpuConfig) -> WorkloadResult {
         } else {
             let (key, ver) = (key(seed, id), shadow[id as usize].wrapping_add(1));
             let mut s = key as usize & mask;
-            while index[2 * s] != key {
+            while index[2 * s] != key && index[2 * s] != 0 {
                 s = (s + 1) & mask;
             }
-            let at = (index[2 * s + 1] & 0xffff_ffff) as usize;
-            slab[at + 1] = ver as u64;
-            for j in 2..CLASS_WORDS[class(seed, id)] {
-                slab[at + j] = value_word(key, ver, j);
+            let loc = index[2 * s + 1];
+            let at = (loc & 0xffff_ffff) as usize;
+            if index[2 * s] != key || loc >> 32 != id {
+                // The index lost the key: a failure, not a write to a stranger's value.
+                bad += 1;
+            } else {
+                slab[at + 1] = ver as u64;
+                for j in 2..CLASS_WORDS[class(seed, id)] {
+                    slab[at + j] = value_word(key, ver, j);
+                }
+                shadow[id as usize] = ver;
             }
-            shadow[id as usize] = ver;
         }
         if !cold.is_empty() && op % 8 == 7 {
             for i in cursor..cursor + 512 {
