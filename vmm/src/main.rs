@@ -586,43 +586,10 @@ fn shim_summary(
     let mut ok = outcomes.len() == vcpus;
     let mut vcpus_json = Vec::new();
     for (i, o) in outcomes.iter().enumerate() {
-        match &o.result {
-            Some(r) => {
-                let good = r.failed == 0 && o.exit_code == 0;
-                ok &= good;
-                let f = vmm::workload::report::figures(workload, r, o.tsc_khz);
-                println!(
-                    "vCPU {i}: {} {}: {} ops over {} MiB, checksum {:#018x}, {} mismatches, exit code {}{}{}",
-                    workload.name,
-                    if good { "verified" } else { "FAILED" },
-                    r.ops,
-                    r.bytes >> 20,
-                    r.checksum,
-                    r.mismatches,
-                    o.exit_code,
-                    if f.text.is_empty() { "" } else { "; " },
-                    f.text
-                );
-                let mut v = serde_json::json!({
-                    "vcpu": i, "ok": good, "ops": r.ops, "bytes": r.bytes, "checksum": r.checksum,
-                    "mismatches": r.mismatches, "exit_code": o.exit_code, "kvm": o.kvm,
-                });
-                if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), f.json) {
-                    v.extend(extra);
-                }
-                vcpus_json.push(v);
-            }
-            None => {
-                ok = false;
-                println!(
-                    "vCPU {i}: exited with code {} without reporting a result",
-                    o.exit_code
-                );
-                vcpus_json.push(
-                    serde_json::json!({"vcpu": i, "ok": false, "exit_code": o.exit_code, "kvm": o.kvm}),
-                );
-            }
-        }
+        let v = vmm::workload::report::vcpu(workload, i, o);
+        ok &= v.ok;
+        println!("{}", v.line);
+        vcpus_json.push(v.json);
     }
     let kvm: Vec<_> = outcomes.iter().filter_map(|o| o.kvm).collect();
     let kvm_line = if kvm.is_empty() {

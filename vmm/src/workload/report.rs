@@ -4,6 +4,7 @@
 //! TSC frequency as KVM reports it; without one, figures stay in cycles and say so.
 
 use super::Workload;
+use crate::guest::shim::VcpuOutcome;
 use guest_shim::abi::{
     PHASE_ADD, PHASE_COPY, PHASE_SCALE, PHASE_TRIAD, WL_GRAPH, WL_KV, WL_SORT, WL_STREAM,
     WL_STRIDE, WorkloadResult,
@@ -143,6 +144,53 @@ pub fn figures(w: &Workload, r: &WorkloadResult, tsc_khz: Option<u32>) -> Figure
     }
 }
 
+/// One shim vCPU's outcome, as `vmm run` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VcpuReport {
+    /// It reported a result that verified, and exited with code 0.
+    pub ok: bool,
+    /// Its line: `vCPU i: NAME verified: ..., checksum ..., N mismatches, ...`.
+    pub line: String,
+    /// Its entry in `--stats-json`'s `results`.
+    pub json: Value,
+}
+
+/// The report on vCPU `i` that ran `workload` and ended as `o`.
+pub fn vcpu(workload: &Workload, i: usize, o: &VcpuOutcome) -> VcpuReport {
+    let Some(r) = &o.result else {
+        return VcpuReport {
+            ok: false,
+            line: format!(
+                "vCPU {i}: exited with code {} without reporting a result",
+                o.exit_code
+            ),
+            json: json!({"vcpu": i, "ok": false, "exit_code": o.exit_code, "kvm": o.kvm}),
+        };
+    };
+    let ok = r.failed == 0 && o.exit_code == 0;
+    let f = figures(workload, r, o.tsc_khz);
+    let line = format!(
+        "vCPU {i}: {} {}: {} ops over {} MiB, checksum {:#018x}, {} mismatches, exit code {}{}{}",
+        workload.name,
+        if ok { "verified" } else { "FAILED" },
+        r.ops,
+        r.bytes >> 20,
+        r.checksum,
+        r.mismatches,
+        o.exit_code,
+        if f.text.is_empty() { "" } else { "; " },
+        f.text
+    );
+    let mut json = json!({
+        "vcpu": i, "ok": ok, "ops": r.ops, "bytes": r.bytes, "checksum": r.checksum,
+        "mismatches": r.mismatches, "exit_code": o.exit_code, "kvm": o.kvm,
+    });
+    if let (Some(j), Value::Object(extra)) = (json.as_object_mut(), f.json) {
+        j.extend(extra);
+    }
+    VcpuReport { ok, line, json }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +213,29 @@ mod tests {
         assert!(f.text.contains("p50 200 cycles"), "{}", f.text);
         assert!(f.text.contains("no TSC frequency"), "{}", f.text);
         assert!(f.json.get("lat_p50_ns").is_none());
+    }
+
+    #[test]
+    fn a_mismatch_or_a_missing_result_is_not_ok() {
+        let w: Workload = "sort".parse().unwrap();
+        let mut o = VcpuOutcome {
+            exit_code: 0,
+            result: Some(WorkloadResult {
+                mismatches: 1,
+                failed: 1,
+                ..Default::default()
+            }),
+            kvm: None,
+            tsc_khz: None,
+        };
+        let v = vcpu(&w, 0, &o);
+        assert!(!v.ok && v.line.contains("sort FAILED"), "{}", v.line);
+        assert_eq!(v.json["mismatches"], 1);
+        o.result = None;
+        assert!(!vcpu(&w, 0, &o).ok);
+        o.result = Some(WorkloadResult::default());
+        let v = vcpu(&w, 0, &o);
+        assert!(v.ok && v.line.contains("sort verified"), "{}", v.line);
     }
 
     #[test]
