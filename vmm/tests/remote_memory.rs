@@ -526,8 +526,8 @@ fn kvm_bad_input_gets_one_clear_error_line() {
             "--local-cache must be at least",
         ),
         (
-            vec!["--workload".into(), "sort".into()],
-            "unknown workload `sort`",
+            vec!["--workload".into(), "bubblesort".into()],
+            "unknown workload `bubblesort`",
         ),
         (
             vec![
