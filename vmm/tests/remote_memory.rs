@@ -317,7 +317,7 @@ fn kvm_chase_and_hash_workloads_verify_under_eviction() {
 }
 
 #[test]
-fn kvm_checksums_match_an_all_local_run_and_fifo_agrees() {
+fn kvm_checksums_match_an_all_local_run_and_fifo_and_2q_agree() {
     require_kvm();
     let node = memnode(&["--capacity", "256M"]);
     let checksum = |r: &Run| r.json["results"][0]["checksum"].as_u64().unwrap();
@@ -383,9 +383,28 @@ fn kvm_checksums_match_an_all_local_run_and_fifo_agrees() {
             ],
             MIN,
         );
+        // 2Q, with the dirty log feeding its protected ring's reference bits.
+        let two_q = vmm_run(
+            &[
+                "--workload",
+                w,
+                "--mem",
+                "4M",
+                "--local-cache",
+                "256K",
+                "--evict",
+                "2q",
+                "--dirty-log",
+                "--memnode",
+                &node.addr,
+            ],
+            MIN,
+        );
         assert_ok(&clock);
         assert_ok(&fifo);
         assert_ok(&clock_log);
+        assert_ok(&two_q);
+        assert_eq!(checksum(&two_q), checksum(&local), "{w}: 2q run differs");
         assert_eq!(
             checksum(&clock_log),
             checksum(&local),

@@ -119,6 +119,12 @@ pub fn render(cache: &ExCache, control: &RunControl, info: &VmInfo, uptime: Dura
         e.sample("evictions_total", &[("kind", kind)], n(v));
     }
     e.single(
+        "promoted_pages_total",
+        Kind::Counter,
+        "Pages --evict 2q promoted to its protected queue (a fault soon after their eviction).",
+        n(s.evict_promoted),
+    )
+    .single(
         "writeback_bytes_total",
         Kind::Counter,
         "Bytes written back to memory nodes.",

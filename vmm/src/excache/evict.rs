@@ -126,19 +126,19 @@ fn select(s: &Shared) -> Vec<usize> {
     let mut budget_scan = 2 * q.len() + 1;
     while victims.len() < want && budget_scan > 0 {
         budget_scan -= 1;
-        let Some(p) = q.pop_front() else { break };
-        let p = p as usize;
+        let Some((p, from)) = q.next() else { break };
         if s.state[p].load(Acquire) != RESIDENT {
             continue; // stale entry
         }
-        if s.cfg.policy == EvictPolicy::Clock && s.referenced[p].swap(false, Relaxed) {
-            q.push_back(p as u32); // second chance
+        if q.second_chance(from) && s.referenced[p].swap(false, Relaxed) {
+            q.spare(p, from);
             continue;
         }
         if s.state[p]
             .compare_exchange(RESIDENT, EVICTING, AcqRel, Acquire)
             .is_ok()
         {
+            q.evicted(p, from);
             victims.push(p);
         }
     }
@@ -169,7 +169,7 @@ fn protect(s: &Shared, victims: &[usize], wp: bool) -> Result<(), PathError> {
 }
 
 fn evict_batch(s: &Shared) -> Result<(), PathError> {
-    if s.cfg.policy == EvictPolicy::Clock && s.cfg.dirty_log {
+    if s.cfg.policy != EvictPolicy::Fifo && s.cfg.dirty_log {
         merge_dirty_log(s, &mut s.dirty.lock().unwrap())?;
     }
     let victims = select(s);

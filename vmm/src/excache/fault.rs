@@ -271,10 +271,10 @@ fn mark_resident(s: &Shared, pages: &[usize]) {
         s.referenced[q].store(true, Relaxed);
         s.state[q].store(RESIDENT, Release);
     }
-    s.queue
-        .lock()
-        .unwrap()
-        .extend(pages.iter().map(|&q| q as u32));
+    let promoted = s.queue.lock().unwrap().installed(pages.iter().copied());
+    if promoted > 0 {
+        s.stats.evict_promoted.fetch_add(promoted, Relaxed);
+    }
 }
 
 /// Pages in a read-ahead window: `--prefetch`, but with the streams that have

@@ -30,13 +30,13 @@ pub mod replicas;
 pub mod seal;
 pub mod stats;
 pub mod uffd;
+mod victims;
 
 use crate::memory::ARENA_SLOT;
 pub use error::PathError;
 use kvm_ioctls::VmFd;
 use placement::Placement;
 use stats::{CacheStats, StatsSnapshot, load};
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -62,6 +62,12 @@ pub enum EvictPolicy {
     Clock,
     /// First in, first out.
     Fifo,
+    /// Scan-resistant 2Q: first faults go through a FIFO probation queue; a
+    /// page faulting in again soon after its eviction is promoted to a
+    /// protected CLOCK ring ([`victims`]).
+    #[value(name = "2q")]
+    #[serde(rename = "2q")]
+    TwoQ,
 }
 
 /// Cache options.
@@ -180,8 +186,8 @@ pub(crate) struct Shared {
     /// Resident pages (including frames reserved for pages being installed).
     pub(crate) resident: Mutex<usize>,
     pub(crate) frames_cv: Condvar,
-    /// Resident pages in fault order: the FIFO queue and the CLOCK ring.
-    pub(crate) queue: Mutex<VecDeque<u32>>,
+    /// Resident pages in the order the eviction policy takes them ([`victims`]).
+    pub(crate) queue: Mutex<victims::Victims>,
     pub(crate) evict_wake: Condvar,
     /// Eviction batches in progress (vCPUs and handlers wait for them).
     pub(crate) evicting: Mutex<u64>,
@@ -394,7 +400,11 @@ impl ExCache {
             cfg: cfg.clone(),
             resident: Mutex::new(0),
             frames_cv: Condvar::new(),
-            queue: Mutex::new(VecDeque::with_capacity(cfg.budget_pages + 1)),
+            queue: Mutex::new(victims::Victims::new(
+                cfg.policy,
+                pages,
+                cfg.budget_pages.max(evict::MIN_BUDGET),
+            )),
             evict_wake: Condvar::new(),
             evicting: Mutex::new(0),
             evicting_cv: Condvar::new(),
@@ -500,6 +510,7 @@ impl ExCache {
             readahead_dropped: load(&st.readahead_dropped),
             evict_clean: load(&st.evict_clean),
             evict_dirty: load(&st.evict_dirty),
+            evict_promoted: load(&st.evict_promoted),
             writeback_bytes: load(&st.writeback_bytes),
             vcpu_eviction_waits: load(&st.vcpu_eviction_waits),
             uffd_eagain: load(&s.retries.eagain),

@@ -28,6 +28,9 @@ pub struct CacheStats {
     pub evict_clean: AtomicU64,
     /// Dirty pages written back, then dropped.
     pub evict_dirty: AtomicU64,
+    /// Pages `--evict 2q` promoted: they faulted in again while remembered
+    /// from their eviction out of probation.
+    pub evict_promoted: AtomicU64,
     /// Bytes written back.
     pub writeback_bytes: AtomicU64,
     /// Times a vCPU wrote to a page under eviction and waited.
@@ -62,6 +65,7 @@ impl CacheStats {
             readahead_dropped: AtomicU64::new(0),
             evict_clean: AtomicU64::new(0),
             evict_dirty: AtomicU64::new(0),
+            evict_promoted: AtomicU64::new(0),
             writeback_bytes: AtomicU64::new(0),
             vcpu_eviction_waits: AtomicU64::new(0),
             remove_events: AtomicU64::new(0),
@@ -104,6 +108,9 @@ pub struct StatsSnapshot {
     pub evict_clean: u64,
     /// Dirty evictions.
     pub evict_dirty: u64,
+    /// Pages promoted by 2Q (a re-fault soon after eviction).
+    #[serde(default)]
+    pub evict_promoted: u64,
     /// Bytes written back.
     pub writeback_bytes: u64,
     /// vCPU waits on pages under eviction.
@@ -171,7 +178,7 @@ impl StatsSnapshot {
     pub fn summary(&self) -> String {
         format!(
             "resident {}/{} pages; faults: {} zero-fill, {} remote ({} spurious); prefetched {} remote + {} zero ({} read-ahead mark faults, {} marks dropped); \
-evictions: {} clean, {} dirty ({} MiB written back); remote fetch p50 {:.1} us, p99 {:.1} us over {} fetches; \
+evictions: {} clean, {} dirty ({} MiB written back), {} promoted; remote fetch p50 {:.1} us, p99 {:.1} us over {} fetches; \
 writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; replicas {}: {} pages below, {} copies made, {} node failures; pages per node: {}",
             self.resident_pages,
             self.budget_pages,
@@ -185,6 +192,7 @@ writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; 
             self.evict_clean,
             self.evict_dirty,
             self.writeback_bytes >> 20,
+            self.evict_promoted,
             self.fetch_p50_us,
             self.fetch_p99_us,
             self.fetch_count,
