@@ -18,7 +18,7 @@ pub struct SuiteArgs {
     /// The results directory (default: target/bench/suite in the workspace).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Run only these steps (comma-separated: build, fabric, memory, security, replication,
+    /// Run only these steps (comma-separated: build, fabric, memory, applications, security, replication,
     /// storage, timeline, plots), e.g. to redo one into an existing directory.
     #[arg(long, value_name = "STEPS", value_delimiter = ',')]
     pub only: Vec<String>,
@@ -105,7 +105,7 @@ struct Step {
     estimate_s: (u64, u64),
 }
 
-const STEPS: [Step; 8] = [
+const STEPS: [Step; 9] = [
     Step {
         name: "build",
         kind: Kind::Build,
@@ -128,6 +128,15 @@ const STEPS: [Step; 8] = [
             out: crate::data::MEMORY_JSON,
         },
         estimate_s: (15, 540),
+    },
+    Step {
+        name: "applications",
+        kind: Kind::Bench {
+            package: "vmm",
+            bench: "app_workloads",
+            out: "app_workloads.json",
+        },
+        estimate_s: (10, 600),
     },
     Step {
         name: "security",
