@@ -6,6 +6,9 @@
 //! host harness will live under `tests/nested/` (issue "vmm boots stock Linux").
 
 pub mod tls;
+mod vmm_run;
+
+pub use vmm_run::{VmmRun, vmm_run};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -16,8 +16,8 @@
 //! `target/bench/app_workloads.json`.
 
 use serde_json::json;
-use splitvisor_tests::{Daemon, sibling_bin};
-use std::process::Command;
+use splitvisor_tests::{Daemon, sibling_bin, vmm_run};
+use std::time::Duration;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
@@ -154,30 +154,22 @@ fn main() {
 
 /// Runs `vmm run` over `memnode` and returns its `--stats-json`.
 fn vmm(memnode: &str, workload: &str, mem: u64, cache: u64, policy: &str) -> serde_json::Value {
-    let json = std::env::temp_dir().join(format!("vmm-app-bench-{}.json", std::process::id()));
-    let out = Command::new(VMM)
-        .args(["run", "--workload", workload, "--memnode", memnode])
-        .args([
-            "--mem",
-            &mem.to_string(),
-            "--local-cache",
-            &cache.to_string(),
-        ])
-        .args(["--evict", policy])
-        .arg("--stats-json")
-        .arg(&json)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run vmm");
-    assert!(
-        out.status.success(),
-        "vmm {workload} --evict {policy} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(json);
-    v
+    let (mem, cache) = (mem.to_string(), cache.to_string());
+    let args = [
+        "--workload",
+        workload,
+        "--memnode",
+        memnode,
+        "--mem",
+        &mem,
+        "--local-cache",
+        &cache,
+        "--evict",
+        policy,
+    ];
+    let r = vmm_run(VMM, &args, Duration::from_secs(1800));
+    assert!(r.ok, "vmm {args:?} failed: {}", r.stderr);
+    r.json
 }
 
 fn round3(x: f64) -> f64 {

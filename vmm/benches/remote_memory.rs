@@ -32,7 +32,6 @@
 use fabric::{ClientConfig, PageClient};
 use serde_json::json;
 use splitvisor_tests::{Daemon, sibling_bin};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
@@ -281,32 +280,24 @@ fn vmm_over(
     cache: u64,
     prefetch: usize,
 ) -> serde_json::Value {
-    let json = std::env::temp_dir().join(format!("vmm-bench-{}.json", std::process::id()));
-    let out = Command::new(VMM)
-        .args(["run", "--workload", workload, "--memnode", memnode])
-        .args(["--link", link])
-        .args([
-            "--mem",
-            &mem.to_string(),
-            "--local-cache",
-            &cache.to_string(),
-            "--prefetch",
-            &prefetch.to_string(),
-        ])
-        .arg("--stats-json")
-        .arg(&json)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run vmm");
-    assert!(
-        out.status.success(),
-        "vmm {workload} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(json);
-    v
+    let (mem, cache, prefetch) = (mem.to_string(), cache.to_string(), prefetch.to_string());
+    let args = [
+        "--workload",
+        workload,
+        "--memnode",
+        memnode,
+        "--link",
+        link,
+        "--mem",
+        &mem,
+        "--local-cache",
+        &cache,
+        "--prefetch",
+        &prefetch,
+    ];
+    let r = splitvisor_tests::vmm_run(VMM, &args, Duration::from_secs(1800));
+    assert!(r.ok, "vmm {workload} failed: {}", r.stderr);
+    r.json
 }
 
 /// The VM secret of this bench's own clients: a node binds each VM id to the

@@ -25,42 +25,11 @@ fn require_kvm() {
     );
 }
 
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-    json: serde_json::Value,
-}
+type Run = splitvisor_tests::VmmRun;
 
 /// Runs `vmm run ARGS --stats-json F`, with a deadline.
 fn vmm_run(args: &[&str], deadline: Duration) -> Run {
-    let json_path = std::env::temp_dir().join(format!(
-        "vmm-test-{}-{}.json",
-        std::process::id(),
-        rand_suffix()
-    ));
-    let child = Command::new(VMM)
-        .arg("run")
-        .args(args)
-        .arg("--stats-json")
-        .arg(&json_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start vmm");
-    let out = wait_for_exit(child, deadline, &format!("vmm {args:?} did not finish"));
-    let json = std::fs::read_to_string(&json_path)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(serde_json::Value::Null);
-    let _ = std::fs::remove_file(&json_path);
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        json,
-    }
+    splitvisor_tests::vmm_run(VMM, args, deadline)
 }
 
 /// Starts `vmm ARGS` with a workload long enough to still run after 1.5 s.
@@ -78,12 +47,6 @@ fn start_long_run(args: &[&str]) -> Child {
         "the workload should still be running"
     );
     child
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 fn stat(r: &Run, key: &str) -> u64 {

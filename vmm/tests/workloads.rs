@@ -6,8 +6,7 @@
 //! making `vmm` exit non-zero. Every test here needs /dev/kvm (names start with
 //! `kvm_`) and fails with a clear message where it is missing.
 
-use splitvisor_tests::{Daemon, sibling_bin, wait_for_exit};
-use std::process::{Command, Stdio};
+use splitvisor_tests::{Daemon, sibling_bin};
 use std::time::Duration;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
@@ -24,12 +23,7 @@ fn require_kvm() {
     );
 }
 
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-    json: serde_json::Value,
-}
+type Run = splitvisor_tests::VmmRun;
 
 /// Runs `vmm run --workload W --vcpus N --mem 8M --local-cache CACHE` over `node`.
 fn vmm_run(node: &Daemon, workload: &str, vcpus: usize, cache: &str) -> Run {
@@ -38,15 +32,8 @@ fn vmm_run(node: &Daemon, workload: &str, vcpus: usize, cache: &str) -> Run {
 
 /// [`vmm_run`] with `extra` arguments.
 fn vmm_run_with(node: &Daemon, workload: &str, vcpus: usize, cache: &str, extra: &[&str]) -> Run {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let json_path = std::env::temp_dir().join(format!(
-        "vmm-workloads-{}-{}.json",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
     let vcpus = vcpus.to_string();
-    let args = [
-        "run",
+    let mut args = vec![
         "--workload",
         workload,
         "--vcpus",
@@ -63,28 +50,8 @@ fn vmm_run_with(node: &Daemon, workload: &str, vcpus: usize, cache: &str, extra:
         "--node-timeout",
         "10s",
     ];
-    let child = Command::new(VMM)
-        .args(args)
-        .args(extra)
-        .arg("--stats-json")
-        .arg(&json_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start vmm");
-    let out = wait_for_exit(child, DEADLINE, &format!("vmm {args:?} did not finish"));
-    let json = std::fs::read_to_string(&json_path)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(serde_json::Value::Null);
-    let _ = std::fs::remove_file(&json_path);
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        json,
-    }
+    args.extend(extra);
+    splitvisor_tests::vmm_run(VMM, &args, DEADLINE)
 }
 
 /// The per-vCPU checksums of a run that must have verified.
