@@ -38,7 +38,7 @@ fn main() {
     let quick = std::env::var("SPLITVISOR_BENCH_QUICK").is_ok();
     let node = Daemon::memnode(&sibling_bin(VMM, "memnode"), &["--capacity", "4G"]);
     let mb = if quick { 8 } else { 32 };
-    let kv_ops: u64 = if quick { 40_000 } else { 400_000 };
+    let kv_ops: u64 = if quick { 40_000 } else { 131_072 };
     let mut workloads = vec![Workload {
         name: "kv_scan",
         spec: format!("kv:ops={kv_ops},get=90,theta=0.99,scan=1,seed=9"),
