@@ -91,6 +91,19 @@ impl Drop for Daemon {
     }
 }
 
+/// Fails loudly unless this process may open `/dev/kvm` read-write (the
+/// tests that boot VMs need it; their names start with `kvm_`).
+pub fn require_kvm() {
+    assert!(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
+        "these tests need read/write access to /dev/kvm"
+    );
+}
+
 /// Waits for `child` to exit; past `deadline` kills it and fails with `what`
 /// and its output.
 pub fn wait_for_exit(mut child: Child, deadline: std::time::Duration, what: &str) -> Output {

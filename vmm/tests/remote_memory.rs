@@ -3,7 +3,7 @@
 //! Every test here needs /dev/kvm (names start with `kvm_`) and fails with a clear
 //! message where it is missing.
 
-use splitvisor_tests::{Daemon, sibling_bin, wait_for_exit};
+use splitvisor_tests::{Daemon, require_kvm, sibling_bin, wait_for_exit};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,17 +12,6 @@ const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
 fn memnode(extra: &[&str]) -> Daemon {
     Daemon::memnode(&sibling_bin(VMM, "memnode"), extra)
-}
-
-fn require_kvm() {
-    assert!(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
-        "these tests need read/write access to /dev/kvm"
-    );
 }
 
 type Run = splitvisor_tests::VmmRun;
@@ -304,65 +293,18 @@ fn kvm_checksums_match_an_all_local_run_and_fifo_and_2q_agree() {
             0,
             "all-local run evicted"
         );
-        let clock = vmm_run(
-            &[
-                "--workload",
-                w,
-                "--mem",
-                "4M",
-                "--local-cache",
-                "256K",
-                "--memnode",
-                &node.addr,
-            ],
-            MIN,
-        );
-        let fifo = vmm_run(
-            &[
-                "--workload",
-                w,
-                "--mem",
-                "4M",
-                "--local-cache",
-                "256K",
-                "--evict",
-                "fifo",
-                "--memnode",
-                &node.addr,
-            ],
-            MIN,
-        );
-        let clock_log = vmm_run(
-            &[
-                "--workload",
-                w,
-                "--mem",
-                "4M",
-                "--local-cache",
-                "256K",
-                "--dirty-log",
-                "--memnode",
-                &node.addr,
-            ],
-            MIN,
-        );
+        // The same run at a 256 KiB cache, with `extra` options.
+        let small = |extra: &[&str]| {
+            let mut args = vec!["--workload", w, "--mem", "4M", "--local-cache", "256K"];
+            args.extend(extra);
+            args.extend(["--memnode", node.addr.as_str()]);
+            vmm_run(&args, MIN)
+        };
+        let clock = small(&[]);
+        let fifo = small(&["--evict", "fifo"]);
+        let clock_log = small(&["--dirty-log"]);
         // 2Q, with the dirty log feeding its protected ring's reference bits.
-        let two_q = vmm_run(
-            &[
-                "--workload",
-                w,
-                "--mem",
-                "4M",
-                "--local-cache",
-                "256K",
-                "--evict",
-                "2q",
-                "--dirty-log",
-                "--memnode",
-                &node.addr,
-            ],
-            MIN,
-        );
+        let two_q = small(&["--evict", "2q", "--dirty-log"]);
         assert_ok(&clock);
         assert_ok(&fifo);
         assert_ok(&clock_log);

@@ -6,22 +6,11 @@
 //! making `vmm` exit non-zero. Every test here needs /dev/kvm (names start with
 //! `kvm_`) and fails with a clear message where it is missing.
 
-use splitvisor_tests::{Daemon, sibling_bin};
+use splitvisor_tests::{Daemon, require_kvm, sibling_bin};
 use std::time::Duration;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn require_kvm() {
-    assert!(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
-        "these tests need read/write access to /dev/kvm"
-    );
-}
 
 type Run = splitvisor_tests::VmmRun;
 

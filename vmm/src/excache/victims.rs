@@ -51,9 +51,9 @@ pub(crate) struct Victims {
     kout: usize,
 }
 
-/// Where a victim came from, for [`Victims::evicted`].
+/// The queue a candidate came from, for [`Victims::evicted`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum From {
+pub(crate) enum Queue {
     Probation,
     Protected,
 }
@@ -97,23 +97,23 @@ impl Victims {
     /// The next candidate and its queue: 2Q takes from probation while it is
     /// over `Kin` (or protected is empty), else from protected; either way the
     /// other queue when the chosen one is empty.
-    pub(crate) fn next(&mut self) -> Option<(usize, From)> {
+    pub(crate) fn next(&mut self) -> Option<(usize, Queue)> {
         let first = if self.policy != EvictPolicy::TwoQ
             || self.probation.len() > self.kin
             || self.protected.is_empty()
         {
-            From::Probation
+            Queue::Probation
         } else {
-            From::Protected
+            Queue::Protected
         };
         let second = match first {
-            From::Probation => From::Protected,
-            From::Protected => From::Probation,
+            Queue::Probation => Queue::Protected,
+            Queue::Protected => Queue::Probation,
         };
         [first, second].into_iter().find_map(|from| {
             let q = match from {
-                From::Probation => &mut self.probation,
-                From::Protected => &mut self.protected,
+                Queue::Probation => &mut self.probation,
+                Queue::Protected => &mut self.protected,
             };
             q.pop_front().map(|p| (p as usize, from))
         })
@@ -122,25 +122,25 @@ impl Victims {
     /// Whether a candidate from `from` with its reference bit set is spared
     /// once (put back at the tail): CLOCK everywhere, 2Q in protected only
     /// (probation is FIFO: a reference there proves nothing beyond the fault).
-    pub(crate) fn second_chance(&self, from: From) -> bool {
+    pub(crate) fn second_chance(&self, from: Queue) -> bool {
         match self.policy {
             EvictPolicy::Clock => true,
             EvictPolicy::Fifo => false,
-            EvictPolicy::TwoQ => from == From::Protected,
+            EvictPolicy::TwoQ => from == Queue::Protected,
         }
     }
 
     /// Puts a spared candidate back at the tail of its queue.
-    pub(crate) fn spare(&mut self, p: usize, from: From) {
+    pub(crate) fn spare(&mut self, p: usize, from: Queue) {
         match from {
-            From::Probation => self.probation.push_back(p as u32),
-            From::Protected => self.protected.push_back(p as u32),
+            Queue::Probation => self.probation.push_back(p as u32),
+            Queue::Protected => self.protected.push_back(p as u32),
         }
     }
 
     /// A candidate taken as a victim: 2Q remembers those from probation.
-    pub(crate) fn evicted(&mut self, p: usize, from: From) {
-        if self.policy != EvictPolicy::TwoQ || from != From::Probation {
+    pub(crate) fn evicted(&mut self, p: usize, from: Queue) {
+        if self.policy != EvictPolicy::TwoQ || from != Queue::Probation {
             return;
         }
         while self.ghosts.len() >= self.kout {
@@ -256,7 +256,7 @@ mod tests {
         }
         for _ in 0..100 {
             let (p, from) = v.next().unwrap();
-            assert_eq!(from, From::Probation);
+            assert_eq!(from, Queue::Probation);
             v.evicted(p, from);
         }
         assert!(v.ghosts.len() <= 8);
@@ -266,9 +266,9 @@ mod tests {
         // 99 comes back (its entry goes stale), is evicted again from
         // probation later: the stale entry's trim must not forget it.
         v.ghost_ticket[99] = 0;
-        v.evicted(99, From::Probation);
+        v.evicted(99, Queue::Probation);
         for p in 200..207 {
-            v.evicted(p, From::Probation);
+            v.evicted(p, Queue::Probation);
         }
         assert_ne!(v.ghost_ticket[99], 0, "99's newer entry is still live");
     }
@@ -278,10 +278,10 @@ mod tests {
         for policy in [EvictPolicy::Fifo, EvictPolicy::Clock] {
             let mut v = Victims::new(policy, 10, 4);
             assert_eq!(v.installed([3, 1, 2]), 0);
-            assert_eq!(v.next(), Some((3, From::Probation)));
-            v.evicted(3, From::Probation);
+            assert_eq!(v.next(), Some((3, Queue::Probation)));
+            v.evicted(3, Queue::Probation);
             assert_eq!(v.installed([3]), 0, "no promotion outside 2Q");
-            assert_eq!(v.next(), Some((1, From::Probation)));
+            assert_eq!(v.next(), Some((1, Queue::Probation)));
         }
     }
 }
