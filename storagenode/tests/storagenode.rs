@@ -4,7 +4,7 @@
 mod common;
 
 use common::raw::Raw;
-use common::{Node, TempDir, chain, connect_with_timeout, exercise, pattern, signal};
+use common::{Node, TempDir, chain, connect_with_timeout, exercise, freeze, pattern, signal};
 use nbd_proto::client::{ClientError, NbdClient, Request};
 use nbd_proto::wire::{
     Cmd, Errno, InfoRequest, Opt, Rep, TransmissionFlags, cmd_flags, decode_rep_server, info_type,
@@ -426,7 +426,7 @@ fn a_dead_server_fails_every_pending_request() {
     let node = Node::start(dir.path(), &[]);
     let c = connect_with_timeout(node.addr(), "d", Duration::from_millis(500));
     c.write_at(0, &[1u8; 4096], false).unwrap();
-    signal(node.pid(), libc::SIGSTOP);
+    freeze(node.pid());
     let t = Instant::now();
     let e = c.flush().unwrap_err();
     assert!(matches!(e, ClientError::TimedOut { .. }), "{}", chain(&e));

@@ -74,6 +74,22 @@ impl Daemon {
         )
     }
 
+    /// Stops the daemon with SIGSTOP and returns once every one of its threads
+    /// is stopped (see [`freeze`]).
+    pub fn freeze(&self) {
+        freeze(self.child.id());
+    }
+
+    /// Lets a frozen daemon go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        send_signal(self.child.id(), sig);
+    }
+
     /// Sends `sig` and waits for the exit status.
     pub fn stop(mut self, sig: i32) -> ExitStatus {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
@@ -81,6 +97,48 @@ impl Daemon {
             libc::kill(self.child.id() as i32, sig);
         }
         self.child.wait().expect("wait for the daemon")
+    }
+}
+
+/// Sends `sig` to process `pid` (one of this test's children).
+pub fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child process the test started; no memory is involved.
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Sends SIGSTOP to `pid` and waits until each of its threads is stopped
+/// (state `T` in `/proc/PID/task/*/stat`). kill(2) returns before that: the
+/// group stop starts when one thread dequeues the signal, and until then the
+/// others run on, so a test that sends a request right after kill(2) could
+/// still get its answer.
+pub fn freeze(pid: u32) {
+    send_signal(pid, libc::SIGSTOP);
+    let t = std::time::Instant::now();
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    loop {
+        let running: Vec<String> = std::fs::read_dir(&tasks)
+            .unwrap_or_else(|e| panic!("{}: {e}", tasks.display()))
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+            .filter(|stat| {
+                // The state follows the command name's closing parenthesis.
+                let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
+                !matches!(state.and_then(|r| r.chars().next()), Some('T' | 't'))
+            })
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "process {pid} not stopped 10 s after SIGSTOP: {running:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 

@@ -120,11 +120,6 @@ fn finish(child: Child, json: &std::path::Path) -> serde_json::Value {
     v
 }
 
-fn signal(d: &Daemon, sig: i32) {
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe { libc::kill(d.child.id() as i32, sig) };
-}
-
 /// A node killed (`stop = false`) or stopped mid-run: the longest fault
 /// stall, and re-replication's pages per second from the first sign of
 /// missing copies to none left.
@@ -153,7 +148,11 @@ fn failure_run(quick: bool, stop: bool, rate: Option<u64>) -> serde_json::Value 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    signal(&nodes[1], if stop { libc::SIGSTOP } else { libc::SIGKILL });
+    if stop {
+        nodes[1].freeze();
+    } else {
+        nodes[1].signal(libc::SIGKILL);
+    }
     let killed = Instant::now();
     // From the failure's detection to full redundancy.
     let mut first: Option<(Instant, u64)> = None;
@@ -175,7 +174,7 @@ fn failure_run(quick: bool, stop: bool, rate: Option<u64>) -> serde_json::Value 
     }
     let end = finish(child, &json);
     if stop {
-        signal(&nodes[1], libc::SIGCONT);
+        nodes[1].thaw();
     }
     let (secs, copies) = done.map_or((f64::NAN, 0), |(d, c, _)| (d.as_secs_f64(), c));
     let s = &end["stats"];

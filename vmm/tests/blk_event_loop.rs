@@ -178,8 +178,7 @@ fn a_silent_storage_node_fails_its_request_after_the_timeout_and_stalls_nothing_
     assert_eq!(l.status(s), 0);
 
     // The node stops answering: its request stays in flight...
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(node.child.id() as i32, libc::SIGSTOP) };
+    node.freeze();
     let stuck = r.request(0, 0);
     let sent = Instant::now();
     // ...while the other disk on the same loop completes request after request.
@@ -234,8 +233,7 @@ fn a_silent_storage_node_fails_its_request_after_the_timeout_and_stalls_nothing_
     assert_eq!(r.used(), 7, "the request waits for the reconnect");
     // The node resumes: the handshake completes, and the waiting request goes
     // out on the new connection and succeeds.
-    // SAFETY: as above.
-    unsafe { libc::kill(node.child.id() as i32, libc::SIGCONT) };
+    node.thaw();
     r.wait_used(8, IO_TIMEOUT + Duration::from_secs(5));
     assert_eq!(
         r.status(waits),

@@ -397,8 +397,7 @@ fn kvm_a_stopped_memnode_fails_the_vm_within_the_node_timeout() {
     let addr = node.addr.clone();
     let child = start_rand_over(&addr, &["--node-timeout", "500ms"]);
     // SIGSTOP: the node's sockets stay open, it just never answers.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(node.child.id() as i32, libc::SIGSTOP) };
+    node.freeze();
     let stopped = std::time::Instant::now();
     let out = wait_for_exit(
         child,
@@ -406,8 +405,7 @@ fn kvm_a_stopped_memnode_fails_the_vm_within_the_node_timeout() {
         "vmm hung on a stopped memory node",
     );
     let took = stopped.elapsed();
-    // SAFETY: as above.
-    unsafe { libc::kill(node.child.id() as i32, libc::SIGCONT) };
+    node.thaw();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

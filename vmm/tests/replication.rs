@@ -28,11 +28,6 @@ fn memnode_at(addr: &str) -> Daemon {
     )
 }
 
-fn signal(d: &Daemon, sig: i32) {
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe { libc::kill(d.child.id() as i32, sig) };
-}
-
 /// A VM run: the process, its API socket and its `--stats-json` file.
 struct Vm {
     child: Child,
@@ -193,7 +188,7 @@ fn kvm_a_killed_node_loses_no_write_and_redundancy_comes_back() {
         let at = random_moment(seed);
         eprintln!("{}: kill -9 node {victim} at {at:?}", vm.what);
         std::thread::sleep(at);
-        signal(&nodes[victim], libc::SIGKILL);
+        nodes[victim].signal(libc::SIGKILL);
         vm.wait_repaired(1);
         let list = vm.get("/memnodes");
         let dead = &list[victim];
@@ -228,9 +223,9 @@ fn kvm_a_stopped_node_is_declared_dead_and_never_used_again() {
         &["--node-timeout", "300ms"],
     );
     std::thread::sleep(random_moment(5));
-    signal(&nodes[1], libc::SIGSTOP);
+    nodes[1].freeze();
     vm.wait_repaired(1);
-    signal(&nodes[1], libc::SIGCONT);
+    nodes[1].thaw();
     let held = vm_pages_on(&nodes[1].addr, &vm);
     std::thread::sleep(Duration::from_secs(1));
     assert!(
@@ -276,9 +271,9 @@ fn kvm_sequential_and_simultaneous_node_deaths_lose_no_write() {
     let nodes = [memnode(), memnode(), memnode(), memnode()];
     let mut vm = start("seq-kills", 9, &nodes.iter().collect::<Vec<_>>(), 2, 8, &[]);
     std::thread::sleep(random_moment(9));
-    signal(&nodes[0], libc::SIGKILL);
+    nodes[0].signal(libc::SIGKILL);
     vm.wait_repaired(1);
-    signal(&nodes[2], libc::SIGKILL);
+    nodes[2].signal(libc::SIGKILL);
     vm.wait_repaired(2);
     let stats = vm.expect_verified();
     assert_eq!(stats["pages_below_replicas"], 0, "{stats}");
@@ -293,8 +288,8 @@ fn kvm_sequential_and_simultaneous_node_deaths_lose_no_write() {
         &[],
     );
     std::thread::sleep(random_moment(13));
-    signal(&nodes[1], libc::SIGKILL);
-    signal(&nodes[3], libc::SIGKILL);
+    nodes[1].signal(libc::SIGKILL);
+    nodes[3].signal(libc::SIGKILL);
     let stats = vm.expect_verified();
     assert_eq!(stats["node_failures"], 2, "{stats}");
     assert_eq!(stats["pages_without_copy"], 0, "{stats}");
@@ -309,7 +304,7 @@ fn kvm_a_restarted_node_is_attached_as_new_and_serves_only_new_copies() {
     let mut vm = start("restart", 21, &[&a, &b, &c], 2, 10, &[]);
     std::thread::sleep(random_moment(21));
     let addr = c.addr.clone();
-    signal(&c, libc::SIGKILL);
+    c.signal(libc::SIGKILL);
     drop(c);
     vm.wait_repaired(1);
     let c2 = memnode_at(&addr);
@@ -334,7 +329,7 @@ fn kvm_a_restarted_node_is_attached_as_new_and_serves_only_new_copies() {
     // restarted node (the only one with room outside their sets), and are
     // read from b or from what the new node got since it was attached.
     std::thread::sleep(Duration::from_millis(500));
-    signal(&a, libc::SIGKILL);
+    a.signal(libc::SIGKILL);
     vm.wait_repaired(2);
     assert!(
         vm_pages_on(&addr, &vm) > 0,
@@ -363,8 +358,8 @@ fn kvm_losing_every_copy_stops_the_vm_naming_nodes_and_count() {
         &[],
     );
     std::thread::sleep(Duration::from_millis(1500));
-    signal(&nodes[0], libc::SIGKILL);
-    signal(&nodes[2], libc::SIGKILL);
+    nodes[0].signal(libc::SIGKILL);
+    nodes[2].signal(libc::SIGKILL);
     let out = wait(vm.child, &vm.what);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");

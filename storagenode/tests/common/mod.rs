@@ -188,13 +188,9 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Sends `sig` to process `pid` (one of this test's children).
-pub fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on a child process this test started; no memory involved.
-    unsafe {
-        libc::kill(pid as i32, sig);
-    }
-}
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use splitvisor_tests::{freeze, send_signal as signal};
 
 /// A client with a short I/O timeout, for dead-server tests.
 pub fn connect_with_timeout(addr: &str, export: &str, timeout: Duration) -> NbdClient {
