@@ -334,6 +334,7 @@ mod tests {
                 budget_pages: 1024,
                 policy: EvictPolicy::Clock,
                 prefetch: 256,
+                prefetcher: Default::default(),
                 handlers: 4,
                 remove_events: false,
                 host_writes: false,

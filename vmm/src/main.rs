@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use vmm::builder::{self, GuestOutcome, RunReport};
 use vmm::config::{Console, DiskSpec, GuestConfig, LinuxConfig, ShimConfig, ShimImage, VmConfig};
 use vmm::error::VmError;
-use vmm::excache::{CacheConfig, EvictPolicy};
+use vmm::excache::{CacheConfig, EvictPolicy, Prefetcher};
 use vmm::guest::shim::VcpuOutcome;
 use vmm::linux::GuestExit;
 use vmm::workload::Workload;
@@ -123,9 +123,14 @@ struct RunArgs {
     /// Eviction policy.
     #[arg(long, value_enum, default_value_t = EvictPolicy::Clock)]
     evict: EvictPolicy,
-    /// Pages to prefetch on a sequential fault stream (0: off; at most 1024).
+    /// Most pages to prefetch along a fault stream's trend (0: off; at most 1024).
     #[arg(long, default_value_t = 256)]
     prefetch: usize,
+    /// How fault streams are found: `seq` (ascending runs only, the full
+    /// window at once) or `leap` (a majority trend per stream: strides either
+    /// way, interleaved streams, an adaptive window; not yet the default).
+    #[arg(long, value_enum, default_value_t = Prefetcher::Sequential)]
+    prefetcher: Prefetcher,
     /// Track guest writes with KVM's dirty log too: CLOCK then also counts a
     /// page written since the hand last passed as referenced. Off by default: it
     /// stops KVM from mapping neighbouring resident pages on a fault, which costs
@@ -457,6 +462,7 @@ fn vm_config(a: &RunArgs, vm_id: u64) -> VmConfig {
         budget_pages: (a.local_cache / 4096) as usize,
         policy: a.evict,
         prefetch: a.prefetch.min(1024),
+        prefetcher: a.prefetcher,
         handlers: a.fault_threads.clamp(1, 64),
         remove_events: false,
         host_writes: false,
@@ -655,6 +661,7 @@ fn write_stats(
         "vcpus": a.vcpus,
         "evict": a.evict,
         "prefetch": a.prefetch,
+        "prefetcher": a.prefetcher,
         "dirty_log": a.dirty_log,
         "memnodes": a.memnodes,
         "elapsed_s": report.elapsed.as_secs_f64(),

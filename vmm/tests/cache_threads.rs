@@ -98,6 +98,7 @@ fn cache_over(vm_id: u64, nodes: &[&Daemon], budget: usize, rebalance: u64) -> (
             budget_pages: budget,
             policy: EvictPolicy::Clock,
             prefetch: 0,
+            prefetcher: Default::default(),
             handlers: 2,
             remove_events: false,
             host_writes: true,

@@ -41,6 +41,7 @@ fn kvm_host_writes_survive_eviction_and_wait_for_batches() {
             budget_pages: 64,
             policy: EvictPolicy::Clock,
             prefetch: 16,
+            prefetcher: Default::default(),
             handlers: 2,
             remove_events: false,
             host_writes: true,

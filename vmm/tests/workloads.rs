@@ -166,6 +166,44 @@ fn kvm_stride_verifies_at_every_cache_size() {
     same_checksums_at_every_cache_size("stride:stride=264,streams=2");
 }
 
+/// `--prefetcher leap` finds strided and descending streams, interleaved on
+/// one vCPU, that `seq` does not: on `stride` at a quarter cached it takes at
+/// most half the remote faults (8 MiB gives each stream only a few hundred
+/// steps, so the detector's start counts; at 64 MiB it took 7-24x fewer), with the same checksums, and its
+/// accuracy and coverage are reported.
+#[test]
+fn kvm_the_leap_prefetcher_follows_strides_that_seq_misses() {
+    require_kvm();
+    let node = Daemon::memnode(&sibling_bin(VMM, "memnode"), &["--capacity", "64M"]);
+    for (w, vcpus) in [
+        ("stride:stride=-3p,streams=3", 1),
+        ("stride:stride=2p,streams=2", 2),
+    ] {
+        let run = |p: &str| vmm_run_with(&node, w, vcpus, "2M", &["--prefetcher", p]);
+        let (seq, leap) = (run("seq"), run("leap"));
+        let what = format!("{w} on {vcpus} vCPU(s)");
+        assert_eq!(
+            verified_checksums(&seq, &format!("{what}, seq")),
+            verified_checksums(&leap, &format!("{what}, leap"))
+        );
+        let faults = |r: &Run| r.json["stats"]["faults_remote"].as_u64().unwrap();
+        assert!(
+            2 * faults(&leap) <= faults(&seq),
+            "{what}: {} remote faults with leap, {} with seq\n{}",
+            faults(&leap),
+            faults(&seq),
+            leap.json["stats"]
+        );
+        let st = &leap.json["stats"];
+        let (used, fetched) = (
+            st["prefetch_used"].as_u64().unwrap(),
+            st["prefetch_remote"].as_u64().unwrap(),
+        );
+        assert!(used > 0 && used <= fetched, "{what}: {st}");
+        assert!(leap.stdout.contains("accuracy"), "{}", leap.stdout);
+    }
+}
+
 #[test]
 fn kvm_a_corrupted_result_fails_verification_and_the_exit_status() {
     require_kvm();

@@ -93,11 +93,6 @@ pub fn render(cache: &ExCache, control: &RunControl, info: &VmInfo, uptime: Dura
     for (source, v) in [("remote", s.prefetch_remote), ("zero", s.prefetch_zero)] {
         e.sample("prefetched_pages_total", &[("source", source)], n(v));
     }
-    let accuracy = if s.prefetch_remote == 0 {
-        1.0
-    } else {
-        1.0 - s.readahead_dropped.min(s.prefetch_remote) as f64 / s.prefetch_remote as f64
-    };
     e.single(
         "readahead_dropped_pages_total",
         Kind::Counter,
@@ -105,10 +100,28 @@ pub fn render(cache: &ExCache, control: &RunControl, info: &VmInfo, uptime: Dura
         n(s.readahead_dropped),
     )
     .single(
+        "prefetch_used_pages_total",
+        Kind::Counter,
+        "Remotely prefetched pages the guest's fault stream reached.",
+        n(s.prefetch_used),
+    )
+    .single(
+        "prefetch_wasted_pages_total",
+        Kind::Counter,
+        "Remotely prefetched pages evicted before the guest's fault stream reached them.",
+        n(s.prefetch_wasted),
+    )
+    .single(
         "prefetch_accuracy_ratio",
         Kind::Gauge,
-        "Share of remotely prefetched pages not dropped unused (1 before any prefetch).",
-        accuracy,
+        "Share of remotely prefetched pages the guest's stream reached (1 before any prefetch).",
+        s.prefetch_accuracy(),
+    )
+    .single(
+        "prefetch_coverage_ratio",
+        Kind::Gauge,
+        "Share of the remote pages the guest needed that were prefetched before it faulted.",
+        s.prefetch_coverage(),
     );
     e.family(
         "evictions_total",

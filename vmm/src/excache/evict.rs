@@ -138,6 +138,9 @@ fn select(s: &Shared) -> Vec<usize> {
             .compare_exchange(RESIDENT, EVICTING, AcqRel, Acquire)
             .is_ok()
         {
+            if s.ahead[p].swap(super::fault::NOT_AHEAD, Relaxed) == super::fault::AHEAD_REMOTE {
+                s.stats.prefetch_wasted.fetch_add(1, Relaxed);
+            }
             q.evicted(p, from);
             victims.push(p);
         }

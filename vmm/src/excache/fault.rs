@@ -2,17 +2,28 @@
 //! resolves it; several threads give several fetches in flight on the shared
 //! (pipelined) memory node connections.
 //!
-//! A fault that continues a sequential stream is served as the first page of a
-//! *window*: the faulting page and the `prefetch` pages after it are claimed
-//! together, every remote read of the window is submitted before any is awaited
+//! A fault on a stream with a trend ([`trend`]: a stride, ascending or
+//! descending) is served as the first page of a *window*: the faulting page and
+//! the next pages along the stride are claimed together, every remote read of the window is submitted before any is awaited
 //! (one round trip for all), never-written pages are installed while the reads
 //! are in flight, and pages are installed in runs (one `UFFDIO_COPY` per run of
 //! consecutive pages). A never-written page faulted by a write, or prefetched
 //! for a writing stream, is installed as a private zeroed page rather than the
 //! shared zero page: the guest's write then needs no copy-on-write fault, and
 //! KVM can map such pages several at a time (see [`uffd::zero_pages`]).
+//!
+//! **Prefetch accuracy and coverage.** A prefetched page is flagged *ahead*
+//! until the guest's stream reaches it: the stream's next fault (on its
+//! read-ahead mark, or one stride past what was fetched) shows that the guest
+//! went through the pages before it, which are then counted *used*. A flagged
+//! page evicted first is counted *wasted*. Accuracy is the share of pages
+//! fetched ahead from memory nodes that were used; coverage the share of
+//! remote page accesses served by prefetching rather than by a fault. (A
+//! userfaultfd VMM sees faults, not accesses; inferring use from a stream's
+//! progress is what Linux's read-ahead does with its marked page.)
 
 use super::readahead::Mark;
+use super::trend::Trend;
 use super::uffd::{self, Installed, PAGE};
 use super::{ABSENT, EVICTING, FETCHING, PathError, RESIDENT, Shared, fingerprint, repair};
 use std::os::fd::AsRawFd;
@@ -21,38 +32,13 @@ use std::time::Instant;
 use userfaultfd::{Event, FaultKind, ReadWrite};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-/// Recent stream heads for sequential detection (several vCPUs, several streams).
-const STREAMS: usize = 8;
-
-/// The last page of each recent fault stream, shared by all handlers.
-pub(crate) struct Streams(std::sync::Mutex<([u64; STREAMS], usize)>);
-
-impl Streams {
-    pub(crate) fn new() -> Self {
-        Streams(std::sync::Mutex::new(([u64::MAX; STREAMS], 0)))
-    }
-
-    /// Records a fault on `p`; true if it continues a stream (`p - 1` was its end).
-    pub(crate) fn continues(&self, p: u64) -> bool {
-        let mut g = self.0.lock().unwrap();
-        let (heads, next) = &mut *g;
-        if let Some(h) = heads.iter_mut().find(|h| **h != u64::MAX && **h + 1 == p) {
-            *h = p;
-            return true;
-        }
-        heads[*next] = p;
-        *next = (*next + 1) % STREAMS;
-        false
-    }
-
-    /// The stream now ending at `p` has been prefetched up to `last`.
-    pub(crate) fn advance(&self, p: u64, last: u64) {
-        let mut g = self.0.lock().unwrap();
-        if let Some(h) = g.0.iter_mut().find(|h| **h == p) {
-            *h = last;
-        }
-    }
-}
+/// `Shared::ahead`: the page was not prefetched, or the guest's stream
+/// reached it, or it was evicted.
+pub(crate) const NOT_AHEAD: u8 = 0;
+/// `Shared::ahead`: a never-written page installed ahead of its stream.
+const AHEAD_ZERO: u8 = 1;
+/// `Shared::ahead`: a page fetched from a memory node ahead of its stream.
+pub(crate) const AHEAD_REMOTE: u8 = 2;
 
 /// Epoll tokens.
 const UFFD: u64 = 0;
@@ -122,7 +108,12 @@ pub(crate) fn handler_loop(s: &Shared) {
                     let _ = s.uffd.wake(s.addr(p) as *mut _, PAGE);
                 }
             }
-            Event::Pagefault { addr, rw, .. } => {
+            Event::Pagefault {
+                addr,
+                rw,
+                thread_id,
+                ..
+            } => {
                 let p = (addr as usize - s.host_base()) / PAGE;
                 if p >= s.pages {
                     s.fail(PathError::OutsideGuestMemory(p));
@@ -130,15 +121,20 @@ pub(crate) fn handler_loop(s: &Shared) {
                 }
                 let write = rw == ReadWrite::Write;
                 let t0 = Instant::now();
-                // Sequential stream: the fault continues one seen by any handler
-                // (the faults of one stream are spread over all handler threads).
-                let r = if let Some(m) = s.marks.take(p) {
-                    mark_fault(s, m, write, &mut buf)
-                } else if s.cfg.prefetch > 0 && s.streams.continues(p as u64) {
-                    stream_fault(s, p, write, &mut buf)
-                        .map(|last| s.streams.advance(p as u64, last as u64))
-                } else {
-                    handle(s, p, write, &mut buf)
+                // A stream's trend: the faults of one vCPU's stream are spread
+                // over all handler threads, and the detector is shared.
+                let trend = match s.marks.take(p) {
+                    Some(m) => Err(m),
+                    None if s.cfg.prefetch > 0 => {
+                        Ok(s.trends
+                            .fault(thread_id.as_raw(), p as u64, prefetch_window(s)))
+                    }
+                    None => Ok(None),
+                };
+                let r = match trend {
+                    Err(m) => mark_fault(s, m, write, &mut buf),
+                    Ok(Some(t)) => stream_fault(s, p, t, write, &mut buf),
+                    Ok(None) => handle(s, p, write, &mut buf),
                 };
                 s.stats
                     .fault_max_ns
@@ -214,6 +210,7 @@ fn handle(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<(), PathE
 /// Installs page `p` alone, with `data` or (`None`) as a never-written page, and
 /// marks it resident.
 fn install(s: &Shared, p: usize, data: Option<&[u8]>, write: bool) -> Result<(), PathError> {
+    s.ahead[p].store(NOT_AHEAD, Relaxed);
     let installed = match data {
         Some(data) => {
             s.set_installed_hash(p, fingerprint::page(data));
@@ -290,58 +287,102 @@ pub(crate) fn prefetch_window(s: &Shared) -> usize {
     s.cfg.prefetch.min(s.budget / 8 / streams).max(1)
 }
 
-/// Serves a fault on `p` that continues a sequential stream: `p` itself (if no
-/// one else is installing it), the window after it, and the next window with its
-/// first page kept as a read-ahead mark ([`readahead`]). Returns the last page
-/// covered.
-fn stream_fault(s: &Shared, p: usize, write: bool, buf: &mut [u8]) -> Result<usize, PathError> {
+/// Page `p + k * stride`, if it is in the arena.
+fn step(s: &Shared, p: usize, stride: i64, k: usize) -> Option<usize> {
+    let q = (p as i64).checked_add(stride.checked_mul(k as i64)?)?;
+    (0..s.pages as i64).contains(&q).then_some(q as usize)
+}
+
+/// Pages `first`, `first + stride`, ..., `count` of them or up to the arena's end.
+fn along(s: &Shared, first: usize, stride: i64, count: usize) -> impl Iterator<Item = usize> {
+    (0..count).map_while(move |k| step(s, first, stride, k))
+}
+
+/// The guest's stream along `stride` has reached page `p`: the pages fetched
+/// ahead of it in the last `span` strides before `p` were used on the way
+/// (pages already resident when their window was fetched are not flagged, so
+/// the walk goes over the whole span).
+fn credit_used(s: &Shared, p: usize, stride: i64, span: usize) {
+    let used = along(s, p, -stride, span + 1)
+        .skip(1)
+        .filter(|&q| s.ahead[q].swap(NOT_AHEAD, Relaxed) == AHEAD_REMOTE)
+        .count();
+    s.stats.prefetch_used.fetch_add(used as u64, Relaxed);
+}
+
+/// Serves a fault on `p` on a stream with a trend: `p` itself (if no one else
+/// is installing it), the window after it along the stride, and the next
+/// window with its first page kept as a read-ahead mark ([`readahead`]).
+fn stream_fault(
+    s: &Shared,
+    p: usize,
+    t: Trend,
+    write: bool,
+    buf: &mut [u8],
+) -> Result<(), PathError> {
     s.marks.expire(s);
-    let w = prefetch_window(s);
-    let end = (p + 1 + 2 * w).min(s.pages);
-    let last = window(s, p, end, true, Some(p + 1 + w), write, buf)?;
-    Ok(last.unwrap_or(p))
+    let w = t.window;
+    // This window is at most twice the last one (two windows were fetched at
+    // a stream's start).
+    credit_used(s, p, t.stride, 2 * w + 1);
+    let pages = along(s, p, t.stride, 2 * w + 1);
+    let mark = step(s, p, t.stride, w + 1);
+    if let Some(last) = window(s, pages, true, mark, (t.stride, w), write, buf)? {
+        s.trends.advance(p as u64, p as u64, last as u64, w);
+    }
+    Ok(())
 }
 
 /// Serves the guest's fault on a read-ahead mark: installs the page, which was
-/// fetched with its window, then fetches the next window of the stream, whose
-/// first page becomes the next mark.
+/// fetched with its window, then fetches the next window of the stream (twice
+/// as large, up to the limit: the guest used the last one), whose first page
+/// becomes the next mark.
 fn mark_fault(s: &Shared, m: Mark, write: bool, buf: &mut [u8]) -> Result<(), PathError> {
     install(s, m.page, m.data.as_deref(), write)?;
     s.stats.readahead_hits.fetch_add(1, Relaxed);
-    let first = m.stream_end + 1;
-    if first < s.pages {
-        let end = (first + prefetch_window(s)).min(s.pages);
-        if let Some(last) = window(s, first, end, false, Some(first), write, buf)? {
-            s.streams.advance(m.stream_end as u64, last as u64);
+    if m.data.is_some() {
+        s.stats.prefetch_used.fetch_add(1, Relaxed);
+    }
+    credit_used(s, m.page, m.stride, 2 * m.window + 1);
+    let w = (2 * m.window).min(prefetch_window(s)).max(1);
+    if let Some(first) = step(s, m.stream_end, m.stride, 1) {
+        let pages = along(s, first, m.stride, w);
+        if let Some(last) = window(s, pages, false, Some(first), (m.stride, w), write, buf)? {
+            s.trends
+                .advance(m.stream_end as u64, m.page as u64, last as u64, w);
         }
     }
     Ok(())
 }
 
-/// Fetches and installs the absent pages of `[first, end)` while frames are free,
-/// as one window. With `demand`, `first` is the faulted page: it is claimed even
-/// if that means waiting for a frame, and it travels alone and first. Page
-/// `mark`, if claimed, is kept as a read-ahead mark instead of installed.
-/// Returns the last page claimed.
+/// Fetches and installs the absent ones of `pages` (a stream's window, in the
+/// stream's order) while frames are free. With `demand`, the first page is the
+/// faulted page: it is claimed even if that means waiting for a frame, and it
+/// travels alone and first. Page `mark`, if claimed, is kept as a read-ahead
+/// mark for the stream's next window (`stream`: its stride and this window's
+/// size) instead of installed. Returns the last page claimed along the stream.
 fn window(
     s: &Shared,
-    first: usize,
-    end: usize,
+    mut pages: impl Iterator<Item = usize>,
     demand: bool,
     mark: Option<usize>,
+    stream: (i64, usize),
     write: bool,
     buf: &mut [u8],
 ) -> Result<Option<usize>, PathError> {
     let t0 = Instant::now();
+    let Some(first) = pages.next() else {
+        return Ok(None);
+    };
     let demand = demand && claim_faulted(s, first);
     if demand && !s.reserve_frame() {
         return Ok(None);
     }
-    let mut taken: Vec<usize> = Vec::with_capacity(end.saturating_sub(first));
+    let mut taken: Vec<usize> = Vec::with_capacity(2 * stream.1 + 1);
     if demand {
         taken.push(first);
     }
-    for q in first + usize::from(demand)..end {
+    for q in std::iter::once(first).filter(|_| !demand).chain(pages) {
         if s.state[q].load(Acquire) != ABSENT {
             continue;
         }
@@ -358,9 +399,25 @@ fn window(
         taken.push(q);
     }
     let last = taken.last().copied();
+    // Ascending (the faulted page kept first), so that a descending stream's
+    // pages are installed in runs too.
+    taken[usize::from(demand)..].sort_unstable();
     let mark = mark.filter(|m| taken.contains(m));
     let (remote, zero): (Vec<usize>, Vec<usize>) =
         taken.iter().partition(|&&q| s.remote[q].load(Acquire));
+    // Flagged before they are installed: one evicted at once counts as wasted.
+    let flag = |pages: &[usize], how: u8| {
+        for &q in pages {
+            let ahead = if (demand && q == first) || Some(q) == mark {
+                NOT_AHEAD
+            } else {
+                how
+            };
+            s.ahead[q].store(ahead, Relaxed);
+        }
+    };
+    flag(&remote, AHEAD_REMOTE);
+    flag(&zero, AHEAD_ZERO);
     // Decided now: once installed, the page may be evicted (and its `remote`
     // flag set) before this function returns.
     let demand_remote = demand && remote.first() == Some(&first);
@@ -490,6 +547,8 @@ fn window(
                 page,
                 data,
                 stream_end,
+                stride: stream.0,
+                window: stream.1,
             },
         );
     }

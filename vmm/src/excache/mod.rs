@@ -12,7 +12,8 @@
 //!    ([`placement`], one `fabric` round trip) and installs it with `UFFDIO_COPY`,
 //!    or, if the page was never written back, installs a zero page without any
 //!    network traffic ([`uffd`]); the vCPU resumes;
-//! 3. on a detected sequential stream it prefetches the next pages, pipelined.
+//! 3. on a fault stream with a trend (a stride, either way; [`trend`]) it
+//!    prefetches the next pages along it, pipelined, one window ahead.
 //!
 //! The evictor ([`evict`]) keeps free frames available; its protocol (write-protect,
 //! read the dirty log, write back, discard) guarantees that no guest write is lost.
@@ -29,6 +30,7 @@ pub mod repair;
 pub mod replicas;
 pub mod seal;
 pub mod stats;
+mod trend;
 pub mod uffd;
 mod victims;
 
@@ -41,6 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
+pub use trend::Prefetcher;
 use uffd::{PAGE, RetryCounters, UffdError};
 use userfaultfd::Uffd;
 use vm_memory::MmapRegion;
@@ -77,8 +80,11 @@ pub struct CacheConfig {
     pub budget_pages: usize,
     /// Victim selection.
     pub policy: EvictPolicy,
-    /// Pages to prefetch on a sequential stream (0: off).
+    /// Most pages to prefetch along a fault stream's trend (0: off).
     pub prefetch: usize,
+    /// How fault streams are detected.
+    #[serde(default)]
+    pub prefetcher: Prefetcher,
     /// Fault handler threads.
     pub handlers: usize,
     /// Ask for `UFFD_EVENT_REMOVE` on our own discards (diagnostics; costs a
@@ -178,6 +184,9 @@ pub(crate) struct Shared {
     pub(crate) remote: Box<[AtomicBool]>,
     /// CLOCK reference bits.
     pub(crate) referenced: Box<[AtomicBool]>,
+    /// The page was prefetched and the guest's stream has not reached it yet
+    /// (prefetch accuracy, see [`fault`]).
+    pub(crate) ahead: Box<[AtomicU8]>,
     /// Content fingerprint of each page as installed (two 64-bit lanes), see
     /// [`evict`] ("Clean pages").
     pub(crate) installed_hash: Box<[[AtomicU64; 2]]>,
@@ -204,9 +213,9 @@ pub(crate) struct Shared {
     /// Pages the KVM dirty log reported and that have not been evicted since
     /// (shared by the evictor threads).
     pub(crate) dirty: Mutex<Vec<u64>>,
-    /// Sequential fault streams, for prefetching.
-    pub(crate) streams: fault::Streams,
-    /// Read-ahead marks of sequential streams.
+    /// Fault streams and their trends, for prefetching.
+    pub(crate) trends: trend::Trends,
+    /// Read-ahead marks of the streams.
     pub(crate) marks: readahead::Marks,
     /// The first fatal error (a memory node failed); the VM stops on it.
     pub(crate) fatal: Mutex<Option<Arc<PathError>>>,
@@ -393,6 +402,9 @@ impl ExCache {
             state: (0..pages).map(|_| AtomicU8::new(ABSENT)).collect(),
             remote: (0..pages).map(|_| AtomicBool::new(false)).collect(),
             referenced: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            ahead: (0..pages)
+                .map(|_| AtomicU8::new(fault::NOT_AHEAD))
+                .collect(),
             installed_hash: (0..pages)
                 .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
                 .collect(),
@@ -416,7 +428,7 @@ impl ExCache {
             seals: seal::Seals::new(pages, cfg.encrypt_pages).map_err(CacheError::Key)?,
             vm,
             stats: CacheStats::new(),
-            streams: fault::Streams::new(),
+            trends: trend::Trends::new(cfg.prefetcher),
             marks: readahead::Marks::new(),
             dirty: Mutex::new(vec![0u64; pages.div_ceil(64)]),
             fatal: Mutex::new(None),
@@ -511,6 +523,8 @@ impl ExCache {
             evict_clean: load(&st.evict_clean),
             evict_dirty: load(&st.evict_dirty),
             evict_promoted: load(&st.evict_promoted),
+            prefetch_used: load(&st.prefetch_used),
+            prefetch_wasted: load(&st.prefetch_wasted),
             writeback_bytes: load(&st.writeback_bytes),
             vcpu_eviction_waits: load(&st.vcpu_eviction_waits),
             uffd_eagain: load(&s.retries.eagain),

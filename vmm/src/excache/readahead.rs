@@ -37,6 +37,11 @@ pub(crate) struct Mark {
     pub(crate) data: Option<Box<[u8]>>,
     /// The last page the stream has been fetched up to.
     pub(crate) stream_end: usize,
+    /// The stream's stride, in pages.
+    pub(crate) stride: i64,
+    /// The window that was fetched with this mark; the next one is twice as
+    /// large (the guest reached this one), up to the cache's limit.
+    pub(crate) window: usize,
 }
 
 /// The marks of recent streams.

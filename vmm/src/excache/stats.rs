@@ -14,10 +14,14 @@ pub struct CacheStats {
     pub faults_remote: AtomicU64,
     /// Fault events for pages already present or being installed.
     pub faults_spurious: AtomicU64,
-    /// Pages fetched ahead of a sequential stream.
+    /// Pages fetched ahead of a fault stream.
     pub prefetch_remote: AtomicU64,
-    /// Zero pages installed ahead of a sequential stream.
+    /// Zero pages installed ahead of a fault stream.
     pub prefetch_zero: AtomicU64,
+    /// Pages fetched ahead that the guest's stream reached (see `fault`).
+    pub prefetch_used: AtomicU64,
+    /// Pages fetched ahead and evicted before the guest's stream reached them.
+    pub prefetch_wasted: AtomicU64,
     /// Faults on read-ahead marks: served from the page fetched with its
     /// window, each starting the fetch of the next window.
     pub readahead_hits: AtomicU64,
@@ -61,6 +65,8 @@ impl CacheStats {
             faults_spurious: AtomicU64::new(0),
             prefetch_remote: AtomicU64::new(0),
             prefetch_zero: AtomicU64::new(0),
+            prefetch_used: AtomicU64::new(0),
+            prefetch_wasted: AtomicU64::new(0),
             readahead_hits: AtomicU64::new(0),
             readahead_dropped: AtomicU64::new(0),
             evict_clean: AtomicU64::new(0),
@@ -98,6 +104,12 @@ pub struct StatsSnapshot {
     pub prefetch_remote: u64,
     /// Prefetched zero pages.
     pub prefetch_zero: u64,
+    /// Remotely prefetched pages the guest's stream reached.
+    #[serde(default)]
+    pub prefetch_used: u64,
+    /// Remotely prefetched pages evicted before the guest's stream reached them.
+    #[serde(default)]
+    pub prefetch_wasted: u64,
     /// Faults on read-ahead marks.
     #[serde(default)]
     pub readahead_hits: u64,
@@ -174,10 +186,32 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
+    /// Prefetch accuracy: the share of remotely prefetched pages that the
+    /// guest's stream reached (pages not reached yet count as missed); 1
+    /// before any prefetch.
+    pub fn prefetch_accuracy(&self) -> f64 {
+        if self.prefetch_remote == 0 {
+            1.0
+        } else {
+            self.prefetch_used.min(self.prefetch_remote) as f64 / self.prefetch_remote as f64
+        }
+    }
+
+    /// Prefetch coverage: the share of the remote pages the guest needed that
+    /// prefetching fetched before the guest faulted on them.
+    pub fn prefetch_coverage(&self) -> f64 {
+        let needed = self.prefetch_used + self.faults_remote;
+        if needed == 0 {
+            0.0
+        } else {
+            self.prefetch_used as f64 / needed as f64
+        }
+    }
+
     /// One human-readable paragraph.
     pub fn summary(&self) -> String {
         format!(
-            "resident {}/{} pages; faults: {} zero-fill, {} remote ({} spurious); prefetched {} remote + {} zero ({} read-ahead mark faults, {} marks dropped); \
+            "resident {}/{} pages; faults: {} zero-fill, {} remote ({} spurious); prefetched {} remote + {} zero ({} read-ahead mark faults, {} marks dropped; {} used, {} wasted: accuracy {:.1}%, coverage {:.1}%); \
 evictions: {} clean, {} dirty ({} MiB written back), {} promoted; remote fetch p50 {:.1} us, p99 {:.1} us over {} fetches; \
 writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; replicas {}: {} pages below, {} copies made, {} node failures; pages per node: {}",
             self.resident_pages,
@@ -189,6 +223,10 @@ writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; 
             self.prefetch_zero,
             self.readahead_hits,
             self.readahead_dropped,
+            self.prefetch_used,
+            self.prefetch_wasted,
+            100.0 * self.prefetch_accuracy(),
+            100.0 * self.prefetch_coverage(),
             self.evict_clean,
             self.evict_dirty,
             self.writeback_bytes >> 20,

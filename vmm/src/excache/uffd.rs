@@ -59,7 +59,9 @@ pub fn create(remove_events: bool) -> Result<Uffd, UffdError> {
         .non_blocking(true)
         .user_mode_only(false);
     // Write-protect faults on anonymous memory: the eviction protocol's lock.
-    let mut features = userfaultfd::FeatureFlags::PAGEFAULT_FLAG_WP;
+    // The faulting thread's id: the prefetcher tells vCPUs' streams apart.
+    let mut features =
+        userfaultfd::FeatureFlags::PAGEFAULT_FLAG_WP | userfaultfd::FeatureFlags::THREAD_ID;
     if remove_events {
         features |= userfaultfd::FeatureFlags::EVENT_REMOVE;
     }
