@@ -141,7 +141,7 @@ fn main() {
         "targets": {
             "kv_scan_2q_at_least_1_5x_fewer_store_faults_at_25pct": gain_25 >= 1.5,
         },
-        "not_measured_yet": "the Leap-style prefetcher (issue 21): prefetching here is today's sequential read-ahead in every run",
+        "not_measured_yet": "--prefetcher leap (issue 21): every run here uses the default --prefetcher seq",
     });
     let text = serde_json::to_string_pretty(&out).unwrap();
     let path = splitvisor_tests::write_bench_output("app_workloads", &text);
