@@ -85,9 +85,10 @@ impl Daemon {
         self.signal(libc::SIGCONT);
     }
 
-    /// Sends `sig` to the daemon.
+    /// Sends `sig` to the daemon, which must still be there.
     pub fn signal(&self, sig: i32) {
-        send_signal(self.child.id(), sig);
+        let pid = self.child.id();
+        send_signal(pid, sig).unwrap_or_else(|e| panic!("kill({pid}, {sig}): {e}"));
     }
 
     /// Sends `sig` and waits for the exit status.
@@ -100,16 +101,16 @@ impl Daemon {
     }
 }
 
-/// Sends `sig` to process `pid` (one of this test's children).
-pub fn send_signal(pid: u32, sig: i32) {
+/// Sends `sig` to process `pid` (one of this test's children). An error is
+/// `ESRCH` when the process is gone (already reaped).
+pub fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
     // SAFETY: kill(2) on a child process the test started; no memory is involved.
     let rc = unsafe { libc::kill(pid as i32, sig) };
-    assert_eq!(
-        rc,
-        0,
-        "kill({pid}, {sig}): {}",
-        std::io::Error::last_os_error()
-    );
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Sends SIGSTOP to `pid` and waits until each of its threads is stopped
@@ -118,7 +119,7 @@ pub fn send_signal(pid: u32, sig: i32) {
 /// others run on, so a test that sends a request right after kill(2) could
 /// still get its answer.
 pub fn freeze(pid: u32) {
-    send_signal(pid, libc::SIGSTOP);
+    send_signal(pid, libc::SIGSTOP).unwrap_or_else(|e| panic!("SIGSTOP to {pid}: {e}"));
     let t = std::time::Instant::now();
     let tasks = PathBuf::from(format!("/proc/{pid}/task"));
     loop {

@@ -190,7 +190,19 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 // Each test binary uses some of these.
 #[allow(unused_imports)]
-pub use splitvisor_tests::{freeze, send_signal as signal};
+pub use splitvisor_tests::freeze;
+
+/// Sends `sig` to process `pid` (one of this test's children); a process
+/// already gone is not an error (a guard may kill one that exited).
+pub fn signal(pid: u32, sig: i32) {
+    if let Err(e) = splitvisor_tests::send_signal(pid, sig) {
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ESRCH),
+            "kill({pid}, {sig}): {e}"
+        );
+    }
+}
 
 /// A client with a short I/O timeout, for dead-server tests.
 pub fn connect_with_timeout(addr: &str, export: &str, timeout: Duration) -> NbdClient {
