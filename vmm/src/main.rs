@@ -126,10 +126,11 @@ struct RunArgs {
     /// Most pages to prefetch along a fault stream's trend (0: off; at most 1024).
     #[arg(long, default_value_t = 256)]
     prefetch: usize,
-    /// How fault streams are found: `seq` (ascending runs only, the full
-    /// window at once) or `leap` (a majority trend per stream: strides either
-    /// way, interleaved streams, an adaptive window; not yet the default).
-    #[arg(long, value_enum, default_value_t = Prefetcher::Sequential)]
+    /// How fault streams are found: `leap` (a majority trend per stream:
+    /// strides either way, interleaved streams, an adaptive window) or `seq`
+    /// (ascending runs only, the full window at once: the read-ahead before
+    /// Leap).
+    #[arg(long, value_enum, default_value_t = Prefetcher::Leap)]
     prefetcher: Prefetcher,
     /// Track guest writes with KVM's dirty log too: CLOCK then also counts a
     /// page written since the hand last passed as referenced. Off by default: it
@@ -461,7 +462,7 @@ fn vm_config(a: &RunArgs, vm_id: u64) -> VmConfig {
     let cache = CacheConfig {
         budget_pages: (a.local_cache / 4096) as usize,
         policy: a.evict,
-        prefetch: a.prefetch.min(1024),
+        prefetch: a.prefetch.min(vmm::excache::MAX_PREFETCH),
         prefetcher: a.prefetcher,
         handlers: a.fault_threads.clamp(1, 64),
         remove_events: false,

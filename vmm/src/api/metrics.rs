@@ -112,9 +112,15 @@ pub fn render(cache: &ExCache, control: &RunControl, info: &VmInfo, uptime: Dura
         n(s.prefetch_wasted),
     )
     .single(
+        "prefetch_unreached_pages",
+        Kind::Gauge,
+        "Remotely prefetched pages resident that the guest's fault stream has not gone past yet.",
+        n(s.prefetch_unreached),
+    )
+    .single(
         "prefetch_accuracy_ratio",
         Kind::Gauge,
-        "Share of remotely prefetched pages the guest's stream reached (1 before any prefetch).",
+        "Of the remotely prefetched pages used or evicted, the share used (1 before any).",
         s.prefetch_accuracy(),
     )
     .single(

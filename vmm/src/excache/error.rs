@@ -43,25 +43,6 @@ pub enum PathError {
         #[source]
         source: ClientError,
     },
-    /// A memory node failed while pages were read off it to be moved (a drain
-    /// or a rebalance).
-    #[error("memory node {addr} failed while draining")]
-    Drain {
-        /// The node's address.
-        addr: String,
-        /// Why.
-        #[source]
-        source: ClientError,
-    },
-    /// A memory node failed while taking pages moved to it.
-    #[error("memory node {addr} failed while taking moved pages")]
-    TakeMoved {
-        /// The node's address.
-        addr: String,
-        /// Why.
-        #[source]
-        source: ClientError,
-    },
     /// Every memory node is full or leaving: dirty pages cannot be written back.
     #[error(
         "every memory node is full (or leaving): cannot write back guest pages; attach a memory node with free capacity ({reasons})"
@@ -133,13 +114,13 @@ mod tests {
             addr: addr.into(),
             reason: "reset by peer".into(),
         };
-        let e = PathError::Drain {
+        let e = PathError::Fetch {
             addr: addr.into(),
             source: lost(),
         };
         assert_eq!(
             fabric::client::error_chain(&e),
-            "memory node 10.0.0.2:7000 failed while draining: connection to node 10.0.0.2:7000 lost: reset by peer"
+            "memory node 10.0.0.2:7000 failed: connection to node 10.0.0.2:7000 lost: reset by peer"
         );
         let e = PathError::Fetch {
             addr: addr.into(),

@@ -15,9 +15,12 @@
 //! **Prefetch accuracy and coverage.** A prefetched page is flagged *ahead*
 //! until the guest's stream reaches it: the stream's next fault (on its
 //! read-ahead mark, or one stride past what was fetched) shows that the guest
-//! went through the pages before it, which are then counted *used*. A flagged
-//! page evicted first is counted *wasted*. Accuracy is the share of pages
-//! fetched ahead from memory nodes that were used; coverage the share of
+//! went through the pages between its previous position and this fault, which
+//! are then counted *used*. A flagged page evicted first is counted *wasted*;
+//! one still flagged is *unreached* (the pages of a stream's last window, or
+//! fetched past a stream's end, until they are evicted). Accuracy is the share
+//! used of the pages fetched ahead from memory nodes whose fate is known (used
+//! or wasted); coverage the share of
 //! remote page accesses served by prefetching rather than by a fault. (A
 //! userfaultfd VMM sees faults, not accesses; inferring use from a stream's
 //! progress is what Linux's read-ahead does with its marked page.)
@@ -284,7 +287,11 @@ pub(crate) fn prefetch_window(s: &Shared) -> usize {
         return 0;
     }
     let streams = s.marks.len().max(1);
-    s.cfg.prefetch.min(s.budget / 8 / streams).max(1)
+    s.cfg
+        .prefetch
+        .min(super::MAX_PREFETCH)
+        .min(s.budget / 8 / streams)
+        .max(1)
 }
 
 /// Page `p + k * stride`, if it is in the arena.
@@ -298,16 +305,33 @@ fn along(s: &Shared, first: usize, stride: i64, count: usize) -> impl Iterator<I
     (0..count).map_while(move |k| step(s, first, stride, k))
 }
 
-/// The guest's stream along `stride` has reached page `p`: the pages fetched
-/// ahead of it in the last `span` strides before `p` were used on the way
-/// (pages already resident when their window was fetched are not flagged, so
-/// the walk goes over the whole span).
-fn credit_used(s: &Shared, p: usize, stride: i64, span: usize) {
-    let used = along(s, p, -stride, span + 1)
+/// The guest's stream along `stride` went from page `from` to page `p`: the
+/// pages fetched ahead of it between the two were used on the way. (A walk
+/// over the pages between, not over the flagged ones: pages already resident
+/// when their window was fetched are not flagged. At most [`CREDIT_STEPS`]
+/// strides: windows are smaller than that.)
+fn credit_used(s: &Shared, from: usize, p: usize, stride: i64) {
+    let between = |q: &usize| (from < *q && *q < p) || (p < *q && *q < from);
+    let used = along(s, p, -stride, CREDIT_STEPS)
         .skip(1)
+        .take_while(between)
         .filter(|&q| s.ahead[q].swap(NOT_AHEAD, Relaxed) == AHEAD_REMOTE)
         .count();
     s.stats.prefetch_used.fetch_add(used as u64, Relaxed);
+}
+
+/// Most strides [`credit_used`] walks back: two of the largest windows.
+const CREDIT_STEPS: usize = 2 * super::MAX_PREFETCH + 2;
+
+/// A stream's window being fetched: its stride, its size in pages, the page
+/// the guest's stream is at (whose fault fetches it) and the stream's last
+/// page before this window (the detector finds the stream by it).
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    stride: i64,
+    window: usize,
+    at: usize,
+    end: usize,
 }
 
 /// Serves a fault on `p` on a stream with a trend: `p` itself (if no one else
@@ -322,15 +346,16 @@ fn stream_fault(
 ) -> Result<(), PathError> {
     s.marks.expire(s);
     let w = t.window;
-    // This window is at most twice the last one (two windows were fetched at
-    // a stream's start).
-    credit_used(s, p, t.stride, 2 * w + 1);
+    credit_used(s, t.from as usize, p, t.stride);
     let pages = along(s, p, t.stride, 2 * w + 1);
     let mark = step(s, p, t.stride, w + 1);
-    if let Some(last) = window(s, pages, true, mark, (t.stride, w), write, buf)? {
-        s.trends.advance(p as u64, p as u64, last as u64, w);
-    }
-    Ok(())
+    let stream = Stream {
+        stride: t.stride,
+        window: w,
+        at: p,
+        end: p,
+    };
+    window(s, pages, true, mark, stream, write, buf)
 }
 
 /// Serves the guest's fault on a read-ahead mark: installs the page, which was
@@ -343,14 +368,17 @@ fn mark_fault(s: &Shared, m: Mark, write: bool, buf: &mut [u8]) -> Result<(), Pa
     if m.data.is_some() {
         s.stats.prefetch_used.fetch_add(1, Relaxed);
     }
-    credit_used(s, m.page, m.stride, 2 * m.window + 1);
+    credit_used(s, m.from, m.page, m.stride);
     let w = (2 * m.window).min(prefetch_window(s)).max(1);
     if let Some(first) = step(s, m.stream_end, m.stride, 1) {
         let pages = along(s, first, m.stride, w);
-        if let Some(last) = window(s, pages, false, Some(first), (m.stride, w), write, buf)? {
-            s.trends
-                .advance(m.stream_end as u64, m.page as u64, last as u64, w);
-        }
+        let stream = Stream {
+            stride: m.stride,
+            window: w,
+            at: m.page,
+            end: m.stream_end,
+        };
+        window(s, pages, false, Some(first), stream, write, buf)?;
     }
     Ok(())
 }
@@ -359,26 +387,30 @@ fn mark_fault(s: &Shared, m: Mark, write: bool, buf: &mut [u8]) -> Result<(), Pa
 /// stream's order) while frames are free. With `demand`, the first page is the
 /// faulted page: it is claimed even if that means waiting for a frame, and it
 /// travels alone and first. Page `mark`, if claimed, is kept as a read-ahead
-/// mark for the stream's next window (`stream`: its stride and this window's
-/// size) instead of installed. Returns the last page claimed along the stream.
+/// mark for the stream's next window instead of installed.
+///
+/// The stream's detector learns how far the window reaches as soon as its
+/// pages are claimed, before they are fetched: the faulted page is installed
+/// first and the guest goes on, and its next faults, on pages of the window
+/// still in flight, must be seen as such (not as steps of the stream).
 fn window(
     s: &Shared,
     mut pages: impl Iterator<Item = usize>,
     demand: bool,
     mark: Option<usize>,
-    stream: (i64, usize),
+    stream: Stream,
     write: bool,
     buf: &mut [u8],
-) -> Result<Option<usize>, PathError> {
+) -> Result<(), PathError> {
     let t0 = Instant::now();
     let Some(first) = pages.next() else {
-        return Ok(None);
+        return Ok(());
     };
     let demand = demand && claim_faulted(s, first);
     if demand && !s.reserve_frame() {
-        return Ok(None);
+        return Ok(());
     }
-    let mut taken: Vec<usize> = Vec::with_capacity(2 * stream.1 + 1);
+    let mut taken: Vec<usize> = Vec::with_capacity(2 * stream.window + 1);
     if demand {
         taken.push(first);
     }
@@ -399,6 +431,14 @@ fn window(
         taken.push(q);
     }
     let last = taken.last().copied();
+    if let Some(last) = last {
+        s.trends.advance(
+            stream.end as u64,
+            stream.at as u64,
+            last as u64,
+            stream.window,
+        );
+    }
     // Ascending (the faulted page kept first), so that a descending stream's
     // pages are installed in runs too.
     taken[usize::from(demand)..].sort_unstable();
@@ -547,8 +587,9 @@ fn window(
                 page,
                 data,
                 stream_end,
-                stride: stream.0,
-                window: stream.1,
+                stride: stream.stride,
+                window: stream.window,
+                from: stream.at,
             },
         );
     }
@@ -562,7 +603,7 @@ fn window(
         .prefetch_remote
         .fetch_add(extra_remote as u64, Relaxed);
     s.stats.prefetch_zero.fetch_add(extra_zero as u64, Relaxed);
-    Ok(last)
+    Ok(())
 }
 
 /// Calls `f` on the parts of the run `pages[i..j]` that are not page `mark`.

@@ -73,6 +73,9 @@ pub enum EvictPolicy {
     TwoQ,
 }
 
+/// The largest prefetch window, in pages.
+pub const MAX_PREFETCH: usize = 1024;
+
 /// Cache options.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CacheConfig {
@@ -80,7 +83,8 @@ pub struct CacheConfig {
     pub budget_pages: usize,
     /// Victim selection.
     pub policy: EvictPolicy,
-    /// Most pages to prefetch along a fault stream's trend (0: off).
+    /// Most pages to prefetch along a fault stream's trend (0: off; at most
+    /// [`MAX_PREFETCH`] are used).
     pub prefetch: usize,
     /// How fault streams are detected.
     #[serde(default)]
@@ -525,6 +529,11 @@ impl ExCache {
             evict_promoted: load(&st.evict_promoted),
             prefetch_used: load(&st.prefetch_used),
             prefetch_wasted: load(&st.prefetch_wasted),
+            prefetch_unreached: s
+                .ahead
+                .iter()
+                .filter(|a| a.load(Relaxed) == fault::AHEAD_REMOTE)
+                .count() as u64,
             writeback_bytes: load(&st.writeback_bytes),
             vcpu_eviction_waits: load(&st.vcpu_eviction_waits),
             uffd_eagain: load(&s.retries.eagain),

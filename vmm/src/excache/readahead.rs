@@ -42,6 +42,9 @@ pub(crate) struct Mark {
     /// The window that was fetched with this mark; the next one is twice as
     /// large (the guest reached this one), up to the cache's limit.
     pub(crate) window: usize,
+    /// Where the guest's stream was when this mark was fetched: the pages
+    /// between there and the mark were passed on the way to it.
+    pub(crate) from: usize,
 }
 
 /// The marks of recent streams.

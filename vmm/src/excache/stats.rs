@@ -110,6 +110,10 @@ pub struct StatsSnapshot {
     /// Remotely prefetched pages evicted before the guest's stream reached them.
     #[serde(default)]
     pub prefetch_wasted: u64,
+    /// Remotely prefetched pages resident that the guest's stream has not
+    /// gone past (yet): neither used nor wasted so far.
+    #[serde(default)]
+    pub prefetch_unreached: u64,
     /// Faults on read-ahead marks.
     #[serde(default)]
     pub readahead_hits: u64,
@@ -186,14 +190,16 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
-    /// Prefetch accuracy: the share of remotely prefetched pages that the
-    /// guest's stream reached (pages not reached yet count as missed); 1
-    /// before any prefetch.
+    /// Prefetch accuracy: of the remotely prefetched pages whose fate is
+    /// known (the guest's stream went past them, or they were evicted first),
+    /// the share used; pages still resident and not reached are left out. 1
+    /// before any is known.
     pub fn prefetch_accuracy(&self) -> f64 {
-        if self.prefetch_remote == 0 {
+        let known = self.prefetch_remote.saturating_sub(self.prefetch_unreached);
+        if known == 0 {
             1.0
         } else {
-            self.prefetch_used.min(self.prefetch_remote) as f64 / self.prefetch_remote as f64
+            self.prefetch_used.min(known) as f64 / known as f64
         }
     }
 
@@ -211,7 +217,7 @@ impl StatsSnapshot {
     /// One human-readable paragraph.
     pub fn summary(&self) -> String {
         format!(
-            "resident {}/{} pages; faults: {} zero-fill, {} remote ({} spurious); prefetched {} remote + {} zero ({} read-ahead mark faults, {} marks dropped; {} used, {} wasted: accuracy {:.1}%, coverage {:.1}%); \
+            "resident {}/{} pages; faults: {} zero-fill, {} remote ({} spurious); prefetched {} remote + {} zero ({} read-ahead mark faults, {} marks dropped; {} used, {} wasted, {} not reached yet: accuracy {:.1}%, coverage {:.1}%); \
 evictions: {} clean, {} dirty ({} MiB written back), {} promoted; remote fetch p50 {:.1} us, p99 {:.1} us over {} fetches; \
 writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; replicas {}: {} pages below, {} copies made, {} node failures; pages per node: {}",
             self.resident_pages,
@@ -225,6 +231,7 @@ writes held on evicting pages {} (+{} EFAULT waits); uffd EAGAIN {}, EEXIST {}; 
             self.readahead_dropped,
             self.prefetch_used,
             self.prefetch_wasted,
+            self.prefetch_unreached,
             100.0 * self.prefetch_accuracy(),
             100.0 * self.prefetch_coverage(),
             self.evict_clean,

@@ -40,12 +40,10 @@ use std::sync::Mutex;
 pub enum Prefetcher {
     /// Leap's majority trend per stream: strides either way, interleaved
     /// streams per vCPU, a window that grows on hits and shrinks on misses.
-    /// Not yet the default: on a plain sequential scan it sometimes loses the
-    /// stream for a while (see docs/vmm.md, "Prefetching").
+    #[default]
     Leap,
     /// Ascending runs of consecutive pages only, with the full window at once
     /// (the read-ahead before Leap).
-    #[default]
     #[value(name = "seq")]
     #[serde(rename = "seq")]
     Sequential,
@@ -63,10 +61,16 @@ pub(crate) const NEAR: u64 = 512;
 /// The first window along a newly found trend, in pages.
 pub(crate) const FIRST_WINDOW: usize = 8;
 
-/// Boyer–Moore majority vote: the value held by more than half of `xs`.
-pub(crate) fn majority(xs: &[i64]) -> Option<i64> {
+/// Boyer–Moore majority vote: the value held by more than half of `xs` (two
+/// passes over the iterator, no allocation).
+pub(crate) fn majority<I>(xs: I) -> Option<i64>
+where
+    I: IntoIterator<Item = i64>,
+    I::IntoIter: Clone,
+{
+    let xs = xs.into_iter();
     let (mut cand, mut count) = (0i64, 0usize);
-    for &x in xs {
+    for x in xs.clone() {
         if count == 0 {
             (cand, count) = (x, 1);
         } else if x == cand {
@@ -75,7 +79,12 @@ pub(crate) fn majority(xs: &[i64]) -> Option<i64> {
             count -= 1;
         }
     }
-    (count > 0 && 2 * xs.iter().filter(|&&x| x == cand).count() > xs.len()).then_some(cand)
+    let (mut n, mut votes) = (0usize, 0usize);
+    for x in xs {
+        n += 1;
+        votes += usize::from(x == cand);
+    }
+    (count > 0 && 2 * votes > n).then_some(cand)
 }
 
 /// What to prefetch after a fault: pages `p + stride`, `p + 2 * stride`, ...
@@ -85,6 +94,10 @@ pub(crate) struct Trend {
     pub(crate) stride: i64,
     /// Pages to fetch along it.
     pub(crate) window: usize,
+    /// Where the stream was before this fault (its last fault, or the
+    /// read-ahead mark it last reached): the pages fetched ahead of it between
+    /// there and this fault were passed on the way.
+    pub(crate) from: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -117,10 +130,8 @@ impl Stream {
     }
 
     /// The last `w` deltas, oldest first.
-    fn recent(&self, w: usize) -> Vec<i64> {
-        (self.n - w..self.n)
-            .map(|i| self.deltas[i % HISTORY])
-            .collect()
+    fn recent(&self, w: usize) -> impl Iterator<Item = i64> + Clone + '_ {
+        (self.n - w..self.n).map(|i| self.deltas[i % HISTORY])
     }
 
     fn trend(&self, policy: Prefetcher) -> Option<i64> {
@@ -137,7 +148,7 @@ impl Stream {
                 [2, 4, 8]
                     .into_iter()
                     .filter(|&w| w <= self.n.min(HISTORY))
-                    .find_map(|w| majority(&self.recent(w)))
+                    .find_map(|w| majority(self.recent(w)))
                     .filter(|&d| d != 0)
             }
         }
@@ -210,6 +221,7 @@ impl Detector {
         }
         st.deltas[st.n % HISTORY] = delta;
         st.n += 1;
+        let from = st.pos;
         st.pos = p;
         st.last = p;
         let stride = st.trend(policy)?;
@@ -223,6 +235,7 @@ impl Detector {
         Some(Trend {
             stride,
             window: st.window,
+            from,
         })
     }
 
@@ -230,6 +243,9 @@ impl Detector {
     /// was fetched up to `to` with windows of `window` pages: its next fault
     /// is expected one stride after `to`. False if no stream ends at `from`.
     pub(crate) fn advance(&mut self, from: u64, at: u64, to: u64, window: usize) -> bool {
+        // A stream carried on by its marks is in use: not the one to replace.
+        self.clock += 1;
+        let now = self.clock;
         match self
             .streams
             .iter_mut()
@@ -239,6 +255,7 @@ impl Detector {
                 st.pos = at;
                 st.last = to;
                 st.window = window.max(1);
+                st.seen = now;
                 true
             }
             None => false,
@@ -307,11 +324,12 @@ mod tests {
 
     #[test]
     fn majority_vote() {
-        assert_eq!(majority(&[3, 3, 5, 3]), Some(3));
-        assert_eq!(majority(&[3, 5, 3, 5]), None);
-        assert_eq!(majority(&[7]), Some(7));
-        assert_eq!(majority(&[1, 2, 3, 4, 4, 4, 4, 4]), Some(4));
-        assert_eq!(majority(&[]), None);
+        assert_eq!(majority([3, 3, 5, 3]), Some(3));
+        assert_eq!(majority([3, 5, 3, 5]), None);
+        assert_eq!(majority([7]), Some(7));
+        assert_eq!(majority([1, 2, 3, 4, 4, 4, 4, 4]), Some(4));
+        assert_eq!(majority([5, 4, 4]), Some(4));
+        assert_eq!(majority([]), None);
     }
 
     #[test]
@@ -452,11 +470,8 @@ mod tests {
             .map(|&p| d.fault(p, Prefetcher::Sequential, MAX))
             .collect();
         assert_eq!(
-            out[1],
-            Some(Trend {
-                stride: 1,
-                window: MAX
-            })
+            out[1].map(|t| (t.stride, t.window, t.from)),
+            Some((1, MAX, 10))
         );
         assert!(out[3..].iter().all(Option::is_none), "{out:?}");
     }
