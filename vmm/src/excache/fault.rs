@@ -271,7 +271,14 @@ fn mark_resident(s: &Shared, pages: &[usize]) {
         s.referenced[q].store(true, Relaxed);
         s.state[q].store(RESIDENT, Release);
     }
-    let promoted = s.queue.lock().unwrap().installed(pages.iter().copied());
+    // A page flagged ahead came with a window (the faulted page of a window
+    // and a mark are not flagged).
+    let ahead = |q: usize| s.ahead[q].load(Relaxed) != NOT_AHEAD;
+    let promoted = s
+        .queue
+        .lock()
+        .unwrap()
+        .installed(pages.iter().map(|&q| (q, ahead(q))));
     if promoted > 0 {
         s.stats.evict_promoted.fetch_add(promoted, Relaxed);
     }

@@ -44,6 +44,11 @@ pub(crate) struct Victims {
     /// 2Q: per page, the ticket of its live ghost entry (0: none). An entry
     /// whose ticket is no longer its page's is stale (the page came back).
     ghost_ticket: Box<[u32]>,
+    /// 2Q: per page, whether it came in with a prefetch window rather than on
+    /// a fault of its own. Evicted from probation, such a page is not
+    /// remembered: a scan fetched ahead does not fill the ghost list and push
+    /// out the pages a workload faults on again.
+    came_ahead: Box<[bool]>,
     next_ticket: u32,
     /// 2Q's `Kin`: probation's share of the budget.
     kin: usize,
@@ -67,6 +72,7 @@ impl Victims {
             protected: VecDeque::new(),
             ghosts: VecDeque::new(),
             ghost_ticket: vec![0; if two_q { pages } else { 0 }].into_boxed_slice(),
+            came_ahead: vec![false; if two_q { pages } else { 0 }].into_boxed_slice(),
             next_ticket: 1,
             kin: (budget / 4).max(1),
             kout: (budget / 2).max(1),
@@ -79,10 +85,14 @@ impl Victims {
     }
 
     /// Queues pages just made resident. Returns how many of them 2Q promoted
-    /// (they faulted in while remembered).
-    pub(crate) fn installed(&mut self, pages: impl IntoIterator<Item = usize>) -> u64 {
+    /// (they faulted in while remembered). Each page comes with whether it
+    /// was fetched ahead (by a prefetch window, not its own fault).
+    pub(crate) fn installed(&mut self, pages: impl IntoIterator<Item = (usize, bool)>) -> u64 {
         let mut promoted = 0;
-        for p in pages {
+        for (p, ahead) in pages {
+            if self.policy == EvictPolicy::TwoQ {
+                self.came_ahead[p] = ahead;
+            }
             if self.policy == EvictPolicy::TwoQ && self.ghost_ticket[p] != 0 {
                 self.ghost_ticket[p] = 0;
                 self.protected.push_back(p as u32);
@@ -140,7 +150,7 @@ impl Victims {
 
     /// A candidate taken as a victim: 2Q remembers those from probation.
     pub(crate) fn evicted(&mut self, p: usize, from: Queue) {
-        if self.policy != EvictPolicy::TwoQ || from != Queue::Probation {
+        if self.policy != EvictPolicy::TwoQ || from != Queue::Probation || self.came_ahead[p] {
             return;
         }
         while self.ghosts.len() >= self.kout {
@@ -195,7 +205,7 @@ mod tests {
             resident[p] = true;
             referenced[p] = true;
             count += 1;
-            v.installed([p]);
+            v.installed([(p, false)]);
         }
         hits
     }
@@ -252,7 +262,7 @@ mod tests {
         let mut v = Victims::new(EvictPolicy::TwoQ, 1000, 16);
         assert_eq!(v.kout, 8);
         for p in 0..100 {
-            v.installed([p]);
+            v.installed([(p, false)]);
         }
         for _ in 0..100 {
             let (p, from) = v.next().unwrap();
@@ -261,7 +271,7 @@ mod tests {
         }
         assert!(v.ghosts.len() <= 8);
         // 92..100 are remembered, older ones not.
-        assert_eq!(v.installed([99, 50]), 1);
+        assert_eq!(v.installed([(99, false), (50, false)]), 1);
         assert_eq!(v.protected.iter().copied().collect::<Vec<_>>(), [99]);
         // 99 comes back (its entry goes stale), is evicted again from
         // probation later: the stale entry's trim must not forget it.
@@ -274,13 +284,33 @@ mod tests {
     }
 
     #[test]
+    fn two_q_does_not_remember_pages_that_came_with_a_prefetch_window() {
+        let mut v = Victims::new(EvictPolicy::TwoQ, 100, 8);
+        // Page 1 faulted in, pages 2 and 3 fetched ahead; all evicted.
+        v.installed([(1, false), (2, true), (3, true)]);
+        for _ in 0..3 {
+            let (p, from) = v.next().unwrap();
+            v.evicted(p, from);
+        }
+        // Back again: only the page that had faulted is promoted.
+        assert_eq!(v.installed([(2, false), (3, false)]), 0);
+        assert_eq!(v.installed([(1, false)]), 1);
+        // A page that faulted in after coming ahead once is remembered again.
+        for _ in 0..3 {
+            let (p, from) = v.next().unwrap();
+            v.evicted(p, from);
+        }
+        assert_eq!(v.installed([(2, false), (3, false)]), 2);
+    }
+
+    #[test]
     fn fifo_and_clock_use_one_queue_in_fault_order() {
         for policy in [EvictPolicy::Fifo, EvictPolicy::Clock] {
             let mut v = Victims::new(policy, 10, 4);
-            assert_eq!(v.installed([3, 1, 2]), 0);
+            assert_eq!(v.installed([(3, false), (1, false), (2, false)]), 0);
             assert_eq!(v.next(), Some((3, Queue::Probation)));
             v.evicted(3, Queue::Probation);
-            assert_eq!(v.installed([3]), 0, "no promotion outside 2Q");
+            assert_eq!(v.installed([(3, false)]), 0, "no promotion outside 2Q");
             assert_eq!(v.next(), Some((1, Queue::Probation)));
         }
     }
