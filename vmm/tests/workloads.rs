@@ -237,7 +237,7 @@ fn kvm_the_leap_prefetcher_is_over_90_percent_accurate_on_strides() {
         let st = &r.json["stats"];
         let n = |k: &str| st[k].as_u64().unwrap_or_else(|| panic!("{k} in {st}"));
         let (used, fetched) = (n("prefetch_used"), n("prefetch_remote"));
-        let known = fetched - n("prefetch_unreached");
+        let known = fetched.saturating_sub(n("prefetch_unreached"));
         let accuracy = used as f64 / known.max(1) as f64;
         assert!(accuracy > 0.9, "{w}: accuracy {accuracy:.3}\n{st}");
         let reached = used as f64 / fetched.max(1) as f64;
@@ -254,11 +254,12 @@ fn kvm_the_leap_prefetcher_is_over_90_percent_accurate_on_strides() {
             n("prefetch_wasted") * 100 <= n("prefetch_remote"),
             "{w}: {st}"
         );
-        // The stream's pages (every |stride|-th of 32 MiB), each fetched once.
-        let pages = 8192 / stride;
+        // The stream's pages (every |stride|-th of 32 MiB), each fetched once
+        // (a read-ahead mark dropped unreached is fetched again).
+        let pages: u64 = 8192u64.div_ceil(stride);
         let fetched = n("faults_remote") + n("prefetch_remote");
         assert!(
-            fetched.abs_diff(pages) <= 2,
+            fetched >= pages && fetched <= pages + 1 + n("readahead_dropped"),
             "{w}: {fetched} pages fetched for {pages}\n{st}"
         );
     }

@@ -327,6 +327,22 @@ fn credit_used(s: &Shared, from: usize, p: usize, stride: i64) {
     s.stats.prefetch_used.fetch_add(used as u64, Relaxed);
 }
 
+/// Whether the guest, faulting on `p` one or more strides past its stream's
+/// last page `last`, went through the pages between (all resident: it did
+/// not fault on them) rather than jumped over the stream's window to `p`.
+/// False for a fault off the stride, or too far to check.
+fn went_through(s: &Shared, last: usize, p: usize, stride: i64) -> bool {
+    let d = p as i64 - last as i64;
+    if stride == 0 || d.signum() != stride.signum() || d % stride != 0 {
+        return false;
+    }
+    let k = (d / stride) as usize;
+    k <= CREDIT_STEPS
+        && along(s, last, stride, k)
+            .skip(1)
+            .all(|q| s.state[q].load(Acquire) != ABSENT)
+}
+
 /// Most strides [`credit_used`] walks back: two of the largest windows.
 const CREDIT_STEPS: usize = 2 * super::MAX_PREFETCH + 2;
 
@@ -353,7 +369,9 @@ fn stream_fault(
 ) -> Result<(), PathError> {
     s.marks.expire(s);
     let w = t.window;
-    credit_used(s, t.from as usize, p, t.stride);
+    if went_through(s, t.last as usize, p, t.stride) {
+        credit_used(s, t.from as usize, p, t.stride);
+    }
     let pages = along(s, p, t.stride, 2 * w + 1);
     let mark = step(s, p, t.stride, w + 1);
     let stream = Stream {
@@ -468,6 +486,14 @@ fn window(
     // Decided now: once installed, the page may be evicted (and its `remote`
     // flag set) before this function returns.
     let demand_remote = demand && remote.first() == Some(&first);
+    // The rest count as prefetched now, with their flags: a stream's next
+    // fault may count them used before this window is installed.
+    let extra_remote = remote.len() - usize::from(demand_remote);
+    let extra_zero = zero.len() - usize::from(demand && !demand_remote);
+    s.stats
+        .prefetch_remote
+        .fetch_add(extra_remote as u64, Relaxed);
+    s.stats.prefetch_zero.fetch_add(extra_zero as u64, Relaxed);
     // Remote pages: per-node runs of up to a batch each, all submitted before any
     // is awaited, so the whole window costs about one round trip.
     let nodes = s.nodes.nodes();
@@ -600,16 +626,10 @@ fn window(
             },
         );
     }
-    // The faulted page counts as a fault, the rest as prefetches.
+    // The faulted page counts as a fault.
     if demand && !demand_remote {
         s.stats.faults_zero.fetch_add(1, Relaxed);
     }
-    let extra_remote = remote.len() - usize::from(demand_remote);
-    let extra_zero = zero.len() - usize::from(demand && !demand_remote);
-    s.stats
-        .prefetch_remote
-        .fetch_add(extra_remote as u64, Relaxed);
-    s.stats.prefetch_zero.fetch_add(extra_zero as u64, Relaxed);
     Ok(())
 }
 

@@ -513,9 +513,16 @@ impl ExCache {
         let s = &self.shared;
         let st = &s.stats;
         let (below, without, placed) = s.nodes.below_replicas();
+        // A scan of every page: before any lock the fault path takes.
+        let unreached = s
+            .ahead
+            .iter()
+            .filter(|a| a.load(Relaxed) == fault::AHEAD_REMOTE)
+            .count() as u64;
+        let resident = *s.resident.lock().unwrap() as u64;
         let h = st.fetch_ns.lock().unwrap();
         StatsSnapshot {
-            resident_pages: *s.resident.lock().unwrap() as u64,
+            resident_pages: resident,
             budget_pages: s.budget as u64,
             faults_zero: load(&st.faults_zero),
             faults_remote: load(&st.faults_remote),
@@ -529,11 +536,7 @@ impl ExCache {
             evict_promoted: load(&st.evict_promoted),
             prefetch_used: load(&st.prefetch_used),
             prefetch_wasted: load(&st.prefetch_wasted),
-            prefetch_unreached: s
-                .ahead
-                .iter()
-                .filter(|a| a.load(Relaxed) == fault::AHEAD_REMOTE)
-                .count() as u64,
+            prefetch_unreached: unreached,
             writeback_bytes: load(&st.writeback_bytes),
             vcpu_eviction_waits: load(&st.vcpu_eviction_waits),
             uffd_eagain: load(&s.retries.eagain),

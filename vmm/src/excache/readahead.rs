@@ -80,7 +80,7 @@ impl Marks {
             dropped
         };
         for m in dropped {
-            release(s, m.page);
+            release(s, &m);
         }
         let _ = s.uffd.wake(s.addr(page) as *mut _, super::uffd::PAGE);
     }
@@ -111,7 +111,7 @@ impl Marks {
             d
         };
         for m in dropped {
-            release(s, m.page);
+            release(s, &m);
         }
     }
 
@@ -124,7 +124,7 @@ impl Marks {
             out
         };
         for m in dropped {
-            release(s, m.page);
+            release(s, &m);
         }
     }
 }
@@ -152,10 +152,15 @@ fn take_matching(
 
 /// Returns a dropped mark's page to `ABSENT` and its frame to the pool, then
 /// wakes any vCPU that faulted on it meanwhile (it faults again and is served
-/// as usual).
-fn release(s: &Shared, page: usize) {
+/// as usual). A mark fetched from a memory node counts as a prefetched page
+/// wasted.
+fn release(s: &Shared, m: &Mark) {
+    let page = m.page;
     s.state[page].store(ABSENT, Release);
     s.release_frames(1);
     s.stats.readahead_dropped.fetch_add(1, Relaxed);
+    if m.data.is_some() {
+        s.stats.prefetch_wasted.fetch_add(1, Relaxed);
+    }
     let _ = s.uffd.wake(s.addr(page) as *mut _, super::uffd::PAGE);
 }

@@ -96,8 +96,12 @@ pub(crate) struct Trend {
     pub(crate) window: usize,
     /// Where the stream was before this fault (its last fault, or the
     /// read-ahead mark it last reached): the pages fetched ahead of it between
-    /// there and this fault were passed on the way.
+    /// there and this fault were passed on the way, if the guest went
+    /// through the pages between the stream's last page and this fault.
     pub(crate) from: u64,
+    /// The stream's last page before this fault: its last fault, or the
+    /// last page fetched along its trend.
+    pub(crate) last: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -221,7 +225,7 @@ impl Detector {
         }
         st.deltas[st.n % HISTORY] = delta;
         st.n += 1;
-        let from = st.pos;
+        let (from, last) = (st.pos, st.last);
         st.pos = p;
         st.last = p;
         let stride = st.trend(policy)?;
@@ -236,6 +240,7 @@ impl Detector {
             stride,
             window: st.window,
             from,
+            last,
         })
     }
 

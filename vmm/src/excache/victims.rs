@@ -20,7 +20,9 @@
 //!
 //! A scan (each page touched once) only ever passes through probation, so it
 //! cannot push a hot working set out of protected: that is the scan
-//! resistance. 2Q was chosen over CLOCK-Pro and ARC because its promotion
+//! resistance. Pages that came in with a prefetch window (a scan the
+//! prefetcher follows) are not remembered when evicted from probation, so
+//! that a scan does not flush the ghost list either. 2Q was chosen over CLOCK-Pro and ARC because its promotion
 //! signal is exactly a re-fault, all that is seen here; ARC adapts its split by
 //! hits on resident pages and CLOCK-Pro moves pages between hot and cold by
 //! their reference bits, neither of which a userfaultfd VMM observes.
