@@ -20,8 +20,8 @@
 //! one still flagged is *unreached* (the pages of a stream's last window, or
 //! fetched past a stream's end, until they are evicted). Accuracy is the share
 //! used of the pages fetched ahead from memory nodes whose fate is known (used
-//! or wasted); coverage the share of
-//! remote page accesses served by prefetching rather than by a fault. (A
+//! or wasted); coverage the share of remote page accesses served by
+//! prefetching rather than by a fault. (A
 //! userfaultfd VMM sees faults, not accesses; inferring use from a stream's
 //! progress is what Linux's read-ahead does with its marked page.)
 

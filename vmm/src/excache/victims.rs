@@ -22,7 +22,9 @@
 //! cannot push a hot working set out of protected: that is the scan
 //! resistance. Pages that came in with a prefetch window (a scan the
 //! prefetcher follows) are not remembered when evicted from probation, so
-//! that a scan does not flush the ghost list either. 2Q was chosen over CLOCK-Pro and ARC because its promotion
+//! that a scan does not flush the ghost list either.
+//!
+//! 2Q was chosen over CLOCK-Pro and ARC because its promotion
 //! signal is exactly a re-fault, all that is seen here; ARC adapts its split by
 //! hits on resident pages and CLOCK-Pro moves pages between hot and cold by
 //! their reference bits, neither of which a userfaultfd VMM observes.
@@ -94,14 +96,14 @@ impl Victims {
         for (p, ahead) in pages {
             if self.policy == EvictPolicy::TwoQ {
                 self.came_ahead[p] = ahead;
+                if self.ghost_ticket[p] != 0 {
+                    self.ghost_ticket[p] = 0;
+                    self.protected.push_back(p as u32);
+                    promoted += 1;
+                    continue;
+                }
             }
-            if self.policy == EvictPolicy::TwoQ && self.ghost_ticket[p] != 0 {
-                self.ghost_ticket[p] = 0;
-                self.protected.push_back(p as u32);
-                promoted += 1;
-            } else {
-                self.probation.push_back(p as u32);
-            }
+            self.probation.push_back(p as u32);
         }
         promoted
     }
