@@ -464,6 +464,10 @@ fn kvm_bad_input_gets_one_clear_error_line() {
         ),
         (vec!["--vcpus".into(), "0".into()], "--vcpus must be 1 to"),
         (vec!["--mem".into(), "lots".into()], "lots"),
+        (
+            vec!["--prefetcher".into(), "bogus".into()],
+            "invalid value 'bogus' for '--prefetcher",
+        ),
         // Paused with no way to resume.
         (vec!["--paused".into()], "--api-sock"),
     ];
