@@ -9,6 +9,9 @@
 //! to Prometheus.
 
 pub mod metrics;
+#[cfg(feature = "rdma")]
+pub mod rdma;
+pub mod regions;
 pub mod server;
 pub mod store;
 pub mod vms;

@@ -34,6 +34,13 @@ struct Args {
     /// from standard input. Make one with `vmm keygen FILE`.
     #[arg(long, value_name = "FILE")]
     auth_key: Option<std::path::PathBuf>,
+    /// Serve one-sided page reads over RDMA through this device (e.g. rxe0;
+    /// `auto`: the first with an active port). VMMs then reach the node as
+    /// `rdma://HOST:PORT`, on the same --listen address; plain TCP clients
+    /// are served as before. Pages are kept in per-VM regions of 2 MiB
+    /// chunks, registered (pinned) as the VM first writes into them.
+    #[arg(long, value_name = "DEV")]
+    rdma: Option<String>,
     /// Serve without a key on an address other hosts can reach (anyone who can
     /// connect can then read and write every VM's pages here).
     #[arg(long)]
@@ -95,6 +102,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
         send_timeout: Duration::from_secs(30),
         vm_quota_bytes: args.vm_quota,
+        rdma_device: args.rdma,
     })?;
     // Served until the node stops (dropped at the end of `run`).
     let _metrics = match &args.metrics {

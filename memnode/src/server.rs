@@ -51,7 +51,27 @@ pub enum ServerError {
     /// The node's instance number could not be drawn.
     #[error("cannot draw the node's instance number")]
     Instance(#[source] fabric::auth::KeyError),
+    /// `--rdma` in a build without the RDMA transport.
+    #[error(
+        "--rdma: this memnode was built without the RDMA transport (build with `--features rdma`)"
+    )]
+    NoRdma,
+    /// The RDMA device could not be opened.
+    #[cfg(feature = "rdma")]
+    #[error("--rdma: cannot serve one-sided reads")]
+    Rdma(#[source] fabric::transport::rdma::RdmaError),
 }
+
+/// The node's RDMA side: an open device (none can exist without the feature).
+#[cfg(feature = "rdma")]
+type RdmaService = Arc<crate::rdma::RdmaNode>;
+/// The node's RDMA side: an open device (none can exist without the feature).
+#[cfg(not(feature = "rdma"))]
+#[derive(Clone)]
+enum RdmaService {}
+
+/// What a node without `--rdma` answers to RDMA requests.
+const NO_RDMA: &str = "this node serves no RDMA (start it with --rdma DEV)";
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -72,6 +92,9 @@ pub struct ServerConfig {
     pub auth_key: Option<Key>,
     /// Most bytes any one VM may store here (`None`: only the capacity bounds it).
     pub vm_quota_bytes: Option<u64>,
+    /// Serve one-sided reads through this RDMA device (`auto`: the first
+    /// active one); the store then uses the region layout ([`crate::regions`]).
+    pub rdma_device: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +107,7 @@ impl Default for ServerConfig {
             send_timeout: Duration::from_secs(30),
             auth_key: None,
             vm_quota_bytes: None,
+            rdma_device: None,
         }
     }
 }
@@ -117,6 +141,7 @@ pub struct Server {
     store: Arc<PageStore>,
     state: Arc<NodeState>,
     config: ServerConfig,
+    rdma: Option<RdmaService>,
 }
 
 impl Server {
@@ -138,14 +163,24 @@ impl Server {
             conns: acceptor.connections().clone(),
             instance: u64::from_le_bytes(fabric::auth::random().map_err(ServerError::Instance)?),
         });
+        let quota = config.vm_quota_bytes.map(|b| b / PAGE_SIZE as u64);
+        let (store, rdma) = match &config.rdma_device {
+            None => (PageStore::with_vm_quota(capacity_pages, quota), None),
+            #[cfg(feature = "rdma")]
+            Some(dev) => {
+                let node = crate::rdma::RdmaNode::open(dev).map_err(ServerError::Rdma)?;
+                let store = PageStore::with_regions(capacity_pages, quota, Box::new(node.clone()));
+                (store, Some(node))
+            }
+            #[cfg(not(feature = "rdma"))]
+            Some(_) => return Err(ServerError::NoRdma),
+        };
         Ok(Server {
             acceptor,
-            store: Arc::new(PageStore::with_vm_quota(
-                capacity_pages,
-                config.vm_quota_bytes.map(|b| b / PAGE_SIZE as u64),
-            )),
+            store: Arc::new(store),
             state,
             config,
+            rdma,
         })
     }
 
@@ -175,6 +210,7 @@ impl Server {
         let (store, state, config) = (self.store.clone(), self.state.clone(), &self.config);
         let (handshake_timeout, send_timeout) = (config.handshake_timeout, config.send_timeout);
         let key = Arc::new(config.auth_key.clone());
+        let rdma = self.rdma.clone();
         let serve = move |stream: TcpStream, peer: SocketAddr| {
             Connection {
                 store: store.clone(),
@@ -184,6 +220,9 @@ impl Server {
                 key: key.clone(),
                 pending: None,
                 session: None,
+                rdma: rdma.clone(),
+                #[cfg(feature = "rdma")]
+                qp: None,
             }
             .serve(stream, peer)
         };
@@ -268,6 +307,10 @@ struct Connection {
     key: Arc<Option<Key>>,
     pending: Option<Pending>,
     session: Option<Session>,
+    rdma: Option<RdmaService>,
+    /// The connection's queue pair, once the client asked for one.
+    #[cfg(feature = "rdma")]
+    qp: Option<fabric::transport::rdma::verbs::Qp>,
 }
 
 impl Connection {
@@ -402,7 +445,11 @@ impl Connection {
         let (vm, stats) = (session.vm_id, session.stats.clone());
         let moves_pages = matches!(
             msg,
-            Message::ReadPages { .. } | Message::WritePages { .. } | Message::FreePages { .. }
+            Message::ReadPages { .. }
+                | Message::WritePages { .. }
+                | Message::FreePages { .. }
+                | Message::RdmaConnect { .. }
+                | Message::MapRegion { .. }
         );
         if moves_pages && session.role != Role::Vmm {
             self.refuse(
@@ -446,6 +493,20 @@ impl Connection {
             Message::Stats => Message::StatsOk(stats_reply(&self.store, &self.state, Some(&stats)))
                 .encode(rid, out),
             Message::Ping { nonce } => Message::Pong { nonce }.encode(rid, out),
+            Message::RdmaConnect { endpoint } => self.rdma_connect(rid, vm, &endpoint, out),
+            Message::MapRegion { chunk } => match self.store.regions() {
+                None => self.refuse(rid, out, ErrorCode::BadRequest, NO_RDMA),
+                Some(r) => {
+                    let (addr, len, rkey) = r.place(vm, chunk).unwrap_or_default();
+                    Message::MapRegionOk {
+                        chunk,
+                        addr,
+                        len,
+                        rkey,
+                    }
+                    .encode(rid, out);
+                }
+            },
             Message::Hello { .. } => {
                 return Err(Close::Violation(
                     ErrorCode::HandshakeRequired,
@@ -460,6 +521,68 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// `RdmaConnect`: a queue pair for this connection, in its VM's
+    /// protection domain, connected to the client's.
+    #[cfg(feature = "rdma")]
+    fn rdma_connect(
+        &mut self,
+        rid: u64,
+        vm: u64,
+        peer: &fabric::proto::RdmaEndpoint,
+        out: &mut Vec<u8>,
+    ) {
+        let Some(node) = &self.rdma else {
+            return self.refuse(rid, out, ErrorCode::BadRequest, NO_RDMA);
+        };
+        if self.qp.is_some() {
+            return self.refuse(
+                rid,
+                out,
+                ErrorCode::BadRequest,
+                "this connection has its queue pair already",
+            );
+        }
+        match node.accept(vm, peer) {
+            Ok((qp, endpoint)) => {
+                log::info!(
+                    "vm {vm:#x}: queue pair {} connected to the client's {} on {}",
+                    endpoint.qpn,
+                    peer.qpn,
+                    node.device()
+                );
+                self.qp = Some(qp);
+                Message::RdmaConnectOk {
+                    endpoint,
+                    chunk_pages: crate::regions::CHUNK_PAGES as u32,
+                }
+                .encode(rid, out);
+            }
+            Err(e) => {
+                let why = fabric::client::error_chain(&e);
+                warn_limited!(
+                    PEER_ERRORS,
+                    "vm {vm:#x}: cannot connect a queue pair: {why}"
+                );
+                self.refuse(rid, out, ErrorCode::Internal, &why);
+            }
+        }
+    }
+
+    /// `RdmaConnect` in a build without the RDMA transport.
+    #[cfg(not(feature = "rdma"))]
+    fn rdma_connect(
+        &mut self,
+        rid: u64,
+        _vm: u64,
+        _peer: &fabric::proto::RdmaEndpoint,
+        out: &mut Vec<u8>,
+    ) {
+        if let Some(never) = &self.rdma {
+            match *never {}
+        }
+        self.refuse(rid, out, ErrorCode::BadRequest, NO_RDMA);
     }
 
     fn handshake(
@@ -608,7 +731,7 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         if let Some(sess) = self.session.take() {
-            self.store.vms().close(sess.vm_id, sess.stats);
+            self.store.close_session(sess.vm_id, sess.stats);
         }
     }
 }

@@ -23,6 +23,7 @@ use hashbrown::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::regions::{Regions, Registrar};
 pub use crate::vms::{VmStats, VmTable};
 
 const SHARDS: usize = 64;
@@ -54,6 +55,16 @@ pub enum StoreError {
         pages: u64,
         /// Its quota in pages.
         quota: u64,
+    },
+    /// A new region chunk could not be registered for remote reads.
+    #[error("cannot register chunk {chunk} of vm {vm:#x} for RDMA: {reason}")]
+    Register {
+        /// The VM.
+        vm: u64,
+        /// The chunk.
+        chunk: u64,
+        /// Why.
+        reason: String,
     },
     /// The write's data is not a whole number of pages matching its page list.
     #[error("write of {pages} pages carries {bytes} bytes")]
@@ -107,6 +118,9 @@ pub struct PageStore {
     vm_quota_pages: Option<u64>,
     used: AtomicU64,
     vms: VmTable,
+    /// The region layout (`memnode --rdma`): pages at addresses computed
+    /// from their numbers, for one-sided reads; else the hashed layout.
+    regions: Option<Regions>,
 }
 
 fn shard_of(vm: u64, gpn: u64) -> usize {
@@ -132,6 +146,24 @@ impl PageStore {
     /// An empty store holding at most `capacity_pages` pages, and at most
     /// `vm_quota_pages` for any one VM.
     pub fn with_vm_quota(capacity_pages: u64, vm_quota_pages: Option<u64>) -> Self {
+        Self::build(capacity_pages, vm_quota_pages, None)
+    }
+
+    /// An empty store in the region layout ([`crate::regions`]), whose
+    /// chunks `registrar` registers for one-sided reads.
+    pub fn with_regions(
+        capacity_pages: u64,
+        vm_quota_pages: Option<u64>,
+        registrar: Box<dyn Registrar>,
+    ) -> Self {
+        Self::build(
+            capacity_pages,
+            vm_quota_pages,
+            Some(Regions::new(registrar)),
+        )
+    }
+
+    fn build(capacity_pages: u64, vm_quota_pages: Option<u64>, regions: Option<Regions>) -> Self {
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
@@ -150,6 +182,33 @@ impl PageStore {
             vm_quota_pages,
             used: AtomicU64::new(0),
             vms: VmTable::default(),
+            regions,
+        }
+    }
+
+    /// The region layout, if the store uses it.
+    pub fn regions(&self) -> Option<&Regions> {
+        self.regions.as_ref()
+    }
+
+    /// Ends a session of `vm` ([`VmTable::close`]); a VM that leaves the
+    /// node gives its region chunks back.
+    pub fn close_session(&self, vm: u64, stats: std::sync::Arc<VmStats>) {
+        if self.vms.close(vm, stats)
+            && let Some(r) = &self.regions
+        {
+            r.forget(vm);
+        }
+    }
+
+    fn stored(&self, vm: u64, gpn: u64) -> bool {
+        match &self.regions {
+            Some(r) => r.contains(vm, gpn),
+            None => self.shards[shard_of(vm, gpn)]
+                .lock()
+                .unwrap()
+                .map
+                .contains_key(&(vm, gpn)),
         }
     }
 
@@ -175,6 +234,16 @@ impl PageStore {
 
     /// Calls `f` with the page's data if it is stored; returns whether it was.
     pub fn read(&self, stats: &VmStats, vm: u64, gpn: u64, f: impl FnOnce(&[u8])) -> bool {
+        if let Some(r) = &self.regions {
+            stats.reads.fetch_add(1, Relaxed);
+            let found = r.read(vm, gpn, f);
+            if found {
+                stats.bytes_out.fetch_add(PAGE_SIZE as u64, Relaxed);
+            } else {
+                stats.zero_reads.fetch_add(1, Relaxed);
+            }
+            return found;
+        }
         let shard = self.shards[shard_of(vm, gpn)].lock().unwrap();
         stats.reads.fetch_add(1, Relaxed);
         match shard.map.get(&(vm, gpn)) {
@@ -218,19 +287,39 @@ impl PageStore {
         }
         let needed = last
             .iter()
-            .filter(|(g, nonzero)| {
-                *nonzero
-                    && !self.shards[shard_of(vm, *g)]
-                        .lock()
-                        .unwrap()
-                        .map
-                        .contains_key(&(vm, *g))
-            })
+            .filter(|(g, nonzero)| *nonzero && !self.stored(vm, *g))
             .count() as u64;
         self.reserve(stats, vm, needed)?;
         let mut reserved = needed;
         let mut result = Ok(());
         for (gpn, page) in pages() {
+            if let Some(r) = &self.regions {
+                let stored = if is_zero(page) {
+                    if r.free(vm, gpn) {
+                        self.used.fetch_sub(1, Relaxed);
+                        stats.pages.fetch_sub(1, Relaxed);
+                    }
+                    Ok(())
+                } else {
+                    r.store(vm, gpn, page, || {
+                        // As below: a page stored when counted may have been
+                        // freed since.
+                        if reserved == 0 {
+                            self.reserve(stats, vm, 1)?;
+                            reserved += 1;
+                        }
+                        reserved -= 1;
+                        Ok(())
+                    })
+                };
+                if let Err(e) = stored {
+                    result = Err(e);
+                    break;
+                }
+                stats.writes.fetch_add(1, Relaxed);
+                stats.bytes_in.fetch_add(PAGE_SIZE as u64, Relaxed);
+                continue;
+            }
             let mut shard = self.shards[shard_of(vm, gpn)].lock().unwrap();
             let shard = &mut *shard;
             if is_zero(page) {
@@ -304,6 +393,14 @@ impl PageStore {
     pub fn free(&self, stats: &VmStats, vm: u64, gpns: impl Iterator<Item = u64>) -> u32 {
         let mut freed = 0;
         for gpn in gpns {
+            if let Some(r) = &self.regions {
+                if r.free(vm, gpn) {
+                    self.used.fetch_sub(1, Relaxed);
+                    stats.pages.fetch_sub(1, Relaxed);
+                    freed += 1;
+                }
+                continue;
+            }
             let mut shard = self.shards[shard_of(vm, gpn)].lock().unwrap();
             if let Some(slot) = shard.map.remove(&(vm, gpn)) {
                 shard.slab.free.push(slot);
@@ -319,6 +416,9 @@ impl PageStore {
     /// Bytes the store holds beyond the page data itself: map tables, slab slack
     /// (chunk space not holding a live page) and free lists.
     pub fn overhead_bytes(&self) -> u64 {
+        if let Some(r) = &self.regions {
+            return r.overhead_bytes(self.used_pages());
+        }
         let entry = std::mem::size_of::<((u64, u64), u32)>() + 1;
         let mut bytes = 0u64;
         for s in self.shards.iter() {

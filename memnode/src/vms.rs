@@ -76,8 +76,8 @@ impl VmTable {
     }
 
     /// Ends a session opened with [`VmTable::open`]; forgets the VM (its
-    /// binding too) once it has no pages and no sessions.
-    pub fn close(&self, vm: u64, stats: Arc<VmStats>) {
+    /// binding too) once it has no pages and no sessions, and then returns true.
+    pub fn close(&self, vm: u64, stats: Arc<VmStats>) -> bool {
         stats.connections.fetch_sub(1, Relaxed);
         drop(stats);
         let mut vms = self.vms.write().unwrap();
@@ -86,7 +86,9 @@ impl VmTable {
             && s.connections.load(Relaxed) == 0
         {
             vms.remove(&vm);
+            return true;
         }
+        false
     }
 
     /// The counters of `vm`, if the node knows it.

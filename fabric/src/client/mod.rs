@@ -15,7 +15,10 @@
 //! a fault handler makes.
 
 pub mod ideal;
+mod rdma;
 mod slots;
+
+pub use rdma::RDMA_SCHEME;
 
 use crate::link_model::{LinkModel, Shaper, wait_until};
 use crate::proto::{
@@ -104,6 +107,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long a request may wait for its reply before the connection is declared dead.
     pub reply_timeout: Duration,
+    /// The local RDMA device for `rdma://` nodes (`None`: the first with an
+    /// active port).
+    pub rdma_device: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -119,6 +125,7 @@ impl Default for ClientConfig {
             max_in_flight: 256,
             connect_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(10),
+            rdma_device: None,
         }
     }
 }
@@ -200,6 +207,9 @@ struct Inner {
     send: Mutex<Vec<u8>>,
     slots: SlotTable,
     shaper: Option<Shaper>,
+    /// One-sided reads, on an `rdma://` node (set once, after the handshake).
+    #[cfg(feature = "rdma")]
+    rdma: std::sync::OnceLock<crate::transport::rdma::RdmaReader>,
 }
 
 impl Drop for Inner {
@@ -218,6 +228,8 @@ pub struct PendingRead<'c> {
     /// On an ideal node: the pages, read when waited for, and when the
     /// modelled link delivers them.
     ideal: Option<(Vec<u64>, Option<Instant>)>,
+    /// On an RDMA node: the one-sided read.
+    rdma: Option<rdma::Pending>,
 }
 
 /// A submitted write; [`PendingWrite::wait`] collects it (dropping it waits too).
@@ -230,8 +242,14 @@ pub struct PendingWrite<'c> {
 }
 
 impl PageClient {
-    /// Connects over TCP to `addr` and performs the handshake.
+    /// Connects to `addr` and performs the handshake: over TCP to
+    /// `HOST:PORT`, or to `rdma://HOST:PORT` (TCP for the handshake and
+    /// two-sided messages, one-sided RDMA READs for pages; needs the `rdma`
+    /// feature).
     pub fn connect(addr: &str, config: &ClientConfig) -> Result<Self, ClientError> {
+        if addr.starts_with(RDMA_SCHEME) {
+            return rdma::connect(addr, config);
+        }
         let link = TcpLink::connect(addr, config.connect_timeout).map_err(|source| {
             ClientError::Connect {
                 addr: addr.to_string(),
@@ -244,6 +262,16 @@ impl PageClient {
     /// Performs the handshake on an established link and returns the client.
     pub fn over_link(link: Box<dyn Link>, config: &ClientConfig) -> Result<Self, ClientError> {
         let addr = link.peer().to_string();
+        Self::over_link_named(link, config, &addr)
+    }
+
+    /// As [`PageClient::over_link`], naming the node `addr` in errors.
+    fn over_link_named(
+        link: Box<dyn Link>,
+        config: &ClientConfig,
+        addr: &str,
+    ) -> Result<Self, ClientError> {
+        let addr = addr.to_string();
         let handshake_err = |reason: String| ClientError::Handshake {
             addr: addr.clone(),
             reason,
@@ -367,6 +395,8 @@ impl PageClient {
                 slots: SlotTable::new(config.max_in_flight.max(1)),
                 shaper: Shaper::new(config.link_model),
                 link,
+                #[cfg(feature = "rdma")]
+                rdma: std::sync::OnceLock::new(),
             })),
         })
     }
@@ -426,7 +456,13 @@ impl PageClient {
 
     /// Why the connection failed, if it has.
     pub fn failure(&self) -> Option<String> {
-        self.remote().and_then(|r| r.slots.failure())
+        self.remote()
+            .and_then(|r| r.slots.failure().or_else(|| rdma::failure(r)))
+    }
+
+    /// Pages read with one-sided RDMA READs so far (`None`: not an RDMA node).
+    pub fn one_sided_pages(&self) -> Option<u64> {
+        self.remote().and_then(rdma::pages_read)
     }
 
     /// Reads one page into `buf` (4096 bytes): one round trip. Returns whether the
@@ -455,9 +491,14 @@ impl PageClient {
                     ticket: None,
                     count: n,
                     ideal: Some((gpns.to_vec(), at)),
+                    rdma: None,
                 });
             }
         };
+        #[cfg(feature = "rdma")]
+        if let Some(reader) = inner.rdma.get() {
+            return rdma::submit_read(self, inner, reader, gpns);
+        }
         let ticket = self.submit(
             inner,
             Opcode::ReadPagesOk,
@@ -473,6 +514,7 @@ impl PageClient {
             ticket: Some(ticket),
             count: gpns.len(),
             ideal: None,
+            rdma: None,
         })
     }
 
@@ -713,6 +755,9 @@ impl PendingRead<'_> {
                 self.count * PAGE_SIZE
             )));
         }
+        if let (Backend::Remote(r), Some(p)) = (&self.client.backend, self.rdma.take()) {
+            return rdma::wait(self.client, r, p, out);
+        }
         match (&self.client.backend, self.ticket.take(), self.ideal.take()) {
             (Backend::Remote(r), Some(t), _) => self.client.finish(r, t, |d| d.copy_pages(out)),
             (Backend::Ideal(i), _, Some((gpns, at))) => {
@@ -736,6 +781,11 @@ impl PendingRead<'_> {
 
 impl Drop for PendingRead<'_> {
     fn drop(&mut self) {
+        if let (Some(p), Backend::Remote(r)) = (self.rdma.take(), &self.client.backend) {
+            // Its slot is released once its completions are in.
+            let mut scratch = vec![0u8; self.count * PAGE_SIZE];
+            let _ = rdma::wait(self.client, r, p, &mut scratch);
+        }
         if let (Some(t), Backend::Remote(r)) = (self.ticket.take(), &self.client.backend) {
             let _ = self.client.finish(r, t, |_| ());
         }

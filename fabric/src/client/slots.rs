@@ -48,6 +48,12 @@ pub(crate) enum Reply {
     Count(u64),
     /// Statistics.
     Stats(StatsReply),
+    /// The node's queue pair and its region chunk size (`RdmaConnectOk`).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    RdmaConnected(crate::proto::RdmaEndpoint, u32),
+    /// A region chunk's place (`MapRegionOk`): chunk, address, length, key.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    Region(u64, u64, u64, u32),
     /// The node's error reply.
     Error(ErrorCode, String),
 }
@@ -508,6 +514,16 @@ impl SlotTable {
             Message::FreePagesOk { count } => Reply::Count(count.into()),
             Message::StatsOk(s) => Reply::Stats(s),
             Message::Pong { nonce } => Reply::Count(nonce),
+            Message::RdmaConnectOk {
+                endpoint,
+                chunk_pages,
+            } => Reply::RdmaConnected(endpoint, chunk_pages),
+            Message::MapRegionOk {
+                chunk,
+                addr,
+                len,
+                rkey,
+            } => Reply::Region(chunk, addr, len, rkey),
             m => return Err(format!("unexpected {:?} from the node", m.opcode())),
         };
         c.visible_at = shaper.map(|s| s.on_recv(frame_len, c.send_delay));

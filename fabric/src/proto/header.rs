@@ -39,6 +39,14 @@ pub enum Opcode {
     Challenge = 14,
     /// The client's proof of the cluster key.
     Proof = 15,
+    /// Connect an RDMA queue pair for one-sided page reads (`rdma://` nodes).
+    RdmaConnect = 16,
+    /// The node's queue pair, connected.
+    RdmaConnectOk = 17,
+    /// Where a chunk of the VM's page region lies in the node's registered memory.
+    MapRegion = 18,
+    /// A chunk's remote address and key (or that it has none yet).
+    MapRegionOk = 19,
 }
 
 impl Opcode {
@@ -60,6 +68,10 @@ impl Opcode {
             13 => Opcode::Error,
             14 => Opcode::Challenge,
             15 => Opcode::Proof,
+            16 => Opcode::RdmaConnect,
+            17 => Opcode::RdmaConnectOk,
+            18 => Opcode::MapRegion,
+            19 => Opcode::MapRegionOk,
             v => return Err(DecodeError::UnknownOpcode(v)),
         })
     }
@@ -80,6 +92,10 @@ impl Opcode {
             Opcode::Error => 8 + MAX_ERROR_MESSAGE,
             Opcode::Challenge => 64,
             Opcode::Proof => super::message::PROOF_PAYLOAD,
+            Opcode::RdmaConnect => super::message::ENDPOINT_PAYLOAD,
+            Opcode::RdmaConnectOk => super::message::ENDPOINT_PAYLOAD + 8,
+            Opcode::MapRegion => 8,
+            Opcode::MapRegionOk => 32,
         }
     }
 }

@@ -145,6 +145,57 @@ impl StatsReply {
     }
 }
 
+/// One side of an RDMA reliable connection, exchanged over the authenticated
+/// TCP connection (`RdmaConnect` / `RdmaConnectOk`). On the wire (32 bytes):
+/// queue pair number u32, first packet sequence number u32, LID u16, 0 u16,
+/// 0 u32, GID (16 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RdmaEndpoint {
+    /// The queue pair number.
+    pub qpn: u32,
+    /// The first packet sequence number the peer sends with (24 bits).
+    pub psn: u32,
+    /// The port's LID (InfiniBand; 0 on RoCE).
+    pub lid: u16,
+    /// The port's GID (RoCE: an IPv6 or IPv4-mapped address).
+    pub gid: [u8; 16],
+}
+
+impl RdmaEndpoint {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.qpn.to_le_bytes());
+        out.extend_from_slice(&self.psn.to_le_bytes());
+        out.extend_from_slice(&self.lid.to_le_bytes());
+        out.extend_from_slice(&[0; 6]);
+        out.extend_from_slice(&self.gid);
+    }
+
+    fn get(p: &[u8]) -> Result<Self, DecodeError> {
+        if p[10..16].iter().any(|&b| b != 0) {
+            return Err(DecodeError::invalid(
+                "rdma endpoint",
+                "reserved bytes are not zero",
+            ));
+        }
+        let psn = u32_at(p, 4);
+        if psn >= 1 << 24 {
+            return Err(DecodeError::invalid(
+                "rdma endpoint",
+                format!("packet sequence number {psn:#x} has more than 24 bits"),
+            ));
+        }
+        Ok(RdmaEndpoint {
+            qpn: u32_at(p, 0),
+            psn,
+            lid: u16_at(p, 8),
+            gid: p[16..32].try_into().expect("16 bytes"),
+        })
+    }
+}
+
+/// Bytes in an encoded [`RdmaEndpoint`].
+pub(crate) const ENDPOINT_PAYLOAD: usize = 32;
+
 /// A decoded message, borrowing bulk data from the frame it came in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message<'a> {
@@ -247,6 +298,41 @@ pub enum Message<'a> {
         /// The `Ping`'s nonce.
         nonce: u64,
     },
+    /// Asks a node serving RDMA to connect a reliable queue pair to the
+    /// client's, in the connection's VM's protection domain. Payload: the
+    /// client's [`RdmaEndpoint`].
+    RdmaConnect {
+        /// The client's queue pair.
+        endpoint: RdmaEndpoint,
+    },
+    /// The node's queue pair, ready to answer RDMA READs. Payload: the node's
+    /// [`RdmaEndpoint`], pages per region chunk u32, 0 u32.
+    RdmaConnectOk {
+        /// The node's queue pair.
+        endpoint: RdmaEndpoint,
+        /// Pages in each chunk of the VM's region (a power of two).
+        chunk_pages: u32,
+    },
+    /// Asks where chunk `chunk` (pages `chunk * chunk_pages ..`) of the
+    /// connection's VM lies in the node's registered memory. Payload: chunk u64.
+    MapRegion {
+        /// The chunk number.
+        chunk: u64,
+    },
+    /// A chunk's place: page `g` of the chunk is at `addr + (g % chunk_pages) *
+    /// 4096` under `rkey`. `len` 0: the VM never stored a page in the chunk
+    /// (its pages read as zeros). Payload: chunk u64, addr u64, len u64, rkey
+    /// u32, 0 u32.
+    MapRegionOk {
+        /// The chunk number asked for.
+        chunk: u64,
+        /// Its address in the node's registration.
+        addr: u64,
+        /// Its length in bytes (0: no such chunk yet).
+        len: u64,
+        /// The RDMA remote key.
+        rkey: u32,
+    },
     /// A request failed. Payload: code u16, 0 u16, message length u32, UTF-8 message.
     Error {
         /// What kind of failure.
@@ -332,6 +418,10 @@ impl<'a> Message<'a> {
             Message::Error { .. } => Opcode::Error,
             Message::Challenge { .. } => Opcode::Challenge,
             Message::Proof { .. } => Opcode::Proof,
+            Message::RdmaConnect { .. } => Opcode::RdmaConnect,
+            Message::RdmaConnectOk { .. } => Opcode::RdmaConnectOk,
+            Message::MapRegion { .. } => Opcode::MapRegion,
+            Message::MapRegionOk { .. } => Opcode::MapRegionOk,
         }
     }
 
@@ -481,6 +571,47 @@ impl<'a> Message<'a> {
                     nonce: u64_at(p, 0),
                 }
             }
+            Opcode::RdmaConnect => {
+                exact("rdma connect", p, ENDPOINT_PAYLOAD)?;
+                Message::RdmaConnect {
+                    endpoint: RdmaEndpoint::get(p)?,
+                }
+            }
+            Opcode::RdmaConnectOk => {
+                exact("rdma connect reply", p, ENDPOINT_PAYLOAD + 8)?;
+                let chunk_pages = u32_at(p, ENDPOINT_PAYLOAD);
+                if !chunk_pages.is_power_of_two() || u32_at(p, ENDPOINT_PAYLOAD + 4) != 0 {
+                    return Err(DecodeError::invalid(
+                        "rdma connect reply",
+                        format!("{chunk_pages} pages per chunk (must be a power of two)"),
+                    ));
+                }
+                Message::RdmaConnectOk {
+                    endpoint: RdmaEndpoint::get(p)?,
+                    chunk_pages,
+                }
+            }
+            Opcode::MapRegion => {
+                exact("map region", p, 8)?;
+                Message::MapRegion {
+                    chunk: u64_at(p, 0),
+                }
+            }
+            Opcode::MapRegionOk => {
+                exact("map region reply", p, 32)?;
+                if u32_at(p, 28) != 0 {
+                    return Err(DecodeError::invalid(
+                        "map region reply",
+                        "reserved bytes are not zero",
+                    ));
+                }
+                Message::MapRegionOk {
+                    chunk: u64_at(p, 0),
+                    addr: u64_at(p, 8),
+                    len: u64_at(p, 16),
+                    rkey: u32_at(p, 24),
+                }
+            }
             Opcode::Error => {
                 need("error reply", p, 8)?;
                 let len = u32_at(p, 4) as usize;
@@ -593,6 +724,28 @@ impl<'a> Message<'a> {
             }
             Message::Ping { nonce } | Message::Pong { nonce } => {
                 out.extend_from_slice(&nonce.to_le_bytes());
+            }
+            Message::RdmaConnect { endpoint } => endpoint.put(out),
+            Message::RdmaConnectOk {
+                endpoint,
+                chunk_pages,
+            } => {
+                endpoint.put(out);
+                out.extend_from_slice(&chunk_pages.to_le_bytes());
+                out.extend_from_slice(&[0; 4]);
+            }
+            Message::MapRegion { chunk } => out.extend_from_slice(&chunk.to_le_bytes()),
+            Message::MapRegionOk {
+                chunk,
+                addr,
+                len,
+                rkey,
+            } => {
+                for v in [chunk, addr, len] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                out.extend_from_slice(&rkey.to_le_bytes());
+                out.extend_from_slice(&[0; 4]);
             }
             Message::Error { code, message } => {
                 let msg = truncate_utf8(message, MAX_ERROR_MESSAGE);

@@ -31,7 +31,8 @@ pub use error::{DecodeError, ErrorCode};
 pub use header::{FrameHeader, Opcode};
 pub(crate) use message::encode_read_pages;
 pub use message::{
-    GpnList, Message, ReadReplyBuilder, Role, StatsReply, decode_frame, encode_write_pages_head,
+    GpnList, Message, RdmaEndpoint, ReadReplyBuilder, Role, StatsReply, decode_frame,
+    encode_write_pages_head,
 };
 
 /// Frame magic, the bytes `SPVF` read as a little-endian u32.

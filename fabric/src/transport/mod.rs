@@ -9,6 +9,8 @@
 //! the node's CPU; the client asks the link for that capability and falls back to a
 //! `ReadPages` request where it is absent.
 
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod tcp;
 
 use std::io::IoSlice;
@@ -43,6 +45,20 @@ pub enum TransportError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// An `rdma://` address in a build without the RDMA transport.
+    #[error("cannot reach {addr}: this build has no RDMA transport (build with `--features rdma`)")]
+    NoRdma {
+        /// The address.
+        addr: String,
+    },
+    /// Setting up the RDMA link failed.
+    #[error("cannot set up the RDMA link to {addr}: {reason}")]
+    Rdma {
+        /// The node.
+        addr: String,
+        /// Why.
+        reason: String,
     },
     /// Nothing arrived within the receive timeout, or a send could not proceed
     /// within the send timeout.

@@ -39,6 +39,9 @@ pub fn serve_bytes(start: Start, capacity_pages: u64, input: &[u8]) -> Vec<u8> {
         key: Arc::new(None),
         pending: None,
         session: None,
+        rdma: None,
+        #[cfg(feature = "rdma")]
+        qp: None,
     };
     let mut out = Vec::new();
     if let Start::Session(role) = start {

@@ -550,6 +550,12 @@ impl ExCache {
             rereplicate_rate: s.cfg.rereplicate_rate,
             node_failures: load(&st.node_failures),
             pages_placed: placed,
+            pages_read_one_sided: s
+                .nodes
+                .nodes()
+                .iter()
+                .filter_map(|n| n.client.one_sided_pages())
+                .sum(),
             fault_max_us: load(&st.fault_max_ns) as f64 / 1000.0,
             pages_refused: load(&s.seals.refused),
             faults_wp: load(&st.faults_wp),
@@ -662,6 +668,12 @@ impl ExCache {
                 capacity_pages: n.capacity_pages(),
                 zone: n.zone.clone(),
                 instance: format!("{:016x}", n.client.node().instance),
+                transport: match n.client.one_sided_pages() {
+                    Some(_) => "rdma",
+                    None if fabric::client::is_ideal_addr(&n.addr) => "ideal",
+                    None => "tcp",
+                },
+                one_sided_pages: n.client.one_sided_pages(),
                 failure: n.failure().map(|(_, why)| why),
                 failed_at: n.failure().map(|(t, _)| {
                     t.duration_since(std::time::UNIX_EPOCH)
@@ -771,6 +783,10 @@ pub struct NodeView {
     /// The node process's instance number (hex): another one at the same
     /// address is a restarted, empty node.
     pub instance: String,
+    /// How pages reach it: `tcp`, `rdma` (one-sided reads) or `ideal`.
+    pub transport: &'static str,
+    /// Pages read from it with one-sided RDMA READs (RDMA nodes only).
+    pub one_sided_pages: Option<u64>,
     /// Why it was declared failed.
     pub failure: Option<String>,
     /// When (seconds since the Unix epoch).

@@ -162,6 +162,10 @@ pub struct StatsSnapshot {
     /// Pages with data on the memory nodes (each counted once).
     #[serde(default)]
     pub pages_placed: u64,
+    /// Pages fetched with one-sided RDMA READs (`rdma://` nodes), no node
+    /// CPU involved.
+    #[serde(default)]
+    pub pages_read_one_sided: u64,
     /// The longest a fault took to resolve, frame waits and failovers
     /// included, µs: the guest's longest stall on a fault.
     #[serde(default)]

@@ -54,6 +54,24 @@ fn every_message_roundtrips() {
     roundtrip(Message::ReadPages {
         gpns: Message::gpn_list(&gpns),
     });
+    let endpoint = RdmaEndpoint {
+        qpn: 0x11,
+        psn: 0xff_ffff,
+        lid: 3,
+        gid: [7; 16],
+    };
+    roundtrip(Message::RdmaConnect { endpoint });
+    roundtrip(Message::RdmaConnectOk {
+        endpoint,
+        chunk_pages: 512,
+    });
+    roundtrip(Message::MapRegion { chunk: u64::MAX });
+    roundtrip(Message::MapRegionOk {
+        chunk: 9,
+        addr: 0x7f00_0000_0000,
+        len: 2 << 20,
+        rkey: 0xabcd,
+    });
     roundtrip(Message::ReadPagesOk {
         present: &[1, 0, 1, 0],
         data: &pages[..2 * PAGE_SIZE],
@@ -324,6 +342,26 @@ fn invalid_fields() {
             field: "error message",
             ..
         })
+    ));
+    // RDMA endpoints: a packet sequence number over 24 bits, nonzero reserved
+    // bytes; a chunk size that is not a power of two.
+    let mut p = vec![0u8; 32];
+    p[7] = 1;
+    assert!(matches!(
+        decode_frame(&frame(16, &p)),
+        Err(DecodeError::Invalid { .. })
+    ));
+    let mut p = vec![0u8; 32];
+    p[12] = 1;
+    assert!(matches!(
+        decode_frame(&frame(16, &p)),
+        Err(DecodeError::Invalid { .. })
+    ));
+    let mut p = vec![0u8; 40];
+    p[32] = 3;
+    assert!(matches!(
+        decode_frame(&frame(17, &p)),
+        Err(DecodeError::Invalid { .. })
     ));
     // Oversized auth length.
     let mut p = vec![1, 0, 1, 0, 0xff, 0xff, 0, 0];

@@ -1,0 +1,330 @@
+//! The region layout of the page store, for nodes that serve one-sided reads
+//! (`memnode --rdma`).
+//!
+//! Each VM has a *region* indexed by page number, as LegoOS's vRegions are:
+//! page `g` of VM `v` lives at a fixed offset of chunk `g / CHUNK_PAGES` of
+//! `v`'s region, so a client that knows where a chunk lies (`MapRegion`)
+//! computes a page's remote address and reads it with one RDMA READ, with no
+//! work on this node. A chunk is 2 MiB (512 pages) of zero-filled memory,
+//! made and registered (pinned) when the VM first stores a page in it, and
+//! kept until the VM leaves the node (no pages and no connections): a
+//! client may hold its address for as long as its connection lives.
+//!
+//! - Pages never written cost nothing as long as their whole chunk holds no
+//!   page; inside a chunk that exists they read as zeros.
+//! - A freed page, or one overwritten with zeros, is zeroed in place, so a
+//!   one-sided read of it returns zeros, as the two-sided read says.
+//! - Capacity and quotas count stored (nonzero) pages, as in the hashed
+//!   layout; the memory pinned is the chunks' (at most 2 MiB per 512-page
+//!   stretch a VM has touched).
+//!
+//! A write overwrites a page in place while a one-sided read of it could be
+//! under way. A VMM never reads a page while it writes it back (the page is
+//! `EVICTING`; a fault on it waits), and every page fetched is checked
+//! against its seal (`vmm`'s `excache::seal`), so a torn read would be
+//! refused, never used.
+
+use crate::store::StoreError;
+use fabric::proto::PAGE_SIZE;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Pages per chunk of a VM's region.
+pub const CHUNK_PAGES: u64 = 512;
+const CHUNK_BYTES: usize = CHUNK_PAGES as usize * PAGE_SIZE;
+const SHARDS: usize = 64;
+
+/// A chunk's registration for remote reads: the key, and a handle that
+/// deregisters it when dropped.
+pub struct Registration {
+    /// The remote key.
+    pub rkey: u32,
+    /// Dropped to deregister.
+    pub handle: Box<dyn Send + Sync>,
+}
+
+/// Registers chunks for remote reads (the RDMA device, or a test double).
+pub trait Registrar: Send + Sync {
+    /// Registers `len` bytes at `mem`, a new chunk of `vm`, for remote reads
+    /// by `vm`'s queue pairs only.
+    ///
+    /// # Safety
+    ///
+    /// `mem..mem + len` must stay mapped until the returned registration is
+    /// dropped.
+    unsafe fn register(&self, vm: u64, mem: *mut u8, len: usize) -> Result<Registration, String>;
+    /// `vm` left the node: its chunks are gone, its resources may go.
+    fn forget(&self, vm: u64);
+}
+
+struct Chunk {
+    // Dropped before `mem`: deregistered while still mapped.
+    reg: Registration,
+    mem: Box<[u8]>,
+    present: [u64; CHUNK_PAGES as usize / 64],
+}
+
+impl Chunk {
+    fn page(&self, i: usize) -> &[u8] {
+        &self.mem[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+
+    fn page_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.mem[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+
+    fn has(&self, i: usize) -> bool {
+        self.present[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn set(&mut self, i: usize, on: bool) {
+        if on {
+            self.present[i / 64] |= 1 << (i % 64);
+        } else {
+            self.present[i / 64] &= !(1 << (i % 64));
+        }
+    }
+}
+
+/// Chunks by (VM, chunk number).
+type Shard = Mutex<HashMap<(u64, u64), Chunk>>;
+
+/// Every VM's region, in shards by (VM, chunk).
+pub struct Regions {
+    shards: Box<[Shard]>,
+    registrar: Box<dyn Registrar>,
+    chunks: AtomicU64,
+}
+
+fn shard_of(vm: u64, chunk: u64) -> usize {
+    let h = (chunk ^ vm.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    (h >> 58) as usize % SHARDS
+}
+
+fn split(gpn: u64) -> (u64, usize) {
+    (gpn / CHUNK_PAGES, (gpn % CHUNK_PAGES) as usize)
+}
+
+impl Regions {
+    /// Empty regions, registering chunks with `registrar`.
+    pub fn new(registrar: Box<dyn Registrar>) -> Self {
+        Regions {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            registrar,
+            chunks: AtomicU64::new(0),
+        }
+    }
+
+    /// Chunks made, all VMs (each `CHUNK_PAGES` pages, pinned).
+    pub fn chunks(&self) -> u64 {
+        self.chunks.load(Relaxed)
+    }
+
+    /// Where chunk `chunk` of `vm` lies: (address, length, remote key), or
+    /// `None` if the VM never stored a page in it.
+    pub fn place(&self, vm: u64, chunk: u64) -> Option<(u64, u64, u32)> {
+        let shard = self.shards[shard_of(vm, chunk)].lock().unwrap();
+        shard
+            .get(&(vm, chunk))
+            .map(|c| (c.mem.as_ptr() as u64, CHUNK_BYTES as u64, c.reg.rkey))
+    }
+
+    /// Whether `vm`'s page `gpn` is stored.
+    pub fn contains(&self, vm: u64, gpn: u64) -> bool {
+        let (chunk, i) = split(gpn);
+        let shard = self.shards[shard_of(vm, chunk)].lock().unwrap();
+        shard.get(&(vm, chunk)).is_some_and(|c| c.has(i))
+    }
+
+    /// Calls `f` with the page's data if it is stored; returns whether it was.
+    pub fn read(&self, vm: u64, gpn: u64, f: impl FnOnce(&[u8])) -> bool {
+        let (chunk, i) = split(gpn);
+        let shard = self.shards[shard_of(vm, chunk)].lock().unwrap();
+        match shard.get(&(vm, chunk)) {
+            Some(c) if c.has(i) => {
+                f(c.page(i));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Stores one page that is not all zeros, making and registering its
+    /// chunk if the VM has none there yet; `reserve` is called if the page
+    /// is new.
+    pub fn store(
+        &self,
+        vm: u64,
+        gpn: u64,
+        page: &[u8],
+        reserve: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let (chunk, i) = split(gpn);
+        let mut shard = self.shards[shard_of(vm, chunk)].lock().unwrap();
+        let c = match shard.entry((vm, chunk)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => {
+                let mut mem = vec![0u8; CHUNK_BYTES].into_boxed_slice();
+                // SAFETY: `mem` moves into the chunk with the registration,
+                // which is dropped first (field order): it stays mapped.
+                let reg = unsafe { self.registrar.register(vm, mem.as_mut_ptr(), CHUNK_BYTES) }
+                    .map_err(|reason| StoreError::Register { vm, chunk, reason })?;
+                self.chunks.fetch_add(1, Relaxed);
+                v.insert(Chunk {
+                    reg,
+                    mem,
+                    present: [0; CHUNK_PAGES as usize / 64],
+                })
+            }
+        };
+        if !c.has(i) {
+            reserve()?;
+            c.set(i, true);
+        }
+        c.page_mut(i).copy_from_slice(page);
+        Ok(())
+    }
+
+    /// Frees a page (zeroed in place); returns whether it was stored.
+    pub fn free(&self, vm: u64, gpn: u64) -> bool {
+        let (chunk, i) = split(gpn);
+        let mut shard = self.shards[shard_of(vm, chunk)].lock().unwrap();
+        match shard.get_mut(&(vm, chunk)) {
+            Some(c) if c.has(i) => {
+                c.page_mut(i).fill(0);
+                c.set(i, false);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// `vm` left the node (no pages, no connections): its chunks go.
+    pub fn forget(&self, vm: u64) {
+        let mut dropped = 0;
+        for s in self.shards.iter() {
+            let mut s = s.lock().unwrap();
+            let before = s.len();
+            s.retain(|(v, _), _| *v != vm);
+            dropped += before - s.len();
+        }
+        self.chunks.fetch_sub(dropped as u64, Relaxed);
+        self.registrar.forget(vm);
+    }
+
+    /// Bytes beyond the stored pages: chunk room holding no page, and tables.
+    pub fn overhead_bytes(&self, used_pages: u64) -> u64 {
+        let tables: u64 = self
+            .shards
+            .iter()
+            .map(|s| (s.lock().unwrap().capacity() * 96) as u64)
+            .sum();
+        (self.chunks() * CHUNK_BYTES as u64).saturating_sub(used_pages * PAGE_SIZE as u64) + tables
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::PageStore;
+    use std::sync::Arc;
+
+    /// Registers nothing; counts chunks per VM.
+    #[derive(Default)]
+    struct Counting(Arc<Mutex<Vec<(u64, u64)>>>);
+
+    impl Registrar for Counting {
+        unsafe fn register(
+            &self,
+            vm: u64,
+            mem: *mut u8,
+            _len: usize,
+        ) -> Result<Registration, String> {
+            self.0.lock().unwrap().push((vm, mem as u64));
+            Ok(Registration {
+                rkey: vm as u32,
+                handle: Box::new(()),
+            })
+        }
+
+        fn forget(&self, vm: u64) {
+            self.0.lock().unwrap().retain(|(v, _)| *v != vm);
+        }
+    }
+
+    fn page(b: u8) -> Vec<u8> {
+        vec![b; PAGE_SIZE]
+    }
+
+    /// What a one-sided reader sees: the bytes at the page's computed address.
+    fn remote_read(s: &PageStore, vm: u64, gpn: u64) -> Option<Vec<u8>> {
+        let (addr, len, _) = s.regions().unwrap().place(vm, gpn / CHUNK_PAGES)?;
+        assert_eq!(len, CHUNK_BYTES as u64);
+        let at = addr + (gpn % CHUNK_PAGES) * PAGE_SIZE as u64;
+        // SAFETY: `at` lies in a live chunk of the store, which no one
+        // writes during the test's read.
+        Some(unsafe { std::slice::from_raw_parts(at as *const u8, PAGE_SIZE) }.to_vec())
+    }
+
+    #[test]
+    fn a_page_lies_at_an_address_computed_from_its_number() {
+        let reg = Counting::default();
+        let seen = reg.0.clone();
+        let s = PageStore::with_regions(1000, None, Box::new(reg));
+        let st = s.vms().open(1, None).unwrap();
+        let other = s.vms().open(2, None).unwrap();
+        let gpns = [0u64, 1, 511, 512, 100_000];
+        let data: Vec<u8> = gpns.iter().flat_map(|&g| page(g as u8 | 1)).collect();
+        s.write(&st, 1, gpns.into_iter(), &data).unwrap();
+        s.write(&other, 2, [1u64].into_iter(), &page(0xee)).unwrap();
+        for g in gpns {
+            assert_eq!(
+                remote_read(&s, 1, g).unwrap(),
+                page(g as u8 | 1),
+                "page {g}"
+            );
+        }
+        assert_eq!(remote_read(&s, 2, 1).unwrap(), page(0xee));
+        // Three chunks for VM 1 (0, 1, 195), one for VM 2; a never-written
+        // page in a chunk reads as zeros, one in no chunk has no place.
+        assert_eq!(seen.lock().unwrap().len(), 4);
+        assert_eq!(remote_read(&s, 1, 7).unwrap(), page(0));
+        assert!(remote_read(&s, 1, 5000).is_none());
+        assert_eq!(s.used_pages(), 6);
+        // Zero writes and frees zero the page in place.
+        s.write(&st, 1, [1u64].into_iter(), &page(0)).unwrap();
+        assert_eq!(s.free(&st, 1, [511u64, 7].into_iter()), 1);
+        assert_eq!(remote_read(&s, 1, 1).unwrap(), page(0));
+        assert_eq!(remote_read(&s, 1, 511).unwrap(), page(0));
+        assert!(!s.read(&st, 1, 511, |_| {}));
+        assert_eq!(s.used_pages(), 4);
+        assert_eq!(st.pages.load(Relaxed), 3);
+        // The two-sided read agrees.
+        let mut got = Vec::new();
+        assert!(s.read(&st, 1, 100_000, |p| got.extend_from_slice(p)));
+        assert_eq!(got, page(100_000u64 as u8 | 1));
+    }
+
+    #[test]
+    fn capacity_counts_pages_and_a_vm_that_leaves_frees_its_chunks() {
+        let reg = Counting::default();
+        let seen = reg.0.clone();
+        let s = PageStore::with_regions(2, None, Box::new(reg));
+        let st = s.vms().open(1, None).unwrap();
+        s.write(&st, 1, [3u64, 4].into_iter(), &[page(1), page(2)].concat())
+            .unwrap();
+        assert!(matches!(
+            s.write(&st, 1, [5u64].into_iter(), &page(3)),
+            Err(StoreError::OutOfCapacity { .. })
+        ));
+        s.write(&st, 1, [4u64].into_iter(), &page(9)).unwrap();
+        assert_eq!(s.free(&st, 1, [3u64, 4].into_iter()), 2);
+        assert_eq!(s.used_pages(), 0);
+        assert_eq!(s.regions().unwrap().chunks(), 1, "kept while connected");
+        s.close_session(1, st);
+        assert_eq!(s.regions().unwrap().chunks(), 0);
+        assert!(seen.lock().unwrap().is_empty());
+    }
+}
