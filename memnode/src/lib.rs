@@ -8,6 +8,7 @@
 //! never written read as zeros and take no space. [`metrics`] exposes the counters
 //! to Prometheus.
 
+pub mod client_checks;
 pub mod metrics;
 #[cfg(feature = "rdma")]
 pub mod rdma;

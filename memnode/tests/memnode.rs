@@ -476,6 +476,14 @@ fn bad_command_lines_fail_with_one_clear_line() {
             vec!["--listen", "256.0.0.1:1"],
             "cannot listen on 256.0.0.1:1",
         ),
+        (
+            vec!["--rdma", "rxe0"],
+            if cfg!(feature = "rdma") {
+                "no RDMA device named rxe0"
+            } else {
+                "built without the RDMA transport"
+            },
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_memnode"))
             .args(&args)
@@ -505,4 +513,77 @@ fn a_thread_that_submits_far_ahead_of_its_waits_does_not_deadlock() {
         p.wait(&mut out).unwrap();
     }
     assert!(c.read_page(3, &mut out[..PAGE_SIZE]).unwrap());
+}
+
+#[test]
+fn the_client_behaviour_checks_pass_over_tcp() {
+    // The same checks run over RDMA in the nested host (fabric-check in its
+    // rdma scenario, tests/nested/README.md).
+    let node = Node::start(&["--capacity", "64M"]);
+    memnode::client_checks::all(
+        &|vm| {
+            PageClient::connect(
+                &node.addr,
+                &ClientConfig {
+                    vm_id: vm,
+                    vm_secret: Some(common::vm_secret().clone()),
+                    ..ClientConfig::default()
+                },
+            )
+        },
+        0x100,
+    );
+}
+
+#[test]
+fn fabric_check_measures_a_node_and_prints_one_line() {
+    let node = Node::start(&["--capacity", "64M"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fabric-check"))
+        .args(["--addr", &node.addr, "--reads", "200", "--secs", "0.2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("FABRIC-CHECK "))
+        .expect(&stdout);
+    let field = |k: &str| -> f64 {
+        line.split(' ')
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing: {line}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(line.contains(" checks=ok "), "{line}");
+    assert!(
+        field("read_p50_us") > 0.0 && field("read_p99_us") >= field("read_p50_us"),
+        "{line}"
+    );
+    assert!(
+        field("pipelined_pages_s") > 0.0 && field("batch_pages_s") > 0.0,
+        "{line}"
+    );
+    assert_eq!(
+        field("one_sided_pages"),
+        0.0,
+        "TCP reads nothing one-sided: {line}"
+    );
+    // Without the RDMA transport, an rdma:// node is refused with a clear error.
+    if !cfg!(feature = "rdma") {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fabric-check"))
+            .args(["--addr", &format!("rdma://{}", node.addr), "--no-checks"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("no RDMA transport (build with `--features rdma`)"),
+            "{err}"
+        );
+    }
 }

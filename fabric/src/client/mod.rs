@@ -15,9 +15,11 @@
 //! a fault handler makes.
 
 pub mod ideal;
+mod pending;
 mod rdma;
 mod slots;
 
+pub use pending::{PendingRead, PendingWrite};
 pub use rdma::RDMA_SCHEME;
 
 use crate::link_model::{LinkModel, Shaper, wait_until};
@@ -216,29 +218,6 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.link.shutdown();
     }
-}
-
-/// A submitted read; [`PendingRead::wait`] collects it. Dropping it without waiting
-/// waits and discards the reply, so its slot is always released.
-#[must_use = "a pending read holds a request slot until waited for"]
-pub struct PendingRead<'c> {
-    client: &'c PageClient,
-    ticket: Option<slots::Ticket>,
-    count: usize,
-    /// On an ideal node: the pages, read when waited for, and when the
-    /// modelled link delivers them.
-    ideal: Option<(Vec<u64>, Option<Instant>)>,
-    /// On an RDMA node: the one-sided read.
-    rdma: Option<rdma::Pending>,
-}
-
-/// A submitted write; [`PendingWrite::wait`] collects it (dropping it waits too).
-#[must_use = "a pending write holds a request slot until waited for"]
-pub struct PendingWrite<'c> {
-    client: &'c PageClient,
-    ticket: Option<slots::Ticket>,
-    /// On an ideal node: when the modelled link acknowledges the write.
-    ideal_ack: Option<Instant>,
 }
 
 impl PageClient {
@@ -496,8 +475,10 @@ impl PageClient {
             }
         };
         #[cfg(feature = "rdma")]
-        if let Some(reader) = inner.rdma.get() {
-            return rdma::submit_read(self, inner, reader, gpns);
+        if let Some(reader) = inner.rdma.get()
+            && let Some(p) = rdma::submit_read(self, inner, reader, gpns)?
+        {
+            return Ok(p);
         }
         let ticket = self.submit(
             inner,
@@ -636,6 +617,11 @@ impl PageClient {
         if let Some(r) = self.remote() {
             r.slots.fail("closed by the client".into());
             r.link.shutdown();
+            // One-sided reads in flight fail at once, not at their deadline.
+            #[cfg(feature = "rdma")]
+            if let Some(reader) = r.rdma.get() {
+                reader.fail("closed by the client".into());
+            }
         }
     }
 
@@ -740,82 +726,6 @@ impl PageClient {
         ClientError::ConnectionLost {
             addr: self.addr().to_string(),
             reason,
-        }
-    }
-}
-
-impl PendingRead<'_> {
-    /// Waits for the pages and copies them into `out` (`count` × 4096 bytes).
-    pub fn wait(mut self, out: &mut [u8]) -> Result<Presence, ClientError> {
-        if out.len() != self.count * PAGE_SIZE {
-            // Dropping `self` still collects the reply, so the slot is released.
-            return Err(ClientError::InvalidRequest(format!(
-                "read buffer is {} bytes, need {}",
-                out.len(),
-                self.count * PAGE_SIZE
-            )));
-        }
-        if let (Backend::Remote(r), Some(p)) = (&self.client.backend, self.rdma.take()) {
-            return rdma::wait(self.client, r, p, out);
-        }
-        match (&self.client.backend, self.ticket.take(), self.ideal.take()) {
-            (Backend::Remote(r), Some(t), _) => self.client.finish(r, t, |d| d.copy_pages(out)),
-            (Backend::Ideal(i), _, Some((gpns, at))) => {
-                if let Some(at) = at {
-                    wait_until(at);
-                }
-                let mut present = 0u64;
-                for (k, (&gpn, page)) in
-                    gpns.iter().zip(out.chunks_exact_mut(PAGE_SIZE)).enumerate()
-                {
-                    if i.store.read(gpn, page) {
-                        present |= 1 << k;
-                    }
-                }
-                Ok(Presence(present))
-            }
-            _ => unreachable!("a pending read is made with its backend's state"),
-        }
-    }
-}
-
-impl Drop for PendingRead<'_> {
-    fn drop(&mut self) {
-        if let (Some(p), Backend::Remote(r)) = (self.rdma.take(), &self.client.backend) {
-            // Its slot is released once its completions are in.
-            let mut scratch = vec![0u8; self.count * PAGE_SIZE];
-            let _ = rdma::wait(self.client, r, p, &mut scratch);
-        }
-        if let (Some(t), Backend::Remote(r)) = (self.ticket.take(), &self.client.backend) {
-            let _ = self.client.finish(r, t, |_| ());
-        }
-    }
-}
-
-impl PendingWrite<'_> {
-    /// Waits until the node has stored the pages.
-    pub fn wait(mut self) -> Result<(), ClientError> {
-        let client = self.client;
-        match (&client.backend, self.ticket.take()) {
-            (Backend::Remote(r), Some(t)) => match client.finish(r, t, |d| d.reply.take())? {
-                Reply::Count(_) => Ok(()),
-                other => Err(client.unexpected(other)),
-            },
-            (Backend::Ideal(_), _) => {
-                if let Some(at) = self.ideal_ack.take() {
-                    wait_until(at);
-                }
-                Ok(())
-            }
-            (Backend::Remote(_), None) => unreachable!("a remote write is made with its ticket"),
-        }
-    }
-}
-
-impl Drop for PendingWrite<'_> {
-    fn drop(&mut self) {
-        if let (Some(t), Backend::Remote(r)) = (self.ticket.take(), &self.client.backend) {
-            let _ = self.client.finish(r, t, |_| ());
         }
     }
 }

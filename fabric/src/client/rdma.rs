@@ -98,7 +98,7 @@ pub(super) fn submit_read<'c>(
     inner: &Inner,
     reader: &RdmaReader,
     gpns: &[u64],
-) -> Result<PendingRead<'c>, ClientError> {
+) -> Result<Option<PendingRead<'c>>, ClientError> {
     if let Some(reason) = inner.slots.failure().or_else(|| reader.failure()) {
         return Err(client.lost(reason));
     }
@@ -126,22 +126,27 @@ pub(super) fn submit_read<'c>(
             other => return Err(client.unexpected(other)),
         }
     }
-    let posted = reader
+    let Some(posted) = reader
         .post(gpns, |chunk| reader.chunk(chunk))
-        .map_err(|why| fail(client, inner, reader, why))?;
+        .map_err(|why| fail(client, inner, reader, why))?
+    else {
+        // Every bounce slot is held by a read not yet waited for: this one
+        // goes two-sided (`ReadPages`), so no caller waits on another's wait.
+        return Ok(None);
+    };
     let visible_at = inner.shaper.as_ref().map(|s| {
         s.on_recv(
             posted.pages() * PAGE_SIZE,
             s.on_send(HEADER_LEN * posted.pages().max(1)),
         )
     });
-    Ok(PendingRead {
+    Ok(Some(PendingRead {
         client,
         ticket: None,
         count: gpns.len(),
         ideal: None,
         rdma: Some(Pending { posted, visible_at }),
-    })
+    }))
 }
 
 /// The reader failed: the whole connection is failed, so that the caller

@@ -68,6 +68,9 @@ pub enum RdmaError {
     },
 }
 
+/// How long a waiter polls the completion queue itself before it sleeps.
+const SPIN: Duration = Duration::from_micros(30);
+
 /// How a reader is set up.
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
@@ -103,6 +106,9 @@ struct Slot {
 /// What the completion thread shares with the readers.
 struct Shared {
     cq: Arc<Cq>,
+    /// Held while polling the completion queue (the thread and spinning
+    /// waiters poll it; one at a time).
+    poll_lock: Mutex<()>,
     slots: Box<[Slot]>,
     failed: Mutex<Option<String>>,
     stop: AtomicBool,
@@ -155,19 +161,37 @@ impl Shared {
         }
     }
 
+    /// Polls the completion queue once and delivers what is there; returns
+    /// how many completions that was (0 if another thread is polling).
+    fn poll_once(&self, got: &mut Vec<Completion>, block: bool) -> Result<usize, RdmaError> {
+        let _g = if block {
+            self.poll_lock.lock().unwrap()
+        } else {
+            match self.poll_lock.try_lock() {
+                Ok(g) => g,
+                Err(_) => return Ok(0),
+            }
+        };
+        got.clear();
+        self.cq.poll(got, 256)?;
+        let n = got.len();
+        for c in got.drain(..) {
+            self.deliver(c);
+        }
+        Ok(n)
+    }
+
     /// The completion thread: blocks on the channel, delivers completions.
     fn run(&self) {
         let mut got = Vec::with_capacity(256);
         while !self.stop.load(Acquire) {
-            got.clear();
-            if let Err(e) = self.cq.poll(&mut got, 256) {
-                self.fail(crate::client::error_chain(&e));
-                return;
-            }
-            let n = got.len();
-            for c in got.drain(..) {
-                self.deliver(c);
-            }
+            let n = match self.poll_once(&mut got, true) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.fail(crate::client::error_chain(&e));
+                    return;
+                }
+            };
             if n == 0
                 && let Err(e) = self.cq.wait(Duration::from_millis(50))
             {
@@ -191,7 +215,7 @@ pub struct RdmaReader {
     bounce_mr: Mr,
     bounce: Mapping,
     free: Mutex<Vec<usize>>,
-    free_cv: Condvar,
+    fallbacks: AtomicU64,
     chunk_pages: u64,
     chunks: Mutex<ChunkMap>,
     timeout: Duration,
@@ -285,6 +309,7 @@ impl RdmaReader {
                     cv: Condvar::new(),
                 })
                 .collect(),
+            poll_lock: Mutex::new(()),
             failed: Mutex::new(None),
             stop: AtomicBool::new(false),
             peer: peer.to_string(),
@@ -308,7 +333,7 @@ impl RdmaReader {
             bounce_mr,
             bounce,
             free: Mutex::new((0..slots).rev().collect()),
-            free_cv: Condvar::new(),
+            fallbacks: AtomicU64::new(0),
             chunk_pages: u64::from(chunk_pages),
             chunks: Mutex::new(Default::default()),
             timeout: config.timeout,
@@ -342,6 +367,11 @@ impl RdmaReader {
         self.chunks.lock().unwrap().insert(chunk, place);
     }
 
+    /// Reads that found every bounce slot taken and went two-sided.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Relaxed)
+    }
+
     /// Pages read with RDMA READs so far.
     pub fn pages_read(&self) -> u64 {
         self.pages_read.load(Relaxed)
@@ -349,17 +379,22 @@ impl RdmaReader {
 
     /// Posts reads of `gpns` (at most `MAX_BATCH`): one RDMA READ per run of
     /// consecutive pages in one known chunk; pages whose chunk `place` gives
-    /// none are not read (zeros).
+    /// none are not read (zeros). `Ok(None)`: every bounce slot is taken by
+    /// a read not yet waited for (the caller reads two-sided instead: a
+    /// caller that submits many reads before it waits never blocks here).
     pub fn post(
         &self,
         gpns: &[u64],
         place: impl Fn(u64) -> Option<RemoteChunk>,
-    ) -> Result<PostedRead, String> {
+    ) -> Result<Option<PostedRead>, String> {
         if let Some(f) = self.failure() {
             return Err(f);
         }
         assert!(gpns.len() <= crate::proto::MAX_BATCH);
-        let slot = self.take_slot()?;
+        let Some(slot) = self.free.lock().unwrap().pop() else {
+            self.fallbacks.fetch_add(1, Relaxed);
+            return Ok(None);
+        };
         let base = self.bounce.as_ptr() as usize + slot * crate::proto::MAX_BATCH * PAGE_SIZE;
         // One READ per run; one rkey per post, so runs are grouped by chunk.
         let mut runs: Vec<(RemoteChunk, ReadWr)> = Vec::new();
@@ -418,32 +453,11 @@ impl RdmaReader {
         }
         self.pages_read
             .fetch_add(u64::from(read.count_ones()), Relaxed);
-        Ok(PostedRead {
+        Ok(Some(PostedRead {
             slot,
             read,
             count: gpns.len(),
-        })
-    }
-
-    fn take_slot(&self) -> Result<usize, String> {
-        let deadline = Instant::now() + self.timeout;
-        let mut free = self.free.lock().unwrap();
-        loop {
-            if let Some(s) = free.pop() {
-                return Ok(s);
-            }
-            if let Some(f) = self.failure() {
-                return Err(f);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!(
-                    "no RDMA read slot became free within {:?}",
-                    self.timeout
-                ));
-            }
-            free = self.free_cv.wait_timeout(free, left).unwrap().0;
-        }
+        }))
     }
 
     /// Waits for a posted read and copies its pages into `out` (`count` ×
@@ -452,6 +466,26 @@ impl RdmaReader {
     /// zero pages).
     pub fn finish(&self, r: PostedRead, out: &mut [u8]) -> Result<u64, String> {
         let slot = &self.shared.slots[r.slot];
+        // A READ on a fast fabric completes in microseconds: poll for it here
+        // for a while before sleeping on the completion thread's wake-up (two
+        // context switches).
+        let spin_until = Instant::now() + SPIN;
+        let mut got = Vec::new();
+        loop {
+            {
+                let st = slot.st.lock().unwrap();
+                if st.error.is_some() || st.outstanding == 0 {
+                    break;
+                }
+            }
+            if Instant::now() >= spin_until {
+                break;
+            }
+            if let Err(e) = self.shared.poll_once(&mut got, false) {
+                self.shared.fail(crate::client::error_chain(&e));
+            }
+            std::hint::spin_loop();
+        }
         let deadline = Instant::now() + self.timeout;
         let mut st = slot.st.lock().unwrap();
         let outcome = loop {
@@ -496,7 +530,6 @@ impl RdmaReader {
             }
         }
         self.free.lock().unwrap().push(r.slot);
-        self.free_cv.notify_one();
         Ok(present)
     }
 
