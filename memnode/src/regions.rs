@@ -15,8 +15,12 @@
 //! - A freed page, or one overwritten with zeros, is zeroed in place, so a
 //!   one-sided read of it returns zeros, as the two-sided read says.
 //! - Capacity and quotas count stored (nonzero) pages, as in the hashed
-//!   layout; the memory pinned is the chunks' (at most 2 MiB per 512-page
-//!   stretch a VM has touched).
+//!   layout; the memory pinned is the chunks' (2 MiB per 512-page stretch a
+//!   VM has touched), and it is bounded too: the node makes at most
+//!   `--capacity` worth of chunks, and one VM at most `--vm-quota` worth, so
+//!   a VM writing one page per stretch cannot pin more than it may store.
+//!   A write that would need a chunk past those limits is refused as out of
+//!   capacity.
 //!
 //! A write overwrites a page in place while a one-sided read of it could be
 //! under way. A VMM never reads a page while it writes it back (the page is
@@ -59,20 +63,58 @@ pub trait Registrar: Send + Sync {
     fn forget(&self, vm: u64);
 }
 
+/// A chunk's memory: `CHUNK_BYTES`, zero-filled, aligned to 2 MiB (so a page
+/// never straddles two of the kernel's pages, and huge pages can back it).
+struct ChunkMem(std::ptr::NonNull<u8>);
+
+// SAFETY: plain owned memory; the chunk's shard lock orders its writers.
+unsafe impl Send for ChunkMem {}
+
+const CHUNK_LAYOUT: std::alloc::Layout =
+    match std::alloc::Layout::from_size_align(CHUNK_BYTES, CHUNK_BYTES) {
+        Ok(l) => l,
+        Err(_) => panic!("a chunk's layout is valid"),
+    };
+
+impl ChunkMem {
+    fn new() -> Option<Self> {
+        // SAFETY: the layout has a nonzero size.
+        let p = unsafe { std::alloc::alloc_zeroed(CHUNK_LAYOUT) };
+        std::ptr::NonNull::new(p).map(ChunkMem)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `CHUNK_BYTES` bytes allocated in `new`, initialised (zeroed).
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), CHUNK_BYTES) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr(), CHUNK_BYTES) }
+    }
+}
+
+impl Drop for ChunkMem {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.0.as_ptr(), CHUNK_LAYOUT) };
+    }
+}
+
 struct Chunk {
     // Dropped before `mem`: deregistered while still mapped.
     reg: Registration,
-    mem: Box<[u8]>,
+    mem: ChunkMem,
     present: [u64; CHUNK_PAGES as usize / 64],
 }
 
 impl Chunk {
     fn page(&self, i: usize) -> &[u8] {
-        &self.mem[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+        &self.mem.bytes()[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
     }
 
     fn page_mut(&mut self, i: usize) -> &mut [u8] {
-        &mut self.mem[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+        &mut self.mem.bytes_mut()[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
     }
 
     fn has(&self, i: usize) -> bool {
@@ -96,6 +138,11 @@ pub struct Regions {
     shards: Box<[Shard]>,
     registrar: Box<dyn Registrar>,
     chunks: AtomicU64,
+    /// Most chunks on the node (its capacity in chunks: pinned memory is
+    /// bounded by `--capacity`), and for one VM (its quota, if any).
+    max_chunks: u64,
+    vm_max_chunks: u64,
+    vm_chunks: Mutex<HashMap<u64, u64>>,
 }
 
 fn shard_of(vm: u64, chunk: u64) -> usize {
@@ -108,13 +155,57 @@ fn split(gpn: u64) -> (u64, usize) {
 }
 
 impl Regions {
-    /// Empty regions, registering chunks with `registrar`.
-    pub fn new(registrar: Box<dyn Registrar>) -> Self {
+    /// Empty regions, registering chunks with `registrar`, pinning at most
+    /// `capacity_pages` (and `vm_quota_pages` for one VM) in whole chunks.
+    pub fn new(
+        registrar: Box<dyn Registrar>,
+        capacity_pages: u64,
+        vm_quota_pages: Option<u64>,
+    ) -> Self {
         Regions {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             registrar,
             chunks: AtomicU64::new(0),
+            max_chunks: capacity_pages.div_ceil(CHUNK_PAGES).max(1),
+            vm_max_chunks: vm_quota_pages.map_or(u64::MAX, |q| q.div_ceil(CHUNK_PAGES).max(1)),
+            vm_chunks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Counts a new chunk of `vm` against the limits.
+    fn charge_chunk(&self, vm: u64) -> Result<(), StoreError> {
+        let mut per_vm = self.vm_chunks.lock().unwrap();
+        let mine = per_vm.entry(vm).or_default();
+        let all = self.chunks.load(Relaxed);
+        if all >= self.max_chunks || *mine >= self.vm_max_chunks {
+            return Err(StoreError::ChunksFull {
+                vm,
+                vm_chunks: *mine,
+                chunks: all,
+                max: if *mine >= self.vm_max_chunks {
+                    self.vm_max_chunks
+                } else {
+                    self.max_chunks
+                },
+            });
+        }
+        *mine += 1;
+        self.chunks.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    fn uncharge_chunks(&self, vm: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut per_vm = self.vm_chunks.lock().unwrap();
+        if let Some(c) = per_vm.get_mut(&vm) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                per_vm.remove(&vm);
+            }
+        }
+        self.chunks.fetch_sub(n, Relaxed);
     }
 
     /// Chunks made, all VMs (each `CHUNK_PAGES` pages, pinned).
@@ -128,7 +219,7 @@ impl Regions {
         let shard = self.shards[shard_of(vm, chunk)].lock().unwrap();
         shard
             .get(&(vm, chunk))
-            .map(|c| (c.mem.as_ptr() as u64, CHUNK_BYTES as u64, c.reg.rkey))
+            .map(|c| (c.mem.0.as_ptr() as u64, CHUNK_BYTES as u64, c.reg.rkey))
     }
 
     /// Whether `vm`'s page `gpn` is stored.
@@ -166,12 +257,23 @@ impl Regions {
         let c = match shard.entry((vm, chunk)) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(v) => {
-                let mut mem = vec![0u8; CHUNK_BYTES].into_boxed_slice();
-                // SAFETY: `mem` moves into the chunk with the registration,
-                // which is dropped first (field order): it stays mapped.
-                let reg = unsafe { self.registrar.register(vm, mem.as_mut_ptr(), CHUNK_BYTES) }
-                    .map_err(|reason| StoreError::Register { vm, chunk, reason })?;
-                self.chunks.fetch_add(1, Relaxed);
+                self.charge_chunk(vm)?;
+                let made = ChunkMem::new()
+                    .ok_or_else(|| "cannot allocate 2 MiB".to_string())
+                    .and_then(|mem| {
+                        // SAFETY: `mem` moves into the chunk with the
+                        // registration, which is dropped first (field
+                        // order): it stays allocated while registered.
+                        unsafe { self.registrar.register(vm, mem.0.as_ptr(), CHUNK_BYTES) }
+                            .map(|reg| (reg, mem))
+                    });
+                let (reg, mem) = match made {
+                    Ok(m) => m,
+                    Err(reason) => {
+                        self.uncharge_chunks(vm, 1);
+                        return Err(StoreError::Register { vm, chunk, reason });
+                    }
+                };
                 v.insert(Chunk {
                     reg,
                     mem,
@@ -210,7 +312,7 @@ impl Regions {
             s.retain(|(v, _), _| *v != vm);
             dropped += before - s.len();
         }
-        self.chunks.fetch_sub(dropped as u64, Relaxed);
+        self.uncharge_chunks(vm, dropped as u64);
         self.registrar.forget(vm);
     }
 
@@ -272,7 +374,7 @@ mod tests {
     fn a_page_lies_at_an_address_computed_from_its_number() {
         let reg = Counting::default();
         let seen = reg.0.clone();
-        let s = PageStore::with_regions(1000, None, Box::new(reg));
+        let s = PageStore::with_regions(4000, None, Box::new(reg));
         let st = s.vms().open(1, None).unwrap();
         let other = s.vms().open(2, None).unwrap();
         let gpns = [0u64, 1, 511, 512, 100_000];
@@ -305,6 +407,36 @@ mod tests {
         let mut got = Vec::new();
         assert!(s.read(&st, 1, 100_000, |p| got.extend_from_slice(p)));
         assert_eq!(got, page(100_000u64 as u8 | 1));
+    }
+
+    #[test]
+    fn pinned_chunks_are_bounded_by_capacity_and_quota() {
+        // 1024 pages of capacity: two chunks on the node, one per VM (quota 512).
+        let s = PageStore::with_regions(1024, Some(512), Box::new(Counting::default()));
+        let a = s.vms().open(1, None).unwrap();
+        let b = s.vms().open(2, None).unwrap();
+        s.write(&a, 1, [0u64].into_iter(), &page(1)).unwrap();
+        let e = s.write(&a, 1, [600u64].into_iter(), &page(1)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::ChunksFull {
+                    vm: 1,
+                    vm_chunks: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("--vm-quota"), "{e}");
+        s.write(&b, 2, [600u64].into_iter(), &page(2)).unwrap();
+        assert!(matches!(
+            s.write(&b, 2, [5000u64].into_iter(), &page(2)),
+            Err(StoreError::ChunksFull { vm: 2, .. })
+        ));
+        // A refused write stored nothing and counted nothing.
+        assert_eq!((s.used_pages(), a.pages.load(Relaxed)), (2, 1));
+        assert_eq!(s.regions().unwrap().chunks(), 2);
     }
 
     #[test]

@@ -479,7 +479,12 @@ impl Connection {
                         count: gpns.len() as u32,
                     }
                     .encode(rid, out),
-                    Err(e @ (StoreError::OutOfCapacity { .. } | StoreError::OverQuota { .. })) => {
+                    Err(
+                        e @ (StoreError::OutOfCapacity { .. }
+                        | StoreError::OverQuota { .. }
+                        | StoreError::ChunksFull { .. }
+                        | StoreError::Register { .. }),
+                    ) => {
                         warn_limited!(PEER_ERRORS, "{peer}: vm {vm}: {e}");
                         self.refuse(rid, out, ErrorCode::OutOfCapacity, &e.to_string());
                     }

@@ -56,6 +56,21 @@ pub enum StoreError {
         /// Its quota in pages.
         quota: u64,
     },
+    /// The node (or this VM) is at its limit of region chunks, the pinned
+    /// memory behind one-sided reads.
+    #[error(
+        "vm {vm:#x}: no room for another 2 MiB region chunk ({vm_chunks} of this VM's, {chunks} on the node; limit {max}, from --capacity and --vm-quota)"
+    )]
+    ChunksFull {
+        /// The VM.
+        vm: u64,
+        /// Its chunks.
+        vm_chunks: u64,
+        /// The node's chunks.
+        chunks: u64,
+        /// The limit reached.
+        max: u64,
+    },
     /// A new region chunk could not be registered for remote reads.
     #[error("cannot register chunk {chunk} of vm {vm:#x} for RDMA: {reason}")]
     Register {
@@ -159,7 +174,7 @@ impl PageStore {
         Self::build(
             capacity_pages,
             vm_quota_pages,
-            Some(Regions::new(registrar)),
+            Some(Regions::new(registrar, capacity_pages, vm_quota_pages)),
         )
     }
 
@@ -194,11 +209,14 @@ impl PageStore {
     /// Ends a session of `vm` ([`VmTable::close`]); a VM that leaves the
     /// node gives its region chunks back.
     pub fn close_session(&self, vm: u64, stats: std::sync::Arc<VmStats>) {
-        if self.vms.close(vm, stats)
-            && let Some(r) = &self.regions
-        {
-            r.forget(vm);
-        }
+        // Under the table's lock: a new session of the VM cannot open (and
+        // make chunks or a queue pair) between the VM's leaving and its
+        // chunks going.
+        self.vms.close_with(vm, stats, || {
+            if let Some(r) = &self.regions {
+                r.forget(vm);
+            }
+        });
     }
 
     fn stored(&self, vm: u64, gpn: u64) -> bool {

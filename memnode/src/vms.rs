@@ -78,6 +78,12 @@ impl VmTable {
     /// Ends a session opened with [`VmTable::open`]; forgets the VM (its
     /// binding too) once it has no pages and no sessions, and then returns true.
     pub fn close(&self, vm: u64, stats: Arc<VmStats>) -> bool {
+        self.close_with(vm, stats, || {})
+    }
+
+    /// As [`VmTable::close`], calling `forgotten` if the VM is forgotten,
+    /// while no session of it can open.
+    pub fn close_with(&self, vm: u64, stats: Arc<VmStats>, forgotten: impl FnOnce()) -> bool {
         stats.connections.fetch_sub(1, Relaxed);
         drop(stats);
         let mut vms = self.vms.write().unwrap();
@@ -86,6 +92,7 @@ impl VmTable {
             && s.connections.load(Relaxed) == 0
         {
             vms.remove(&vm);
+            forgotten();
             return true;
         }
         false

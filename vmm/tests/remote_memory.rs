@@ -470,6 +470,16 @@ fn kvm_bad_input_gets_one_clear_error_line() {
         ),
         // Paused with no way to resume.
         (vec!["--paused".into()], "--api-sock"),
+        // An RDMA node: without the transport (or, built with it, without a
+        // device here), the node is named and so is what is missing.
+        (
+            vec!["--memnode".into(), format!("rdma://{}", node.addr)],
+            if cfg!(feature = "rdma") {
+                "no RDMA device"
+            } else {
+                "no RDMA transport (build with `--features rdma`)"
+            },
+        ),
     ];
     for (extra, want) in cases {
         let mut args: Vec<String> = vec!["--memnode".into(), node.addr.clone()];

@@ -113,12 +113,13 @@ pub(super) fn submit_read<'c>(
         match client.call(inner, &Message::MapRegion { chunk }, Opcode::MapRegionOk)? {
             Reply::Region(c, _, 0, _) if c == chunk => absent.push(chunk),
             Reply::Region(c, addr, len, rkey) if c == chunk => {
-                if len != reader.chunk_pages() * PAGE_SIZE as u64 {
+                if len != reader.chunk_pages() * PAGE_SIZE as u64 || addr.checked_add(len).is_none()
+                {
                     return Err(fail(
                         client,
                         inner,
                         reader,
-                        format!("the node mapped chunk {chunk} with {len} bytes"),
+                        format!("the node mapped chunk {chunk} at {addr:#x} with {len} bytes"),
                     ));
                 }
                 reader.learn(chunk, RemoteChunk { addr, rkey });

@@ -177,6 +177,13 @@ impl RdmaEndpoint {
                 "reserved bytes are not zero",
             ));
         }
+        let qpn = u32_at(p, 0);
+        if qpn >= 1 << 24 {
+            return Err(DecodeError::invalid(
+                "rdma endpoint",
+                format!("queue pair number {qpn:#x} has more than 24 bits"),
+            ));
+        }
         let psn = u32_at(p, 4);
         if psn >= 1 << 24 {
             return Err(DecodeError::invalid(
@@ -185,7 +192,7 @@ impl RdmaEndpoint {
             ));
         }
         Ok(RdmaEndpoint {
-            qpn: u32_at(p, 0),
+            qpn,
             psn,
             lid: u16_at(p, 8),
             gid: p[16..32].try_into().expect("16 bytes"),

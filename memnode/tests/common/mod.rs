@@ -52,17 +52,5 @@ pub fn vm_secret() -> &'static fabric::auth::Key {
 }
 
 /// A page whose every byte depends on (vm, gpn, version), so misplaced or stale
-/// pages are detected.
-pub fn pattern(vm: u64, gpn: u64, version: u64) -> Vec<u8> {
-    let mut x = vm.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        ^ gpn.wrapping_mul(0xbf58_476d_1ce4_e5b9)
-        ^ version.wrapping_add(1);
-    (0..4096 / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect()
-}
+/// pages are detected (the behaviour checks' pattern).
+pub use memnode::client_checks::pattern;

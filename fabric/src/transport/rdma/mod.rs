@@ -432,6 +432,12 @@ impl RdmaReader {
             st.error = None;
             st.generation
         };
+        // The completion thread may have failed the reader between the check
+        // above and the slot's accounting (its `fail` skipped this slot):
+        // post nothing then, and keep the slot out of use.
+        if let Some(f) = self.failure() {
+            return Err(f);
+        }
         let wr_id = ((slot as u64) << 32) | u64::from(generation);
         let _g = self.post.lock().unwrap();
         let mut i = 0;

@@ -129,28 +129,43 @@ impl Device {
         }
         device.lid = attr.lid;
         device.active_mtu = attr.active_mtu;
-        // The GID: an IPv4-mapped one if the port has it (RoCE v2 over IPv4
-        // routes everywhere an IP packet does), else the first nonzero one.
-        let mut best: Option<(u8, [u8; 16])> = None;
-        for index in 0..attr.gid_tbl_len.clamp(0, 256) {
-            let mut gid = ffi::ibv_gid::default();
-            // SAFETY: `ctx` is open; `gid` is a valid out-pointer.
-            if unsafe { ffi::ibv_query_gid(ctx, PORT, index, &mut gid) } != 0 {
+        // The GID: on RoCE a version 2 one (routable over UDP/IP; mlx5 lists a
+        // version 1 entry for each address too), IPv4-mapped if there is one;
+        // on InfiniBand the first.
+        let mut best: Option<(u8, [u8; 16], u32)> = None;
+        for index in 0..attr.gid_tbl_len.clamp(0, 256) as u32 {
+            let mut entry = ffi::ibv_gid_entry::default();
+            // SAFETY: `ctx` is open; `entry` is a valid out-pointer of the size given.
+            let e = unsafe {
+                ffi::_ibv_query_gid_ex(
+                    ctx,
+                    u32::from(PORT),
+                    index,
+                    &mut entry,
+                    0,
+                    std::mem::size_of::<ffi::ibv_gid_entry>(),
+                )
+            };
+            if e != 0 {
                 continue;
             }
             // SAFETY: every bit pattern of the union is a valid byte array.
-            let raw = unsafe { gid.raw };
+            let raw = unsafe { entry.gid.raw };
             if raw == [0; 16] {
                 continue;
             }
             let v4 = raw[..10] == [0; 10] && raw[10..12] == [0xff, 0xff];
-            if best.is_none() || v4 {
-                best = Some((index as u8, raw));
-            }
-            if v4 {
-                break;
+            let rank = match entry.gid_type {
+                ffi::IBV_GID_TYPE_ROCE_V2 if v4 => 3,
+                ffi::IBV_GID_TYPE_ROCE_V2 => 2,
+                ffi::IBV_GID_TYPE_IB => 2,
+                _ => 1,
+            };
+            if best.is_none_or(|b| rank > b.2) {
+                best = Some((index as u8, raw, rank));
             }
         }
+        let best = best.map(|(i, g, _)| (i, g));
         let Some((index, gid)) = best else {
             return Err(RdmaError::NoGid {
                 device: device.name.clone(),
