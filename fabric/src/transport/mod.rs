@@ -2,12 +2,12 @@
 //!
 //! A [`Link`] is one connection that carries whole frames in both directions. The
 //! pipelined client and the node servers are written against it, so a new transport
-//! only has to move bytes. TCP ([`tcp::TcpLink`]) is the default. An RDMA transport
-//! (a later issue, behind the `rdma` cargo feature) maps `send_vectored`/`recv` onto
-//! two-sided SEND/RECV and may additionally offer [`OneSidedRead`]: a memory node that
-//! registers its page store lets the client read a page with one RDMA READ, without
-//! the node's CPU; the client asks the link for that capability and falls back to a
-//! `ReadPages` request where it is absent.
+//! only has to move bytes. TCP ([`tcp::TcpLink`]) carries every frame.
+//!
+//! RDMA (module `rdma`, cargo feature `rdma`) is not a `Link`: an `rdma://` node is
+//! reached over TCP for the handshake and every two-sided message, and page
+//! reads go one-sided over a queue pair set up on that connection
+//! (`rdma::RdmaReader`); see docs/protocol.md, "RDMA".
 
 #[cfg(feature = "rdma")]
 pub mod rdma;
@@ -89,26 +89,4 @@ pub trait Link: Send + Sync {
     fn shutdown(&self);
     /// The peer's address, for messages.
     fn peer(&self) -> &str;
-    /// One-sided reads, where the transport and the peer support them.
-    fn one_sided(&self) -> Option<&dyn OneSidedRead> {
-        None
-    }
-}
-
-/// A remote memory region a peer has exposed for one-sided access.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RemoteRegion {
-    /// The region's address in the peer's registration.
-    pub addr: u64,
-    /// The key that authorises access (an RDMA rkey).
-    pub key: u32,
-    /// The region's length in bytes.
-    pub len: u64,
-}
-
-/// Reading a peer's memory without involving its CPU (RDMA READ).
-pub trait OneSidedRead: Send + Sync {
-    /// Reads `dst.len()` bytes at `offset` of `region` into `dst`.
-    fn read(&self, region: RemoteRegion, offset: u64, dst: &mut [u8])
-    -> Result<(), TransportError>;
 }
