@@ -8,7 +8,7 @@
 //! authenticated TCP connection (`RdmaConnect`), for a VM the connection
 //! proved it acts for.
 
-use crate::regions::{Registrar, Registration};
+use crate::regions::{RegisterError, Registrar, Registration};
 use fabric::proto::RdmaEndpoint;
 use fabric::transport::rdma::RdmaError;
 use fabric::transport::rdma::verbs::{Cq, Device, Mr, Pd, Qp, QpCaps};
@@ -73,12 +73,16 @@ impl RdmaNode {
 }
 
 impl Registrar for Arc<RdmaNode> {
-    unsafe fn register(&self, vm: u64, mem: *mut u8, len: usize) -> Result<Registration, String> {
-        let pd = self.pd(vm).map_err(|e| fabric::client::error_chain(&e))?;
+    unsafe fn register(
+        &self,
+        vm: u64,
+        mem: *mut u8,
+        len: usize,
+    ) -> Result<Registration, RegisterError> {
+        let pd = self.pd(vm)?;
         // SAFETY: our caller keeps the chunk mapped until the registration
         // (holding this MR) is dropped (this function's contract).
-        let mr = unsafe { Mr::register(&pd, mem, len, true) }
-            .map_err(|e| fabric::client::error_chain(&e))?;
+        let mr = unsafe { Mr::register(&pd, mem, len, true) }?;
         Ok(Registration {
             rkey: mr.rkey(),
             handle: Box::new(mr),

@@ -49,6 +49,9 @@ pub struct Registration {
     pub handle: Box<dyn Send + Sync>,
 }
 
+/// Why a chunk could not be registered (the device's own error).
+pub type RegisterError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Registers chunks for remote reads (the RDMA device, or a test double).
 pub trait Registrar: Send + Sync {
     /// Registers `len` bytes at `mem`, a new chunk of `vm`, for remote reads
@@ -58,7 +61,12 @@ pub trait Registrar: Send + Sync {
     ///
     /// `mem..mem + len` must stay mapped until the returned registration is
     /// dropped.
-    unsafe fn register(&self, vm: u64, mem: *mut u8, len: usize) -> Result<Registration, String>;
+    unsafe fn register(
+        &self,
+        vm: u64,
+        mem: *mut u8,
+        len: usize,
+    ) -> Result<Registration, RegisterError>;
     /// `vm` left the node: its chunks are gone, its resources may go.
     fn forget(&self, vm: u64);
 }
@@ -259,7 +267,7 @@ impl Regions {
             Entry::Vacant(v) => {
                 self.charge_chunk(vm)?;
                 let made = ChunkMem::new()
-                    .ok_or_else(|| "cannot allocate 2 MiB".to_string())
+                    .ok_or_else(|| RegisterError::from("cannot allocate 2 MiB"))
                     .and_then(|mem| {
                         // SAFETY: `mem` moves into the chunk with the
                         // registration, which is dropped first (field
@@ -271,7 +279,11 @@ impl Regions {
                     Ok(m) => m,
                     Err(reason) => {
                         self.uncharge_chunks(vm, 1);
-                        return Err(StoreError::Register { vm, chunk, reason });
+                        return Err(StoreError::Register {
+                            vm,
+                            chunk,
+                            reason: fabric::client::error_chain(&*reason),
+                        });
                     }
                 };
                 v.insert(Chunk {
@@ -343,7 +355,7 @@ mod tests {
             vm: u64,
             mem: *mut u8,
             _len: usize,
-        ) -> Result<Registration, String> {
+        ) -> Result<Registration, RegisterError> {
             self.0.lock().unwrap().push((vm, mem as u64));
             Ok(Registration {
                 rkey: vm as u32,

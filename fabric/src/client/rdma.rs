@@ -48,11 +48,11 @@ pub(super) fn connect(addr: &str, config: &ClientConfig) -> Result<PageClient, C
     let Backend::Remote(inner) = &client.backend else {
         unreachable!("a link makes a remote client")
     };
-    let failed = |reason: String| ClientError::Connect {
+    let failed = |e: crate::transport::rdma::RdmaError| ClientError::Connect {
         addr: addr.to_string(),
         source: TransportError::Rdma {
             addr: addr.to_string(),
-            reason,
+            reason: error_chain(&e),
         },
     };
     let reader = RdmaReader::connect(
@@ -68,8 +68,8 @@ pub(super) fn connect(addr: &str, config: &ClientConfig) -> Result<PageClient, C
             Opcode::RdmaConnectOk,
         ) {
             Ok(Reply::RdmaConnected(node, chunk_pages)) => Ok((node, chunk_pages)),
-            Ok(other) => Err(format!("unexpected reply {other:?}")),
-            Err(e) => Err(error_chain(&e)),
+            Ok(other) => Err(client.unexpected(other)),
+            Err(e) => Err(e),
         },
     )
     .map_err(failed)?;
@@ -129,7 +129,7 @@ pub(super) fn submit_read<'c>(
     }
     let Some(posted) = reader
         .post(gpns, |chunk| reader.chunk(chunk))
-        .map_err(|why| fail(client, inner, reader, why))?
+        .map_err(|e| fail(client, inner, reader, error_chain(&e)))?
     else {
         // Every bounce slot is held by a read not yet waited for: this one
         // goes two-sided (`ReadPages`), so no caller waits on another's wait.
@@ -171,7 +171,7 @@ pub(super) fn wait(
     let reader = inner.rdma.get().expect("a one-sided read has a reader");
     let present = reader
         .finish(p.posted, out)
-        .map_err(|why| fail(client, inner, reader, why))?;
+        .map_err(|e| fail(client, inner, reader, error_chain(&e)))?;
     if let Some(at) = p.visible_at {
         wait_until(at);
     }

@@ -57,6 +57,21 @@ pub enum RdmaError {
         /// The device.
         device: String,
     },
+    /// The node did not take our queue pair (the `RdmaConnect` exchange).
+    #[error("the node refused the queue pair exchange")]
+    Exchange(#[source] Box<crate::client::ClientError>),
+    /// The completion thread could not be started.
+    #[error("cannot start the completion thread")]
+    Thread(#[source] std::io::Error),
+    /// The link failed earlier (a completion error, a timeout, a closed
+    /// connection); every read fails with the first cause.
+    #[error("the RDMA link to {peer} failed: {reason}")]
+    Failed {
+        /// The node.
+        peer: String,
+        /// The first failure.
+        reason: String,
+    },
     /// A verb failed.
     #[error("{verb} failed")]
     Verb {
@@ -268,15 +283,14 @@ impl RdmaReader {
     pub fn connect(
         peer: &str,
         config: &ReaderConfig,
-        exchange: impl FnOnce(RdmaEndpoint) -> Result<(RdmaEndpoint, u32), String>,
-    ) -> Result<Self, String> {
-        let e = |e: RdmaError| crate::client::error_chain(&e);
-        let device = Device::open(config.device.as_deref()).map_err(e)?;
-        let pd = Pd::new(&device).map_err(e)?;
+        exchange: impl FnOnce(RdmaEndpoint) -> Result<(RdmaEndpoint, u32), crate::client::ClientError>,
+    ) -> Result<Self, RdmaError> {
+        let device = Device::open(config.device.as_deref())?;
+        let pd = Pd::new(&device)?;
         let slots = config.slots.clamp(1, 256);
         let batch = crate::proto::MAX_BATCH;
         let wrs = (slots * batch) as u32;
-        let cq = Cq::new(&device, wrs as i32 + 16).map_err(e)?;
+        let cq = Cq::new(&device, wrs as i32 + 16)?;
         let qp = Qp::new(
             &pd,
             &cq,
@@ -285,18 +299,17 @@ impl RdmaReader {
                 rd_atomic: 16,
             },
             false,
-        )
-        .map_err(e)?;
-        let bounce = Mapping::new(slots * batch * PAGE_SIZE).map_err(e)?;
+        )?;
+        let bounce = Mapping::new(slots * batch * PAGE_SIZE)?;
         // SAFETY: `bounce` is owned by the reader and outlives the MR (field order).
-        let bounce_mr =
-            unsafe { Mr::register(&pd, bounce.as_ptr(), bounce.len(), false) }.map_err(e)?;
-        let (node, chunk_pages) = exchange(qp.endpoint())?;
+        let bounce_mr = unsafe { Mr::register(&pd, bounce.as_ptr(), bounce.len(), false) }?;
+        let (node, chunk_pages) =
+            exchange(qp.endpoint()).map_err(|e| RdmaError::Exchange(Box::new(e)))?;
         // The ACK timeout per try (4.096 µs × 2^exp) so that 7 tries fit in
         // the read timeout.
         let per_try_us = (config.timeout.as_micros() / 8).max(1) as f64 / 4.096;
         let exp = (per_try_us.log2().floor() as i64).clamp(8, 20) as u8;
-        qp.connect(&node, exp, 7).map_err(e)?;
+        qp.connect(&node, exp, 7)?;
         let shared = Arc::new(Shared {
             cq,
             slots: (0..slots)
@@ -318,7 +331,7 @@ impl RdmaReader {
         let thread = std::thread::Builder::new()
             .name("rdma-cq".into())
             .spawn(move || s.run())
-            .map_err(|e| format!("cannot start the completion thread: {e}"))?;
+            .map_err(RdmaError::Thread)?;
         log::info!(
             "RDMA link to {peer} over {} (qp {} -> {}): one-sided reads, {chunk_pages}-page chunks",
             device.name(),
@@ -344,6 +357,21 @@ impl RdmaReader {
     /// Why the reader failed, if it has.
     pub fn failure(&self) -> Option<String> {
         self.shared.failed.lock().unwrap().clone()
+    }
+
+    /// The reader's failure as an error, if it has failed.
+    fn failed(&self) -> Result<(), RdmaError> {
+        match self.failure() {
+            Some(reason) => Err(self.failed_with(reason)),
+            None => Ok(()),
+        }
+    }
+
+    fn failed_with(&self, reason: String) -> RdmaError {
+        RdmaError::Failed {
+            peer: self.shared.peer.clone(),
+            reason,
+        }
     }
 
     /// Pages per chunk of the node's regions.
@@ -386,10 +414,8 @@ impl RdmaReader {
         &self,
         gpns: &[u64],
         place: impl Fn(u64) -> Option<RemoteChunk>,
-    ) -> Result<Option<PostedRead>, String> {
-        if let Some(f) = self.failure() {
-            return Err(f);
-        }
+    ) -> Result<Option<PostedRead>, RdmaError> {
+        self.failed()?;
         assert!(gpns.len() <= crate::proto::MAX_BATCH);
         let Some(slot) = self.free.lock().unwrap().pop() else {
             self.fallbacks.fetch_add(1, Relaxed);
@@ -435,9 +461,7 @@ impl RdmaReader {
         // The completion thread may have failed the reader between the check
         // above and the slot's accounting (its `fail` skipped this slot):
         // post nothing then, and keep the slot out of use.
-        if let Some(f) = self.failure() {
-            return Err(f);
-        }
+        self.failed()?;
         let wr_id = ((slot as u64) << 32) | u64::from(generation);
         let _g = self.post.lock().unwrap();
         let mut i = 0;
@@ -449,11 +473,10 @@ impl RdmaReader {
             // (registered as `bounce_mr`), which no one else uses until the
             // slot's completions are in (`finish`).
             if let Err(e) = unsafe { self.qp.post_reads(&wrs, self.bounce_mr.lkey(), rkey) } {
-                let why = crate::client::error_chain(&e);
                 // Work requests already posted may still complete: the slot
                 // is not reused (the reader is failed from now on).
-                shared.fail(why.clone());
-                return Err(why);
+                shared.fail(crate::client::error_chain(&e));
+                return Err(e);
             }
             i = j;
         }
@@ -470,7 +493,7 @@ impl RdmaReader {
     /// 4096 bytes); returns a presence mask: bit `k` set if page `k` holds
     /// data (a page that is all zeros reads as absent, as a node stores no
     /// zero pages).
-    pub fn finish(&self, r: PostedRead, out: &mut [u8]) -> Result<u64, String> {
+    pub fn finish(&self, r: PostedRead, out: &mut [u8]) -> Result<u64, RdmaError> {
         let slot = &self.shared.slots[r.slot];
         // A READ on a fast fabric completes in microseconds: poll for it here
         // for a while before sleeping on the completion thread's wake-up (two
@@ -515,7 +538,7 @@ impl RdmaReader {
             // The device may still write into the slot: it is never reused
             // (the reader is failed; every later read fails at once).
             self.shared.fail(why.clone());
-            return Err(why);
+            return Err(self.failed_with(why));
         }
         let base = self.bounce.as_ptr() as usize + r.slot * crate::proto::MAX_BATCH * PAGE_SIZE;
         let mut present = 0u64;
