@@ -305,7 +305,8 @@ impl Drop for Mr {
 /// A completion queue with its own completion channel, so a waiter can
 /// block (with a timeout) instead of spinning.
 pub struct Cq {
-    device: Arc<Device>,
+    /// Kept alive: the queue and its channel belong to the device's context.
+    _device: Arc<Device>,
     channel: *mut ffi::ibv_comp_channel,
     cq: *mut ffi::ibv_cq,
 }
@@ -350,7 +351,7 @@ impl Cq {
             return Err(e);
         }
         let cq = Cq {
-            device: device.clone(),
+            _device: device.clone(),
             channel,
             cq,
         };
@@ -402,9 +403,9 @@ impl Cq {
         Ok(())
     }
 
-    /// Waits up to `timeout` for the completion channel to signal, then
-    /// re-arms it. Returns whether it signalled (completions may be there).
-    pub fn wait(&self, timeout: Duration) -> Result<bool, RdmaError> {
+    /// Waits up to `timeout` for the completion channel to signal (then
+    /// re-arms it); the caller polls afterwards either way.
+    pub fn wait(&self, timeout: Duration) -> Result<(), RdmaError> {
         // SAFETY: `channel` is live.
         let fd = unsafe { (*self.channel).fd };
         let mut pfd = libc::pollfd {
@@ -418,7 +419,7 @@ impl Cq {
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
-                return Ok(false);
+                return Ok(());
             }
             return Err(RdmaError::Verb {
                 verb: "poll(completion channel)",
@@ -426,7 +427,7 @@ impl Cq {
             });
         }
         if r == 0 {
-            return Ok(false);
+            return Ok(());
         }
         let mut cq = ptr::null_mut();
         let mut ctx = ptr::null_mut();
@@ -435,8 +436,7 @@ impl Cq {
             // SAFETY: one event of this CQ was taken.
             unsafe { ffi::ibv_ack_cq_events(cq, 1) };
         }
-        self.arm()?;
-        Ok(true)
+        self.arm()
     }
 }
 
@@ -448,7 +448,6 @@ impl Drop for Cq {
             ffi::ibv_destroy_cq(self.cq);
             ffi::ibv_destroy_comp_channel(self.channel);
         }
-        let _ = &self.device;
     }
 }
 
