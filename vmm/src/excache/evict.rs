@@ -31,6 +31,11 @@
 //! are impossible from step 1 to step 5. A fault handler that finds a page
 //! `EVICTING` waits for the batch too.
 //!
+//! Steps 1, 4 and 5 work on address ranges: runs of consecutive victims, and
+//! across short gaps of absent pages that the batch holds meanwhile (see
+//! [`Spans`]), so that the victims of a strided scan cost a few system calls
+//! and TLB shoot-downs per batch rather than three per page.
+//!
 //! ## Dirty pages
 //!
 //! A victim is dirty when its content differs from what its node (or the zero
@@ -55,7 +60,8 @@
 
 use super::uffd::PAGE;
 use super::{
-    ABSENT, DIRTY_SLOT, EVICTING, EvictPolicy, PathError, RESIDENT, Shared, fingerprint, repair,
+    ABSENT, DIRTY_SLOT, EVICTING, EvictPolicy, FETCHING, PathError, RESIDENT, Shared, fingerprint,
+    repair,
 };
 
 use std::sync::atomic::Ordering::*;
@@ -149,18 +155,91 @@ fn select(s: &Shared) -> Vec<usize> {
     victims
 }
 
-/// Calls `f(start_page, count)` for each run of consecutive pages.
-fn runs(
-    pages: &[usize],
-    mut f: impl FnMut(usize, usize) -> Result<(), PathError>,
-) -> Result<(), PathError> {
-    super::consecutive_runs(pages, |i, j| f(pages[i], j - i))
+/// Longest run of absent pages bridged between two victims (see [`Spans`]).
+const MAX_GAP: usize = 15;
+
+/// A batch's victims as address ranges for the protect and discard steps.
+///
+/// Each of those steps costs a system call per range, and on a write-protect
+/// or a discard that changed a mapping, a TLB shoot-down across the CPUs (on
+/// this machine's shadow-paging KVM the largest cost of an eviction). Victims
+/// of a strided scan are not consecutive: one page in three for a stride of
+/// three. So a span bridges gaps of up to [`MAX_GAP`] pages when every page
+/// of the gap is absent and is *held* for the batch (`ABSENT -> FETCHING`,
+/// as a drain or repair claims a page): nothing installs a held page, so the
+/// protect and discard steps find no mapping there and change nothing. A
+/// vCPU that faults on a held page waits (a handler leaves a `FETCHING` page
+/// to its claimer) until [`Spans::release`] returns it to `ABSENT` and the
+/// unprotect step wakes every waiter in the span.
+struct Spans {
+    /// (first page, pages) of each range.
+    ranges: Vec<(usize, usize)>,
+    /// The gap pages held.
+    held: Vec<usize>,
 }
 
-/// Write-protects the victims with userfaultfd (`wp`), or lifts the protection
-/// and wakes every writer held on it (`!wp`).
-fn protect(s: &Shared, victims: &[usize], wp: bool) -> Result<(), PathError> {
-    runs(victims, |p, n| {
+impl Spans {
+    /// Spans over `victims` (sorted, each `EVICTING`).
+    fn new(s: &Shared, victims: &[usize]) -> Spans {
+        let mut spans = Spans {
+            ranges: Vec::new(),
+            held: Vec::new(),
+        };
+        let Some((&first, rest)) = victims.split_first() else {
+            return spans;
+        };
+        let (mut start, mut end) = (first, first + 1);
+        for &v in rest {
+            if v > end && !(v - end <= MAX_GAP && spans.hold(s, end, v)) {
+                spans.ranges.push((start, end - start));
+                start = v;
+            }
+            end = v + 1;
+        }
+        spans.ranges.push((start, end - start));
+        spans
+    }
+
+    /// Holds every page of `from..to` (all absent), or none of them.
+    fn hold(&mut self, s: &Shared, from: usize, to: usize) -> bool {
+        let before = self.held.len();
+        for q in from..to {
+            if s.state[q]
+                .compare_exchange(ABSENT, FETCHING, AcqRel, Acquire)
+                .is_err()
+            {
+                // Rare: a page of the gap is in use. The ones held are
+                // released, with a wake-up for a vCPU that faulted on one.
+                repair::release(s, &self.held[before..]);
+                self.held.truncate(before);
+                return false;
+            }
+            self.held.push(q);
+        }
+        true
+    }
+
+    /// Calls `f(first_page, pages)` for each range.
+    fn each(
+        &self,
+        mut f: impl FnMut(usize, usize) -> Result<(), PathError>,
+    ) -> Result<(), PathError> {
+        self.ranges.iter().try_for_each(|&(p, n)| f(p, n))
+    }
+
+    /// Returns the held pages to `ABSENT`; the unprotect step, after this,
+    /// wakes any vCPU that faulted on one meanwhile.
+    fn release(&self, s: &Shared) {
+        for &q in &self.held {
+            s.state[q].store(ABSENT, Release);
+        }
+    }
+}
+
+/// Write-protects the spans with userfaultfd (`wp`), or lifts the protection
+/// and wakes every thread held in them (`!wp`).
+fn protect(s: &Shared, spans: &Spans, wp: bool) -> Result<(), PathError> {
+    spans.each(|p, n| {
         let (addr, len) = (s.addr(p) as *mut libc::c_void, n * PAGE);
         let r = if wp {
             s.uffd.write_protect(addr, len)
@@ -217,7 +296,8 @@ pub(crate) fn evict_now(s: &Shared, victims: &[usize]) -> Result<(), PathError> 
 
 fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), PathError> {
     // 1. No more writes.
-    protect(s, victims, true)?;
+    let spans = Spans::new(s, victims);
+    protect(s, &spans, true)?;
     // 2. Every earlier write is in the dirty log. (Another evictor may read the
     // log first: it merges into the same bitmap, and only a victim's own evictor
     // clears its bit.)
@@ -269,17 +349,20 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), PathError> {
         s.remote[p].store(true, Release);
     }
     // 4. Discard.
-    runs(victims, |p, n| {
-        // SAFETY: discarding pages of the arena mapping; their content is safe on the
-        // memory node (dirty) or reproducible (clean).
+    spans.each(|p, n| {
+        // SAFETY: discarding pages of the arena mapping: victims, whose content is
+        // safe on the memory node (dirty) or reproducible (clean), and held gap
+        // pages, which are absent (nothing to discard).
         let r = unsafe { libc::madvise(s.addr(p) as *mut _, n * PAGE, libc::MADV_DONTNEED) };
         if r != 0 {
             return Err(PathError::Discard(std::io::Error::last_os_error()));
         }
         Ok(())
     })?;
-    // 5. Writable again, then absent.
-    protect(s, victims, false)?;
+    // 5. Writable again (waking every writer held, and every vCPU that
+    // faulted on a held gap page once it is absent again), then absent.
+    spans.release(s);
+    protect(s, &spans, false)?;
     for &p in victims {
         s.state[p].store(ABSENT, Release);
     }
