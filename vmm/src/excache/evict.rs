@@ -22,10 +22,13 @@
 //!    having remote data. Clean victims need nothing: their node (or the zero page)
 //!    already holds their content.
 //! 4. `MADV_DONTNEED` discards the victims; the next access faults to userfaultfd.
-//! 5. The victims become `ABSENT`, the write protection is lifted with a wake-up of
-//!    every writer held on them, and the batch ends, waking handlers waiting for it.
-//!    A write that was held since step 1 now faults the page back in (userfaultfd
-//!    MISSING), with the data written back in step 3.
+//! 5. The write protection is lifted (without a wake-up), the victims become
+//!    `ABSENT`, then every writer held on them is woken, and the batch ends, waking
+//!    handlers waiting for it. A write that was held since step 1 now faults the
+//!    page back in (userfaultfd MISSING), with the data written back in step 3.
+//!
+//! A batch that fails before step 4 (a drain's eviction that finds no room)
+//! discards nothing: its victims are made resident again and unprotected.
 //!
 //! No write can fall between the dirtiness check and the discard, because writes
 //! are impossible from step 1 to step 5. A fault handler that finds a page
@@ -33,7 +36,7 @@
 //!
 //! Steps 1, 4 and 5 work on address ranges: runs of consecutive victims, and
 //! across short gaps of absent pages that the batch holds meanwhile (see
-//! [`Spans`]), so that the victims of a strided scan cost a few system calls
+//! [`super::spans`]), so that the victims of a strided scan cost a few system calls
 //! and TLB shoot-downs per batch rather than three per page.
 //!
 //! ## Dirty pages
@@ -58,10 +61,10 @@
 //! log for CLOCK, which then also counts a page written since the hand last
 //! passed as referenced.
 
+use super::spans::Spans;
 use super::uffd::PAGE;
 use super::{
-    ABSENT, DIRTY_SLOT, EVICTING, EvictPolicy, FETCHING, PathError, RESIDENT, Shared, fingerprint,
-    repair,
+    ABSENT, DIRTY_SLOT, EVICTING, EvictPolicy, PathError, RESIDENT, Shared, fingerprint, repair,
 };
 
 use std::sync::atomic::Ordering::*;
@@ -155,101 +158,6 @@ fn select(s: &Shared) -> Vec<usize> {
     victims
 }
 
-/// Longest run of absent pages bridged between two victims (see [`Spans`]).
-const MAX_GAP: usize = 15;
-
-/// A batch's victims as address ranges for the protect and discard steps.
-///
-/// Each of those steps costs a system call per range, and on a write-protect
-/// or a discard that changed a mapping, a TLB shoot-down across the CPUs (on
-/// this machine's shadow-paging KVM the largest cost of an eviction). Victims
-/// of a strided scan are not consecutive: one page in three for a stride of
-/// three. So a span bridges gaps of up to [`MAX_GAP`] pages when every page
-/// of the gap is absent and is *held* for the batch (`ABSENT -> FETCHING`,
-/// as a drain or repair claims a page): nothing installs a held page, so the
-/// protect and discard steps find no mapping there and change nothing. A
-/// vCPU that faults on a held page waits (a handler leaves a `FETCHING` page
-/// to its claimer) until [`Spans::release`] returns it to `ABSENT` and the
-/// unprotect step wakes every waiter in the span.
-struct Spans {
-    /// (first page, pages) of each range.
-    ranges: Vec<(usize, usize)>,
-    /// The gap pages held.
-    held: Vec<usize>,
-}
-
-impl Spans {
-    /// Spans over `victims` (sorted, each `EVICTING`).
-    fn new(s: &Shared, victims: &[usize]) -> Spans {
-        let mut spans = Spans {
-            ranges: Vec::new(),
-            held: Vec::new(),
-        };
-        let Some((&first, rest)) = victims.split_first() else {
-            return spans;
-        };
-        let (mut start, mut end) = (first, first + 1);
-        for &v in rest {
-            if v > end && !(v - end <= MAX_GAP && spans.hold(s, end, v)) {
-                spans.ranges.push((start, end - start));
-                start = v;
-            }
-            end = v + 1;
-        }
-        spans.ranges.push((start, end - start));
-        spans
-    }
-
-    /// Holds every page of `from..to` (all absent), or none of them.
-    fn hold(&mut self, s: &Shared, from: usize, to: usize) -> bool {
-        let before = self.held.len();
-        for q in from..to {
-            if s.state[q]
-                .compare_exchange(ABSENT, FETCHING, AcqRel, Acquire)
-                .is_err()
-            {
-                // Rare: a page of the gap is in use. The ones held are
-                // released, with a wake-up for a vCPU that faulted on one.
-                repair::release(s, &self.held[before..]);
-                self.held.truncate(before);
-                return false;
-            }
-            self.held.push(q);
-        }
-        true
-    }
-
-    /// Calls `f(first_page, pages)` for each range.
-    fn each(
-        &self,
-        mut f: impl FnMut(usize, usize) -> Result<(), PathError>,
-    ) -> Result<(), PathError> {
-        self.ranges.iter().try_for_each(|&(p, n)| f(p, n))
-    }
-
-    /// Returns the held pages to `ABSENT`; the unprotect step, after this,
-    /// wakes any vCPU that faulted on one meanwhile.
-    fn release(&self, s: &Shared) {
-        for &q in &self.held {
-            s.state[q].store(ABSENT, Release);
-        }
-    }
-}
-
-/// Write-protects the spans with userfaultfd (`wp`), or lifts the protection
-/// and wakes every thread held in them (`!wp`).
-fn protect(s: &Shared, spans: &Spans, wp: bool) -> Result<(), PathError> {
-    spans.each(|p, n| {
-        let (addr, len) = (s.addr(p) as *mut libc::c_void, n * PAGE);
-        let r = if wp {
-            s.uffd.write_protect(addr, len)
-        } else {
-            s.uffd.remove_write_protection(addr, len, true)
-        };
-        r.map_err(PathError::WriteProtect)
-    })
-}
-
 fn evict_batch(s: &Shared) -> Result<(), PathError> {
     if s.cfg.policy != EvictPolicy::Fifo && s.cfg.dirty_log {
         merge_dirty_log(s, &mut s.dirty.lock().unwrap())?;
@@ -295,9 +203,59 @@ pub(crate) fn evict_now(s: &Shared, victims: &[usize]) -> Result<(), PathError> 
 }
 
 fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), PathError> {
+    let mut spans = Spans::new(s, victims);
     // 1. No more writes.
-    let spans = Spans::new(s, victims);
-    protect(s, &spans, true)?;
+    let written = match spans.protect().and_then(|()| write_out(s, victims)) {
+        Ok(written) => written,
+        Err(e) => {
+            // Nothing was discarded: the victims stay resident (a drain's
+            // eviction that found no room fails, and the VM runs on).
+            let _ = spans.unprotect();
+            for &p in victims {
+                s.state[p].store(RESIDENT, Release);
+            }
+            s.queue
+                .lock()
+                .unwrap()
+                .installed(victims.iter().map(|&p| (p, false)));
+            spans.finish();
+            return Err(e);
+        }
+    };
+    // 4. Discard.
+    spans.each(|p, n| {
+        // SAFETY: discarding pages of the arena mapping: victims, whose content is
+        // safe on the memory node (dirty) or reproducible (clean), and held gap
+        // pages, which are absent (nothing to discard).
+        let r = unsafe { libc::madvise(s.addr(p) as *mut _, n * PAGE, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(PathError::Discard(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    })?;
+    // 5. Writable again, while every page of the spans is still this batch's
+    // (no other batch can have protected one); then absent, and only then
+    // every writer held and every thread that faulted on a held page woken.
+    spans.unprotect()?;
+    for &p in victims {
+        s.state[p].store(ABSENT, Release);
+    }
+    spans.finish();
+    s.stats.evict_dirty.fetch_add(written as u64, Relaxed);
+    s.stats
+        .evict_clean
+        .fetch_add((victims.len() - written) as u64, Relaxed);
+    s.stats
+        .writeback_bytes
+        .fetch_add((written * PAGE) as u64, Relaxed);
+    s.release_frames(victims.len());
+    Ok(())
+}
+
+/// Steps 2 and 3 for write-protected victims: finds the dirty ones (and the
+/// clean ones short of copies) and writes them to their nodes. Returns how
+/// many were written.
+fn write_out(s: &Shared, victims: &[usize]) -> Result<usize, PathError> {
     // 2. Every earlier write is in the dirty log. (Another evictor may read the
     // log first: it merges into the same bitmap, and only a victim's own evictor
     // clears its bit.)
@@ -348,35 +306,7 @@ fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), PathError> {
     for &p in &to_write {
         s.remote[p].store(true, Release);
     }
-    // 4. Discard.
-    spans.each(|p, n| {
-        // SAFETY: discarding pages of the arena mapping: victims, whose content is
-        // safe on the memory node (dirty) or reproducible (clean), and held gap
-        // pages, which are absent (nothing to discard).
-        let r = unsafe { libc::madvise(s.addr(p) as *mut _, n * PAGE, libc::MADV_DONTNEED) };
-        if r != 0 {
-            return Err(PathError::Discard(std::io::Error::last_os_error()));
-        }
-        Ok(())
-    })?;
-    // 5. Writable again (waking every writer held, and every vCPU that
-    // faulted on a held gap page once it is absent again), then absent.
-    spans.release(s);
-    protect(s, &spans, false)?;
-    for &p in victims {
-        s.state[p].store(ABSENT, Release);
-    }
-    s.stats
-        .evict_dirty
-        .fetch_add(to_write.len() as u64, Relaxed);
-    s.stats
-        .evict_clean
-        .fetch_add((victims.len() - to_write.len()) as u64, Relaxed);
-    s.stats
-        .writeback_bytes
-        .fetch_add((to_write.len() * PAGE) as u64, Relaxed);
-    s.release_frames(victims.len());
-    Ok(())
+    Ok(to_write.len())
 }
 
 /// Writes `pages` to their target nodes, every copy at once (see

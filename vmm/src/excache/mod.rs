@@ -29,6 +29,7 @@ pub mod readahead;
 pub mod repair;
 pub mod replicas;
 pub mod seal;
+mod spans;
 pub mod stats;
 mod trend;
 pub mod uffd;
