@@ -27,8 +27,8 @@
 //!    handlers waiting for it. A write that was held since step 1 now faults the
 //!    page back in (userfaultfd MISSING), with the data written back in step 3.
 //!
-//! A batch that fails before step 4 (a drain's eviction that finds no room)
-//! discards nothing: its victims are made resident again and unprotected.
+//! A batch that fails leaves its victims `EVICTING` (the evictor threads stop
+//! the VM on the error); the gap pages it held are released.
 //!
 //! No write can fall between the dirtiness check and the discard, because writes
 //! are impossible from step 1 to step 5. A fault handler that finds a page
@@ -204,24 +204,11 @@ pub(crate) fn evict_now(s: &Shared, victims: &[usize]) -> Result<(), PathError> 
 
 fn evict_victims(s: &Shared, victims: &[usize]) -> Result<(), PathError> {
     let mut spans = Spans::new(s, victims);
-    // 1. No more writes.
-    let written = match spans.protect().and_then(|()| write_out(s, victims)) {
-        Ok(written) => written,
-        Err(e) => {
-            // Nothing was discarded: the victims stay resident (a drain's
-            // eviction that found no room fails, and the VM runs on).
-            let _ = spans.unprotect();
-            for &p in victims {
-                s.state[p].store(RESIDENT, Release);
-            }
-            s.queue
-                .lock()
-                .unwrap()
-                .installed(victims.iter().map(|&p| (p, false)));
-            spans.finish();
-            return Err(e);
-        }
-    };
+    // 1. No more writes. 2 and 3: write out the dirty victims. (On an error
+    // the victims stay `EVICTING`, as before spans; dropping `spans` releases
+    // the gap pages it held.)
+    spans.protect()?;
+    let written = write_out(s, victims)?;
     // 4. Discard.
     spans.each(|p, n| {
         // SAFETY: discarding pages of the arena mapping: victims, whose content is
