@@ -181,13 +181,16 @@ pub fn serve(
         // Created under umask 077, so the socket is never accessible to others.
         // SAFETY: umask(2) only changes this process's file-creation mask.
         let old = unsafe { libc::umask(0o077) };
-        let server = tiny_http::Server::http_unix(path);
+        let listener = listening_at(path);
         // SAFETY: as above, restoring the previous mask.
         unsafe { libc::umask(old) };
-        let server = server.map_err(|source| ApiError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let server = listener
+            .map_err(Into::into)
+            .and_then(|l| tiny_http::Server::from_listener(l, None))
+            .map_err(|source| ApiError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })?;
         api.path = Some(path.to_path_buf());
         api.listen(server, "api", tx.clone(), &wake, route)?;
     }
@@ -266,6 +269,40 @@ pub(crate) fn loopback_addr(given: &str) -> Result<std::net::SocketAddr, ApiErro
         return Err(ApiError::MetricsNotLoopback(given.into()));
     }
     Ok(addr)
+}
+
+/// A Unix socket listening at `path`, which appears there only once it
+/// listens: bound at a temporary name beside it, then renamed. (Bound at
+/// `path` itself, a client polling for the file could connect between
+/// `bind` and `listen` and be refused.)
+fn listening_at(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    // Never over an existing file (as `bind` at `path` would refuse it).
+    let cstr = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (from, to) = (cstr(&tmp)?, cstr(path)?);
+    // SAFETY: two NUL-terminated paths that live across the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 /// The metrics listener serves `GET /metrics` and nothing else.
